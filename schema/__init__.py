@@ -1,0 +1,1 @@
+"""Tables, migrations and database sessions. Imports nothing else of ours."""

@@ -1,0 +1,235 @@
+"""SQLModel tables. Constraints that protect money live in the database, not only here.
+
+- one invoice per (subscription, period start): ``uq_invoice_subscription_period``
+- one usage event per (tenant, idempotency key): ``uq_usage_tenant_key``
+- plan versions are immutable: a trigger refuses UPDATE (see the first migration)
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Identity, Index, Numeric, UniqueConstraint
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+# Quantities and per-unit prices: exact decimals, never floats.
+QUANTITY = Numeric(24, 9)
+UNIT_AMOUNT = Numeric(24, 9)
+
+
+def _enum(kind: type[StrEnum]) -> Any:
+    """A VARCHAR with a CHECK constraint, not a native PostgreSQL enum (those are hard to migrate)."""
+    return SAEnum(
+        kind,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        name=f"ck_{kind.__name__.lower()}",
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(nullable: bool = False, **kw: Any) -> Any:
+    return Field(sa_type=DateTime(timezone=True), nullable=nullable, **kw)  # type: ignore[call-overload]
+
+
+class Interval(StrEnum):
+    week = "week"
+    month = "month"
+    year = "year"
+
+
+class Aggregation(StrEnum):
+    sum = "sum"
+    count = "count"
+    max = "max"
+    latest = "latest"
+
+
+class SubscriptionStatus(StrEnum):
+    active = "active"
+    canceled = "canceled"
+
+
+class InvoiceStatus(StrEnum):
+    draft = "draft"  # lines written, PDF not yet rendered
+    ready = "ready"  # finalized: PDF stored, never changed again
+
+
+class UsageSource(StrEnum):
+    api = "api"
+    csv = "csv"
+    webhook = "webhook"
+    manual = "manual"
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("currency ~ '^[A-Z]{3}$'", name="ck_tenant_currency"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=200)
+    email: str = Field(max_length=320)
+    currency: str = Field(max_length=3)
+    timezone: str = Field(max_length=64)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class Meter(SQLModel, table=True):
+    __tablename__ = "meters"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    unit: str = Field(max_length=32)
+    aggregation: Aggregation = Field(default=Aggregation.sum, sa_type=_enum(Aggregation))
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class Plan(SQLModel, table=True):
+    """One immutable version of a plan; a change is a new row with ``version + 1``."""
+
+    __tablename__ = "plans"
+    __table_args__ = (
+        UniqueConstraint("code", "version", name="uq_plan_code_version"),
+        CheckConstraint("base_fee >= 0", name="ck_plan_base_fee"),
+        CheckConstraint("trial_days >= 0", name="ck_plan_trial_days"),
+        CheckConstraint("version >= 1", name="ck_plan_version"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=64)
+    version: int = Field(default=1)
+    name: str = Field(max_length=200)
+    currency: str = Field(max_length=3)
+    interval: Interval = Field(sa_type=_enum(Interval))
+    base_fee: int = Field(sa_type=BigInteger)  # minor units per period
+    trial_days: int = Field(default=0)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class PlanCharge(SQLModel, table=True):
+    """A metered charge of a plan version: a price per unit of one meter."""
+
+    __tablename__ = "plan_charges"
+    __table_args__ = (
+        UniqueConstraint("plan_id", "meter_id", name="uq_plan_charge_meter"),
+        CheckConstraint("unit_amount >= 0", name="ck_plan_charge_unit_amount"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    plan_id: uuid.UUID = Field(foreign_key="plans.id", index=True)
+    meter_id: uuid.UUID = Field(foreign_key="meters.id")
+    unit_amount: Decimal = Field(sa_type=UNIT_AMOUNT)  # minor units per meter unit, may be fractional
+
+
+class Room(SQLModel, table=True):
+    __tablename__ = "rooms"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    plan_id: uuid.UUID = Field(foreign_key="plans.id")  # the room's rent plan (a version)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        CheckConstraint("current_period_end > current_period_start", name="ck_subscription_period"),
+        Index("ix_subscription_due", "status", "current_period_end"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", index=True)
+    room_id: uuid.UUID = Field(foreign_key="rooms.id")
+    plan_id: uuid.UUID = Field(foreign_key="plans.id")
+    status: SubscriptionStatus = Field(default=SubscriptionStatus.active, sa_type=_enum(SubscriptionStatus))
+    started_at: datetime = _ts()  # the anchor of every period boundary
+    current_period_index: int = Field(default=0)
+    current_period_start: datetime = _ts()
+    current_period_end: datetime = _ts()
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class RoomAssignment(SQLModel, table=True):
+    """Effective-dated room (and so plan) of a subscription: [effective_from, effective_to)."""
+
+    __tablename__ = "room_assignments"
+    __table_args__ = (UniqueConstraint("subscription_id", "effective_from", name="uq_room_assignment_start"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subscription_id: uuid.UUID = Field(foreign_key="subscriptions.id", index=True)
+    room_id: uuid.UUID = Field(foreign_key="rooms.id")
+    plan_id: uuid.UUID = Field(foreign_key="plans.id")
+    effective_from: datetime = _ts()
+    effective_to: datetime | None = _ts(nullable=True, default=None)
+
+
+class UsageEvent(SQLModel, table=True):
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_usage_tenant_key"),
+        CheckConstraint("quantity >= 0", name="ck_usage_quantity"),
+        Index("ix_usage_tenant_meter_time", "tenant_id", "meter_id", "occurred_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column_args=[Identity(always=True)], sa_type=BigInteger, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    meter_id: uuid.UUID = Field(foreign_key="meters.id")
+    quantity: Decimal = Field(sa_type=QUANTITY)
+    occurred_at: datetime = _ts()
+    idempotency_key: str = Field(max_length=200)
+    source: UsageSource = Field(sa_type=_enum(UsageSource))
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    received_at: datetime = _ts(default_factory=utcnow)
+
+
+class Invoice(SQLModel, table=True):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "period_start", name="uq_invoice_subscription_period"),
+        CheckConstraint("total >= 0", name="ck_invoice_total"),
+        CheckConstraint("period_end > period_start", name="ck_invoice_period"),
+        Index("ix_invoice_tenant_status", "tenant_id", "status"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    number: str = Field(max_length=32, unique=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    subscription_id: uuid.UUID = Field(foreign_key="subscriptions.id")
+    period_start: datetime = _ts()
+    period_end: datetime = _ts()
+    status: InvoiceStatus = Field(default=InvoiceStatus.draft, sa_type=_enum(InvoiceStatus))
+    currency: str = Field(max_length=3)
+    subtotal: int = Field(sa_type=BigInteger)
+    total: int = Field(sa_type=BigInteger)
+    pdf_location: str | None = Field(default=None, max_length=500)
+    workflow_id: str = Field(max_length=200)
+    created_at: datetime = _ts(default_factory=utcnow)
+    finalized_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class InvoiceLine(SQLModel, table=True):
+    __tablename__ = "invoice_lines"
+    __table_args__ = (UniqueConstraint("invoice_id", "position", name="uq_invoice_line_position"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    invoice_id: uuid.UUID = Field(foreign_key="invoices.id", index=True)
+    position: int
+    kind: str = Field(max_length=32)
+    description: str = Field(max_length=300)
+    meter_code: str | None = Field(default=None, max_length=64)
+    quantity: Decimal = Field(sa_type=QUANTITY)
+    unit_amount: Decimal = Field(sa_type=UNIT_AMOUNT)
+    amount: int = Field(sa_type=BigInteger)

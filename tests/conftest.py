@@ -1,0 +1,114 @@
+"""Real components for the suite: PostgreSQL, the Temporal time-skipping server, Chromium.
+
+PostgreSQL is the embedded server under ``.data/test-pg`` unless ``DATABASE_URL`` names
+another; either way the session gets a fresh database of its own, migrated to head, and
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from core.settings import PROJECT_ROOT, Settings, get_settings
+from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server: ``DATABASE_URL``, or the embedded one."""
+    configured = get_settings().database_url
+    if configured:
+        yield configured
+        return
+    from devstack.embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(PROJECT_ROOT / ".data" / "test-pg")
+    pg.start()
+    try:
+        yield pg.url("postgres")
+    finally:
+        pg.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    name = f"billing_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(libpq_url(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(server_url, name)
+    await asyncio.to_thread(upgrade, url)
+    try:
+        yield url
+    finally:
+        admin = await asyncpg.connect(libpq_url(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(database_url, pool_size=5)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def sessions(engine: AsyncEngine) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A sessionmaker over an emptied database (every table truncated before the test)."""
+    tables = ", ".join(f'"{t.name}"' for t in SQLModel.metadata.sorted_tables)
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield make_sessionmaker(engine)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        task_queue=f"test-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path,
+        billing_run_page_size=5,
+        billing_run_concurrency=3,
+    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()

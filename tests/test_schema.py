@@ -1,0 +1,116 @@
+"""Database-level guarantees: the constraints hold even if Python code is bypassed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from alembic import command
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from schema.db import alembic_config
+from schema.models import Invoice, Meter, Plan, Room, Subscription, Tenant, UsageEvent, UsageSource
+
+pytestmark = pytest.mark.db
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T1 = datetime(2026, 2, 1, tzinfo=UTC)
+
+
+async def _seed(sessions):
+    async with sessions() as s:
+        tenant = Tenant(name="Ada", email="ada@example.com", currency="USD", timezone="UTC")
+        meter = Meter(code="kwh", name="Electricity", unit="kWh")
+        plan = Plan(code="std", name="Standard", currency="USD", interval="month", base_fee=50000)
+        s.add_all([tenant, meter, plan])
+        await s.flush()
+        room = Room(code="r1", name="Room 1", plan_id=plan.id)
+        s.add(room)
+        await s.flush()
+        sub = Subscription(
+            tenant_id=tenant.id,
+            room_id=room.id,
+            plan_id=plan.id,
+            started_at=T0,
+            current_period_start=T0,
+            current_period_end=T1,
+        )
+        s.add(sub)
+        await s.commit()
+        return tenant, meter, plan, sub
+
+
+def _invoice(tenant, sub, number):
+    return Invoice(
+        number=number,
+        tenant_id=tenant.id,
+        subscription_id=sub.id,
+        period_start=T0,
+        period_end=T1,
+        currency="USD",
+        subtotal=100,
+        total=100,
+        workflow_id="wf",
+    )
+
+
+async def test_one_invoice_per_subscription_and_period(sessions):
+    tenant, _, _, sub = await _seed(sessions)
+    async with sessions() as s:
+        s.add(_invoice(tenant, sub, "INV-1"))
+        await s.commit()
+    async with sessions() as s:
+        s.add(_invoice(tenant, sub, "INV-2"))
+        with pytest.raises(IntegrityError, match="uq_invoice_subscription_period"):
+            await s.commit()
+
+
+async def test_one_usage_event_per_tenant_and_key(sessions):
+    tenant, meter, _, _ = await _seed(sessions)
+
+    def event():
+        return UsageEvent(
+            tenant_id=tenant.id,
+            meter_id=meter.id,
+            quantity=Decimal("1.5"),
+            occurred_at=T0,
+            idempotency_key="k-1",
+            source=UsageSource.api,
+        )
+
+    async with sessions() as s:
+        s.add(event())
+        await s.commit()
+    async with sessions() as s:
+        s.add(event())
+        with pytest.raises(IntegrityError, match="uq_usage_tenant_key"):
+            await s.commit()
+
+
+async def test_plan_versions_are_immutable(sessions):
+    _, _, plan, _ = await _seed(sessions)
+    async with sessions() as s:
+        with pytest.raises(DBAPIError, match="immutable"):
+            await s.execute(text("UPDATE plans SET base_fee = 1 WHERE id = :id"), {"id": plan.id})
+
+
+async def test_enum_columns_refuse_unknown_values(sessions):
+    await _seed(sessions)
+    async with sessions() as s:
+        with pytest.raises(IntegrityError):
+            await s.execute(text("UPDATE subscriptions SET status = 'bogus'"))
+
+
+def test_migrations_match_the_models(database_url):
+    """`alembic check` fails when a model changed without a migration."""
+    command.check(alembic_config(database_url))
+
+
+async def test_unknown_ids_are_refused_by_foreign_keys(sessions):
+    async with sessions() as s:
+        s.add(Room(code="r-x", name="Orphan", plan_id=uuid.uuid4()))
+        with pytest.raises(IntegrityError):
+            await s.commit()
