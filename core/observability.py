@@ -1,0 +1,80 @@
+"""Structured logs (structlog) and traces (OpenTelemetry), configured once per process.
+
+Logs are JSON unless stderr is a terminal (or ``LOG_FORMAT`` says otherwise). Standard
+library loggers (temporalio, uvicorn, workflow.logger) go through the same renderer, and
+every record carries the current OpenTelemetry trace and span ids plus whatever the
+caller bound with ``structlog.contextvars`` (tenant_id, workflow_id, activity_id).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from core.settings import LogFormat, Settings, TraceExporter
+
+
+def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
+
+
+def configure_logging(settings: Settings) -> None:
+    use_json = settings.log_format is LogFormat.json or (
+        settings.log_format is LogFormat.auto and not sys.stderr.isatty()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_ids,
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+def configure_tracing(settings: Settings, service: str) -> TracerProvider | None:
+    """Install a global tracer provider exporting to the console or OTLP; None when disabled."""
+    if settings.otel_traces_exporter is TraceExporter.none:
+        return None
+    exporter: SpanExporter
+    if settings.otel_traces_exporter is TraceExporter.console:
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint)
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{settings.otel_service_name}-{service}"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider

@@ -1,0 +1,23 @@
+"""The Temporal client, created the same way by the API, the worker and the devstack."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from core.settings import Settings
+
+
+async def connect(settings: Settings) -> Client:
+    """Connect to ``TEMPORAL_ADDRESS`` with the pydantic converter and the tracing interceptor.
+
+    Workers built from this client inherit the interceptor, so activity and workflow spans
+    join the trace of whoever started them.
+    """
+    return await Client.connect(
+        settings.temporal_target,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+        interceptors=[TracingInterceptor()],
+    )

@@ -1,0 +1,173 @@
+"""Inputs, outputs and names shared by workflows, activities, the worker and the API.
+
+Side-effect free, so workflows import it through ``imports_passed_through``. New fields
+always get defaults, so histories of running workflows keep replaying. Payloads cross
+Temporal with ``pydantic_data_converter`` (Decimal and datetime round-trip exactly).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+# Workflow names and ids.
+BILLING_RUN_WORKFLOW = "BillingRun"
+INVOICE_WORKFLOW = "InvoiceCycle"
+BILLING_RUN_PROGRESS_QUERY = "progress"
+
+
+def invoice_workflow_id(subscription_id: uuid.UUID, period_start: datetime) -> str:
+    """The business key of one invoice: a re-run can never start a second one."""
+    return f"invoice:{subscription_id}:{period_start.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def billing_run_workflow_id(as_of: datetime) -> str:
+    return f"billing-run:{as_of.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+# Error types that callers match on (ApplicationError.type).
+ERR_SUBSCRIPTION_NOT_FOUND = "SubscriptionNotFound"
+ERR_INVOICE_NOT_FOUND = "InvoiceNotFound"
+ERR_PLAN_CHANGED = "PlanChanged"
+
+
+@dataclass
+class BillingRunInput:
+    as_of: datetime | None = None  # None: the workflow's start time (workflow.now())
+    page_size: int = 100
+    max_concurrency: int = 10
+    # Carried across continue-as-new:
+    cursor: uuid.UUID | None = None
+    progress: BillingRunProgress | None = None
+
+
+@dataclass
+class BillingRunProgress:
+    as_of: datetime | None = None
+    pages: int = 0
+    periods_found: int = 0
+    invoices_created: int = 0
+    invoices_existing: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    continued_as_new: int = 0
+    done: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DuePeriod:
+    subscription_id: uuid.UUID
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+
+
+@dataclass
+class ListDuePeriodsInput:
+    as_of: datetime
+    after: uuid.UUID | None
+    limit: int
+
+
+@dataclass
+class ListDuePeriodsResult:
+    periods: list[DuePeriod]
+    next_cursor: uuid.UUID | None  # None: this was the last page
+
+
+@dataclass
+class InvoiceCycleInput:
+    subscription_id: uuid.UUID
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+
+
+@dataclass
+class InvoiceCycleResult:
+    invoice_id: uuid.UUID
+    number: str
+    total: int
+    currency: str
+    created: bool  # False: the invoice already existed (a re-run)
+    pdf_location: str | None = None
+
+
+@dataclass
+class AggregateUsageInput:
+    subscription_id: uuid.UUID
+    period_start: datetime
+    period_end: datetime
+
+
+@dataclass
+class MeterUsage:
+    meter_code: str
+    quantity: Decimal
+
+
+@dataclass
+class AggregateUsageResult:
+    usage: list[MeterUsage]
+
+
+@dataclass
+class RateInvoiceInput:
+    subscription_id: uuid.UUID
+    usage: list[MeterUsage]
+
+
+@dataclass
+class RatedLineData:
+    kind: str
+    description: str
+    quantity: Decimal
+    unit_amount: Decimal
+    amount: int
+    meter_code: str | None = None
+
+
+@dataclass
+class RateInvoiceResult:
+    currency: str
+    lines: list[RatedLineData]
+    total: int
+
+
+@dataclass
+class CreateInvoiceInput:
+    subscription_id: uuid.UUID
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    lines: list[RatedLineData]
+    workflow_id: str
+
+
+@dataclass
+class CreateInvoiceResult:
+    invoice_id: uuid.UUID
+    number: str
+    total: int
+    created: bool
+    status: str
+
+
+@dataclass
+class RenderInvoicePdfInput:
+    invoice_id: uuid.UUID
+
+
+@dataclass
+class RenderInvoicePdfResult:
+    location: str
+
+
+@dataclass
+class FinalizeInvoiceInput:
+    invoice_id: uuid.UUID
+    pdf_location: str
