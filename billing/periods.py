@@ -44,7 +44,8 @@ def boundary(anchor: datetime, timezone: str, interval: Interval, n: int) -> dat
     local = anchor.astimezone(zone).replace(tzinfo=None)
     step = _STEP[interval]
     shifted = local + relativedelta(years=step.years * n, months=step.months * n, days=step.days * n)
-    return shifted.replace(tzinfo=zone).astimezone(UTC)
+    result: datetime = shifted.replace(tzinfo=zone).astimezone(UTC)
+    return result
 
 
 def period(anchor: datetime, timezone: str, interval: Interval, n: int) -> Period:

@@ -17,6 +17,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from temporalio import activity
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from core.settings import LogFormat, Settings, TraceExporter
 
@@ -78,3 +80,24 @@ def configure_tracing(settings: Settings, service: str) -> TracerProvider | None
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+class LogContextInterceptor(Interceptor):
+    """Binds workflow and activity ids to structlog's context for every activity call."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _ActivityLogContext(next)
+
+
+class _ActivityLogContext(ActivityInboundInterceptor):
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        info = activity.info()
+        with structlog.contextvars.bound_contextvars(
+            workflow_id=info.workflow_id,
+            workflow_run_id=info.workflow_run_id,
+            activity=info.activity_type,
+            activity_id=info.activity_id,
+            attempt=info.attempt,
+            tenant_id=str(getattr(input.args[0], "tenant_id", None) or "") if input.args else "",
+        ):
+            return await super().execute_activity(input)

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     chromium_path: str = DEFAULT_CHROMIUM
     pdf_page_pool_size: int = Field(default=3, ge=1, le=8)
     documents_dir: Path | None = Field(
-        default=None, description="Where invoice PDFs are stored; default DATA_DIR/invoices"
+        default=None, description="Where invoice PDFs are stored; default DATA_DIR/documents"
     )
 
     api_host: str = "127.0.0.1"
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
 
     @property
     def documents_root(self) -> Path:
-        return self.documents_dir or self.data_dir / "invoices"
+        return self.documents_dir or self.data_dir / "documents"
 
     @property
     def temporal_target(self) -> str:

@@ -13,7 +13,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Identity, Index, Numeric, UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Identity, Index, Numeric, UniqueConstraint, text
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
@@ -40,7 +40,7 @@ def utcnow() -> datetime:
 
 
 def _ts(nullable: bool = False, **kw: Any) -> Any:
-    return Field(sa_type=DateTime(timezone=True), nullable=nullable, **kw)  # type: ignore[call-overload]
+    return Field(sa_type=DateTime(timezone=True), nullable=nullable, **kw)
 
 
 class Interval(StrEnum):
@@ -51,7 +51,7 @@ class Interval(StrEnum):
 
 class Aggregation(StrEnum):
     sum = "sum"
-    count = "count"
+    count = "count"  # type: ignore[assignment]  # shadows str.count, on purpose
     max = "max"
     latest = "latest"
 
@@ -148,6 +148,9 @@ class Subscription(SQLModel, table=True):
     __table_args__ = (
         CheckConstraint("current_period_end > current_period_start", name="ck_subscription_period"),
         Index("ix_subscription_due", "status", "current_period_end"),
+        # Usage events belong to a tenant, so a tenant has one active subscription at a time:
+        # two would bill the same usage twice. Room changes are moves within the subscription.
+        Index("uq_subscription_active_tenant", "tenant_id", unique=True, postgresql_where=text("status = 'active'")),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

@@ -23,6 +23,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.billing import BillingActivities
+from activities.pdf import ChromiumPdfRenderer
+from activities.storage import LocalDocumentStore
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
 
@@ -112,3 +115,17 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         yield env
     finally:
         await env.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def renderer() -> AsyncIterator[ChromiumPdfRenderer]:
+    """One real headless browser for the session (``CHROMIUM_PATH``, as the worker uses)."""
+    async with ChromiumPdfRenderer(Settings().chromium_path, pages=2) as r:
+        yield r
+
+
+@pytest.fixture
+def activities(
+    sessions: async_sessionmaker[AsyncSession], renderer: ChromiumPdfRenderer, settings: Settings
+) -> BillingActivities:
+    return BillingActivities(sessions, renderer, LocalDocumentStore(settings.documents_root))

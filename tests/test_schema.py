@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from schema.db import alembic_config
-from schema.models import Invoice, Meter, Plan, Room, Subscription, Tenant, UsageEvent, UsageSource
+from schema.models import Interval, Invoice, Meter, Plan, Room, Subscription, Tenant, UsageEvent, UsageSource
 
 pytestmark = pytest.mark.db
 
@@ -24,7 +24,7 @@ async def _seed(sessions):
     async with sessions() as s:
         tenant = Tenant(name="Ada", email="ada@example.com", currency="USD", timezone="UTC")
         meter = Meter(code="kwh", name="Electricity", unit="kWh")
-        plan = Plan(code="std", name="Standard", currency="USD", interval="month", base_fee=50000)
+        plan = Plan(code="std", name="Standard", currency="USD", interval=Interval.month, base_fee=50000)
         s.add_all([tenant, meter, plan])
         await s.flush()
         room = Room(code="r1", name="Room 1", plan_id=plan.id)

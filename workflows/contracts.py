@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 # Workflow names and ids.
@@ -18,13 +18,17 @@ INVOICE_WORKFLOW = "InvoiceCycle"
 BILLING_RUN_PROGRESS_QUERY = "progress"
 
 
+def _utc_stamp(instant: datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def invoice_workflow_id(subscription_id: uuid.UUID, period_start: datetime) -> str:
     """The business key of one invoice: a re-run can never start a second one."""
-    return f"invoice:{subscription_id}:{period_start.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"invoice:{subscription_id}:{_utc_stamp(period_start)}"
 
 
 def billing_run_workflow_id(as_of: datetime) -> str:
-    return f"billing-run:{as_of.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"billing-run:{_utc_stamp(as_of)}"
 
 
 # Error types that callers match on (ApplicationError.type).
@@ -38,6 +42,7 @@ class BillingRunInput:
     as_of: datetime | None = None  # None: the workflow's start time (workflow.now())
     page_size: int = 100
     max_concurrency: int = 10
+    pages_per_run: int = 20  # continue-as-new after this many pages (or when Temporal suggests it)
     # Carried across continue-as-new:
     cursor: uuid.UUID | None = None
     progress: BillingRunProgress | None = None
@@ -63,6 +68,7 @@ class DuePeriod:
     period_index: int
     period_start: datetime
     period_end: datetime
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -84,6 +90,7 @@ class InvoiceCycleInput:
     period_index: int
     period_start: datetime
     period_end: datetime
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -101,6 +108,7 @@ class AggregateUsageInput:
     subscription_id: uuid.UUID
     period_start: datetime
     period_end: datetime
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -118,6 +126,7 @@ class AggregateUsageResult:
 class RateInvoiceInput:
     subscription_id: uuid.UUID
     usage: list[MeterUsage]
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -146,6 +155,7 @@ class CreateInvoiceInput:
     currency: str
     lines: list[RatedLineData]
     workflow_id: str
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -160,6 +170,7 @@ class CreateInvoiceResult:
 @dataclass
 class RenderInvoicePdfInput:
     invoice_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None  # for log context
 
 
 @dataclass
@@ -171,3 +182,13 @@ class RenderInvoicePdfResult:
 class FinalizeInvoiceInput:
     invoice_id: uuid.UUID
     pdf_location: str
+    tenant_id: uuid.UUID | None = None  # for log context
+
+
+# Activity names: workflows refer to activities by these names only.
+ACT_LIST_DUE_PERIODS = "list_due_periods"
+ACT_AGGREGATE_USAGE = "aggregate_usage"
+ACT_RATE_INVOICE = "rate_invoice"
+ACT_CREATE_INVOICE = "create_invoice"
+ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
+ACT_FINALIZE_INVOICE = "finalize_invoice"

@@ -207,6 +207,13 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_index(op.f("ix_subscriptions_tenant_id"), "subscriptions", ["tenant_id"], unique=False)
+    op.create_index(
+        "uq_subscription_active_tenant",
+        "subscriptions",
+        ["tenant_id"],
+        unique=True,
+        postgresql_where=sa.text("status = 'active'"),
+    )
     op.create_table(
         "invoices",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -324,6 +331,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("uq_subscription_active_tenant", table_name="subscriptions")
     op.execute("DROP TRIGGER plan_charges_immutable ON plan_charges")
     op.execute("DROP TRIGGER plans_immutable ON plans")
     op.execute("DROP FUNCTION refuse_plan_change()")

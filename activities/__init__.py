@@ -1,0 +1,1 @@
+"""Temporal activities: the I/O side of billing (documents, storage, rendering)."""

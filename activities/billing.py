@@ -1,0 +1,112 @@
+"""Billing activities: thin wrappers over ``activities.invoicing`` with their clients injected.
+
+Every activity is safe to run twice. Not-found errors are business failures
+(non-retryable, typed); anything else (connection loss, a browser crash) is retried by
+Temporal with the workflow's retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import invoicing
+from activities.invoice_document import render_invoice_html
+from activities.pdf import PdfRenderer
+from activities.storage import DocumentStore
+from workflows.contracts import (
+    ACT_AGGREGATE_USAGE,
+    ACT_CREATE_INVOICE,
+    ACT_FINALIZE_INVOICE,
+    ACT_LIST_DUE_PERIODS,
+    ACT_RATE_INVOICE,
+    ACT_RENDER_INVOICE_PDF,
+    ERR_INVOICE_NOT_FOUND,
+    ERR_SUBSCRIPTION_NOT_FOUND,
+    AggregateUsageInput,
+    AggregateUsageResult,
+    CreateInvoiceInput,
+    CreateInvoiceResult,
+    FinalizeInvoiceInput,
+    ListDuePeriodsInput,
+    ListDuePeriodsResult,
+    RateInvoiceInput,
+    RateInvoiceResult,
+    RenderInvoicePdfInput,
+    RenderInvoicePdfResult,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class BillingActivities:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], renderer: PdfRenderer, store: DocumentStore) -> None:
+        self._sessions = sessions
+        self._renderer = renderer
+        self._store = store
+
+    def all(self) -> list[Callable[..., object]]:
+        return [
+            self.list_due_periods,
+            self.aggregate_usage,
+            self.rate_invoice,
+            self.create_invoice,
+            self.render_invoice_pdf,
+            self.finalize_invoice,
+        ]
+
+    @asynccontextmanager
+    async def _session(self, not_found_type: str) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session:
+            try:
+                yield session
+            except invoicing.NotFoundError as err:
+                raise ApplicationError(str(err), type=not_found_type, non_retryable=True) from err
+
+    @activity.defn(name=ACT_LIST_DUE_PERIODS)
+    async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:
+        async with self._sessions() as session:
+            result = await invoicing.list_due_periods(session, data.as_of, data.after, data.limit)
+        log.info("due periods listed", count=len(result.periods), as_of=data.as_of.isoformat())
+        return result
+
+    @activity.defn(name=ACT_AGGREGATE_USAGE)
+    async def aggregate_usage(self, data: AggregateUsageInput) -> AggregateUsageResult:
+        async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
+            usage = await invoicing.aggregate_usage(session, data.subscription_id, data.period_start, data.period_end)
+        return AggregateUsageResult(usage=usage)
+
+    @activity.defn(name=ACT_RATE_INVOICE)
+    async def rate_invoice(self, data: RateInvoiceInput) -> RateInvoiceResult:
+        async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
+            return await invoicing.rate_invoice(session, data.subscription_id, data.usage)
+
+    @activity.defn(name=ACT_CREATE_INVOICE)
+    async def create_invoice(self, data: CreateInvoiceInput) -> CreateInvoiceResult:
+        async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
+            result = await invoicing.create_invoice(session, data)
+        log.info("invoice written", invoice=result.number, created=result.created, total=result.total)
+        return result
+
+    @activity.defn(name=ACT_RENDER_INVOICE_PDF)
+    async def render_invoice_pdf(self, data: RenderInvoicePdfInput) -> RenderInvoicePdfResult:
+        async with self._session(ERR_INVOICE_NOT_FOUND) as session:
+            invoice, document = await invoicing.invoice_document(session, data.invoice_id)
+        structlog.contextvars.bind_contextvars(tenant_id=str(invoice.tenant_id))
+        if invoice.pdf_location is not None:  # finalized earlier: the stored PDF is the invoice
+            return RenderInvoicePdfResult(location=invoice.pdf_location)
+        pdf = await self._renderer.render(render_invoice_html(document))
+        location = await self._store.put(invoicing.pdf_key(invoice), pdf)
+        log.info("invoice pdf stored", invoice=invoice.number, location=location, size=len(pdf))
+        return RenderInvoicePdfResult(location=location)
+
+    @activity.defn(name=ACT_FINALIZE_INVOICE)
+    async def finalize_invoice(self, data: FinalizeInvoiceInput) -> None:
+        async with self._session(ERR_INVOICE_NOT_FOUND) as session:
+            await invoicing.finalize_invoice(session, data.invoice_id, data.pdf_location)

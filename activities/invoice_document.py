@@ -1,0 +1,116 @@
+"""The invoice as the tenant sees it: a view model of plain values and its HTML rendering.
+
+The document is built from already-computed billing data; nothing here rounds or sums
+money except to check that the lines add up to the total it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_date
+from babel.numbers import format_currency
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from billing.money import check_currency, format_money, minor_units
+
+_LOCALE = "en_US"
+_TEMPLATE = "invoice.html.j2"
+
+_env = Environment(
+    loader=FileSystemLoader(Path(__file__).with_name("templates")),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+@dataclass(frozen=True)
+class InvoiceDocumentLine:
+    description: str
+    quantity: Decimal
+    unit_amount: Decimal  # minor units, may be fractional
+    amount: int  # minor units
+
+
+@dataclass(frozen=True)
+class InvoiceDocument:
+    number: str
+    issued_at: datetime
+    period_start: datetime  # inclusive
+    period_end: datetime  # exclusive
+    timezone: str  # IANA name; every date on the document is shown in it
+    currency: str
+    tenant_name: str
+    tenant_email: str
+    room_name: str
+    plan_name: str
+    lines: tuple[InvoiceDocumentLine, ...]
+    total: int  # minor units
+    seller_name: str = "Roomly Billing"
+    due_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_currency(self.currency)
+        instants = (self.issued_at, self.period_start, self.period_end, self.due_at)
+        if any(i is not None and i.tzinfo is None for i in instants):
+            raise ValueError("invoice datetimes must be timezone-aware")
+        if self.period_end <= self.period_start:
+            raise ValueError("period_end must be after period_start")
+        line_sum = sum(line.amount for line in self.lines)
+        if line_sum != self.total:
+            raise ValueError(f"invoice {self.number}: lines add up to {line_sum}, total is {self.total}")
+
+
+def _local_date(instant: datetime, zone: ZoneInfo) -> date:
+    return instant.astimezone(zone).date()
+
+
+def _show_date(day: date) -> str:
+    return format_date(day, format="medium", locale=_LOCALE)
+
+
+def format_quantity(quantity: Decimal) -> str:
+    """A plain decimal without trailing zeros or exponent (``Decimal("2.500")`` -> ``2.5``)."""
+    return format(quantity.normalize(), "f")
+
+
+def format_unit_price(unit_amount: Decimal, currency: str) -> str:
+    """A unit price given in (possibly fractional) minor units, in major units and exact.
+
+    At least the currency's own precision, more digits when needed:
+    ``12.5`` minor USD -> ``$0.125``, ``1250`` minor USD -> ``$12.50``.
+    """
+    major = unit_amount.scaleb(-minor_units(currency))
+    return format_currency(major, check_currency(currency), locale=_LOCALE, decimal_quantization=False)
+
+
+def render_invoice_html(doc: InvoiceDocument) -> str:
+    """The invoice as a self-contained HTML page (inline CSS, no external assets)."""
+    zone = ZoneInfo(doc.timezone)
+    last_day = _local_date(doc.period_end, zone) - timedelta(days=1)
+    lines = [
+        {
+            "description": line.description,
+            "quantity": format_quantity(line.quantity),
+            "unit_price": format_unit_price(line.unit_amount, doc.currency),
+            "amount": format_money(line.amount, doc.currency),
+        }
+        for line in doc.lines
+    ]
+    return _env.get_template(_TEMPLATE).render(
+        doc=doc,
+        currency=check_currency(doc.currency),
+        issued_on=_show_date(_local_date(doc.issued_at, zone)),
+        due_on=_show_date(_local_date(doc.due_at, zone)) if doc.due_at is not None else None,
+        period_from=_show_date(_local_date(doc.period_start, zone)),
+        period_to=_show_date(last_day),
+        lines=lines,
+        subtotal=format_money(sum(line.amount for line in doc.lines), doc.currency),
+        total=format_money(doc.total, doc.currency),
+    )

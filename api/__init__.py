@@ -1,0 +1,1 @@
+"""The v1 HTTP API: FastAPI over PostgreSQL and Temporal (``uvicorn api.main:app``)."""

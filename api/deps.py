@@ -1,0 +1,63 @@
+"""Request dependencies: the resources the lifespan put on ``app.state``, and the caller.
+
+Authentication is :func:`current_principal` alone. Today every caller is the anonymous
+operator; real JWT auth replaces that one function (and may take a bearer token parameter),
+and every v1 route, which depends on it through its router, is covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+
+from activities.storage import DocumentStore
+from core.settings import Settings
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    roles: frozenset[str]
+
+
+ANONYMOUS_OPERATOR = Principal(subject="anonymous", roles=frozenset({"operator"}))
+
+
+async def current_principal() -> Principal:
+    """Who is calling. Replace with token verification; handlers stay untouched."""
+    return ANONYMOUS_OPERATOR
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; whatever is not committed is rolled back when it closes."""
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessions() as session:
+        yield session
+
+
+def get_temporal_client(request: Request) -> Client:
+    client: Client = request.app.state.temporal_client
+    return client
+
+
+def get_document_store(request: Request) -> DocumentStore:
+    store: DocumentStore = request.app.state.documents
+    return store
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
+DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]

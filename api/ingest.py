@@ -1,0 +1,168 @@
+"""Usage ingestion: validate each row on its own, resolve references, insert the batch at once.
+
+One bad row never costs the good ones. A batch of any size takes three statements: the
+tenant ids, the meter codes, and one ``INSERT ... SELECT FROM unnest(...)`` of every valid
+row, with ``ON CONFLICT DO NOTHING`` on (tenant, idempotency key). A row the insert does not
+return was already stored, so it is a duplicate; a key repeated inside the batch is a
+duplicate of its first valid occurrence.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult
+from schema.models import UsageSource
+
+_EVENT = TypeAdapter(UsageEventIn)
+
+_KNOWN_TENANTS = text("SELECT id FROM tenants WHERE id = ANY(CAST(:ids AS uuid[]))")
+_KNOWN_METERS = text("SELECT code, id FROM meters WHERE code = ANY(CAST(:codes AS text[]))")
+_INSERT = text(
+    """
+    INSERT INTO usage_events
+        (tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
+    SELECT batch.*, CAST(:source AS text), now()
+    FROM unnest(
+        CAST(:tenant_ids AS uuid[]),
+        CAST(:meter_ids AS uuid[]),
+        CAST(:quantities AS numeric[]),
+        CAST(:occurred AS timestamptz[]),
+        CAST(:keys AS text[]),
+        CAST(:properties AS jsonb[])
+    ) AS batch
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+    RETURNING tenant_id, idempotency_key
+    """
+)
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    loc: tuple[str | int, ...]
+    message: str
+    kind: str
+
+    @property
+    def field(self) -> str:
+        """Dotted path of the offending field; ``event`` when the row itself is not an object."""
+        return ".".join(str(part) for part in self.loc) or "event"
+
+
+@dataclass
+class RowOutcome:
+    index: int
+    idempotency_key: str | None
+    event: UsageEventIn | None
+    problems: list[FieldProblem] = field(default_factory=list)
+    status: RowStatus = RowStatus.rejected
+
+    def reject(self, loc: tuple[str | int, ...], message: str, kind: str) -> None:
+        self.problems.append(FieldProblem(loc, message, kind))
+        self.status = RowStatus.rejected
+
+    def result(self) -> UsageRowResult:
+        return UsageRowResult(
+            index=self.index,
+            status=self.status,
+            idempotency_key=self.idempotency_key,
+            errors=[UsageFieldError(field=p.field, message=p.message) for p in self.problems],
+        )
+
+
+def parse_row(index: int, raw: object) -> RowOutcome:
+    """Validate one row: rejected, naming every offending field, or tentatively accepted."""
+    try:
+        event = _EVENT.validate_python(raw)
+    except ValidationError as exc:
+        outcome = RowOutcome(index, _raw_key(raw), None)
+        for error in exc.errors(include_url=False):
+            outcome.reject(tuple(error["loc"]), error["msg"], error["type"])
+        return outcome
+    return RowOutcome(index, event.idempotency_key, event, status=RowStatus.accepted)
+
+
+def _raw_key(raw: object) -> str | None:
+    key = raw.get("idempotency_key") if isinstance(raw, Mapping) else None
+    return key.strip() if isinstance(key, str) else None
+
+
+async def ingest(
+    session: AsyncSession, raws: Sequence[object], source: UsageSource, *, first_index: int = 0
+) -> UsageBatchResult:
+    """Validate and store ``raws``; ``index`` of each result is ``first_index`` + its position."""
+    outcomes = [parse_row(first_index + i, raw) for i, raw in enumerate(raws)]
+    await store(session, outcomes, source)
+    results = [o.result() for o in outcomes]
+    return UsageBatchResult(
+        accepted=sum(r.status is RowStatus.accepted for r in results),
+        duplicates=sum(r.status is RowStatus.duplicate for r in results),
+        rejected=sum(r.status is RowStatus.rejected for r in results),
+        results=results,
+    )
+
+
+async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: UsageSource) -> None:
+    """Resolve references and insert the valid rows of ``outcomes``; settles each one's status.
+
+    Valid rows arrive tentatively ``accepted`` and leave accepted, duplicate or rejected (unknown
+    tenant or meter). Commits when anything is inserted.
+    """
+    valid = [(o, o.event) for o in outcomes if o.event is not None]
+    if not valid:
+        return
+    conn = await session.connection()
+    tenant_ids = list({event.tenant_id for _, event in valid})
+    known_tenants = {row.id for row in await conn.execute(_KNOWN_TENANTS, {"ids": tenant_ids})}
+    codes = list({event.meter for _, event in valid})
+    meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in await conn.execute(_KNOWN_METERS, {"codes": codes})}
+
+    keys_in_batch: set[tuple[uuid.UUID, str]] = set()
+    batch: list[tuple[RowOutcome, UsageEventIn]] = []
+    for outcome, event in valid:
+        if event.tenant_id not in known_tenants:
+            outcome.reject(("tenant_id",), f"tenant {event.tenant_id} does not exist", "not_found")
+        if event.meter not in meter_ids:
+            outcome.reject(("meter",), f"meter {event.meter!r} does not exist", "not_found")
+        if outcome.status is RowStatus.rejected:
+            continue
+        key = (event.tenant_id, event.idempotency_key)
+        if key in keys_in_batch:
+            outcome.status = RowStatus.duplicate
+            continue
+        keys_in_batch.add(key)
+        batch.append((outcome, event))
+    if not batch:
+        return
+
+    inserted = await conn.execute(
+        _INSERT,
+        {
+            "source": source.value,
+            "tenant_ids": [e.tenant_id for _, e in batch],
+            "meter_ids": [meter_ids[e.meter] for _, e in batch],
+            "quantities": [e.quantity for _, e in batch],
+            "occurred": [e.occurred_at for _, e in batch],
+            "keys": [e.idempotency_key for _, e in batch],
+            "properties": [json.dumps(e.properties, allow_nan=False, ensure_ascii=False) for _, e in batch],
+        },
+    )
+    stored = {(row.tenant_id, row.idempotency_key) for row in inserted}
+    for outcome, event in batch:
+        if (event.tenant_id, event.idempotency_key) not in stored:
+            outcome.status = RowStatus.duplicate
+    await session.commit()
+
+
+async def ingest_event(session: AsyncSession, event: UsageEventIn, source: UsageSource) -> RowOutcome:
+    """Store one already validated event; the outcome is accepted, duplicate, or rejected (unknown ids)."""
+    outcome = parse_row(0, event)
+    await store(session, [outcome], source)
+    return outcome

@@ -1,0 +1,63 @@
+"""The FastAPI application. ``uvicorn api.main:app``; tests call :func:`create_app`.
+
+Creating the app connects nothing: the database engine, the Temporal client and the
+document store are made in the lifespan and kept on ``app.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from activities.storage import LocalDocumentStore
+from api.middleware import RequestContextMiddleware
+from api.routers import health_router, v1_router
+from core.observability import configure_logging, configure_tracing
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from schema.db import make_engine, make_sessionmaker
+
+log = structlog.stdlib.get_logger("api")
+
+
+def create_app(settings: Settings | None = None, *, temporal_client: Client | None = None) -> FastAPI:
+    """The app for ``settings`` (default: the environment); ``temporal_client`` skips connecting."""
+    settings = settings or get_settings()
+    configure_logging(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.database_url is None:
+            raise RuntimeError("DATABASE_URL must be set to run the API (e.g. postgresql://user@host:5432/billing)")
+        tracer_provider = configure_tracing(settings, "api")
+        engine = make_engine(settings.database_url, settings.database_pool_size)
+        try:
+            app.state.engine = engine
+            app.state.sessionmaker = make_sessionmaker(engine)
+            app.state.temporal_client = temporal_client or await connect(settings)
+            app.state.documents = LocalDocumentStore(settings.documents_root)
+            log.info("api started", temporal=settings.temporal_target, task_queue=settings.task_queue)
+            yield
+        finally:
+            await engine.dispose()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()
+
+    app = FastAPI(
+        title="Billing API",
+        version="1",
+        summary="Tenants, catalog, usage ingestion, billing runs and invoices",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(health_router)
+    app.include_router(v1_router)
+    return app
+
+
+app = create_app()

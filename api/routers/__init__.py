@@ -1,0 +1,14 @@
+"""Every router of the API, gathered once: ``/healthz`` and the authenticated ``/v1`` tree."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from api.deps import current_principal
+from api.routers import billing_runs, health, invoices, meters, plans, rooms, subscriptions, tenants, usage
+
+health_router = health.router
+
+v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
+for _module in (tenants, meters, plans, rooms, subscriptions, usage, billing_runs, invoices):
+    v1_router.include_router(_module.router)

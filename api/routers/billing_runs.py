@@ -1,0 +1,87 @@
+"""Billing runs: start the ``BillingRun`` workflow for an ``as_of`` instant, and watch it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from fastapi import APIRouter, status
+from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import CurrentPrincipal, SettingsDep, TemporalClientDep
+from api.errors import not_found
+from api.routing import DecimalJSONRoute
+from api.schemas import BillingRunCreate, BillingRunStarted, BillingRunStatus
+from schema.models import utcnow
+from workflows.contracts import (
+    BILLING_RUN_PROGRESS_QUERY,
+    BILLING_RUN_WORKFLOW,
+    BillingRunInput,
+    BillingRunProgress,
+    billing_run_workflow_id,
+)
+
+router = APIRouter(prefix="/billing-runs", tags=["billing runs"], route_class=DecimalJSONRoute)
+log = structlog.stdlib.get_logger("api")
+
+# How long GET waits for a worker to answer the progress query before reporting progress null.
+PROGRESS_QUERY_TIMEOUT = timedelta(seconds=5)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+async def start_billing_run(
+    client: TemporalClientDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    body: BillingRunCreate | None = None,
+) -> BillingRunStarted:
+    """Start (or, for an ``as_of`` already running, join) the billing run; idempotent per second of ``as_of``.
+
+    ``as_of`` is truncated to whole seconds in UTC, the precision of the workflow id, so two
+    requests naming the same id always carry the same input.
+    """
+    as_of = (body.as_of if body and body.as_of else utcnow()).replace(microsecond=0)
+    workflow_id = billing_run_workflow_id(as_of)
+    handle = await client.start_workflow(
+        BILLING_RUN_WORKFLOW,
+        BillingRunInput(
+            as_of=as_of,
+            page_size=settings.billing_run_page_size,
+            max_concurrency=settings.billing_run_concurrency,
+        ),
+        id=workflow_id,
+        task_queue=settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    log.info("billing run requested", workflow_id=workflow_id, run_id=handle.result_run_id, by=principal.subject)
+    return BillingRunStarted(workflow_id=workflow_id, run_id=handle.result_run_id, as_of=as_of)
+
+
+@router.get("/{workflow_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "No such billing run"}})
+async def get_billing_run(workflow_id: str, client: TemporalClientDep) -> BillingRunStatus:
+    """Temporal's status of the run and, when a worker answers, its progress."""
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:
+            raise not_found("billing run", workflow_id) from None
+        raise
+    if description.workflow_type != BILLING_RUN_WORKFLOW:
+        raise not_found("billing run", workflow_id)
+    try:
+        progress: BillingRunProgress | None = await handle.query(
+            BILLING_RUN_PROGRESS_QUERY, result_type=BillingRunProgress, rpc_timeout=PROGRESS_QUERY_TIMEOUT
+        )
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+        log.warning("billing run progress unavailable", workflow_id=workflow_id, error=str(exc))
+        progress = None
+    return BillingRunStatus(
+        workflow_id=workflow_id,
+        run_id=description.run_id,
+        status=description.status.name if description.status else "UNSPECIFIED",
+        progress=progress,
+    )

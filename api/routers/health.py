@@ -1,0 +1,27 @@
+"""Liveness with a database round trip."""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import APIRouter, Response, status
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.deps import SessionDep
+from api.schemas import Health
+
+router = APIRouter(tags=["health"])
+log = structlog.stdlib.get_logger("api")
+
+
+@router.get("/healthz", responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": Health}})
+async def healthz(session: SessionDep, response: Response) -> Health:
+    """``ok`` when PostgreSQL answers ``SELECT 1``; 503 otherwise."""
+    try:
+        conn = await session.connection()
+        await conn.execute(text("SELECT 1"))
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("health check failed", error=str(exc))
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return Health(status="unavailable")
+    return Health(status="ok")

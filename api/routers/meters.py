@@ -1,0 +1,48 @@
+"""Meters: what usage is measured in, identified by a slug ``code``."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from api.deps import SessionDep
+from api.errors import conflict, is_unique_violation, not_found
+from api.routing import DecimalJSONRoute
+from api.schemas import MeterCreate, MeterPublic
+from schema.models import Meter
+
+router = APIRouter(prefix="/meters", tags=["meters"], route_class=DecimalJSONRoute)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={status.HTTP_409_CONFLICT: {"description": "A meter with this code exists"}},
+)
+async def create_meter(body: MeterCreate, session: SessionDep) -> MeterPublic:
+    meter = Meter(**body.model_dump())
+    session.add(meter)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        if is_unique_violation(exc):
+            raise conflict("code", f"a meter with code {body.code!r} already exists") from None
+        raise
+    return MeterPublic.model_validate(meter)
+
+
+@router.get("")
+async def list_meters(session: SessionDep) -> list[MeterPublic]:
+    query = select(Meter).order_by(col(Meter.code))
+    return [MeterPublic.model_validate(m) for m in await session.exec(query)]
+
+
+@router.get("/{meter_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown meter"}})
+async def get_meter(meter_id: uuid.UUID, session: SessionDep) -> MeterPublic:
+    meter = await session.get(Meter, meter_id)
+    if meter is None:
+        raise not_found("meter", meter_id)
+    return MeterPublic.model_validate(meter)

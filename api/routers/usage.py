@@ -1,0 +1,127 @@
+"""Usage ingestion over HTTP: a JSON batch, a CSV upload, or a single event.
+
+Batches are answered row by row (see :mod:`api.ingest`); only a malformed envelope (not
+JSON, no ``events`` list, too many rows, a CSV without a required column) fails as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, File, Request, Response, UploadFile, status
+
+from api.deps import SessionDep
+from api.errors import body_error, body_errors
+from api.ingest import ingest, ingest_event
+from api.middleware import bind_tenant
+from api.routing import DecimalJSONRoute, loads_decimal
+from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageEventResult
+from schema.models import UsageSource
+
+router = APIRouter(prefix="/usage", tags=["usage"], route_class=DecimalJSONRoute)
+log = structlog.stdlib.get_logger("api")
+
+MAX_BATCH = 10_000
+CSV_COLUMNS = ("tenant_id", "meter", "quantity", "occurred_at", "idempotency_key")
+MAX_CSV_BYTES = 16 * 1024 * 1024
+
+_BATCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["events"],
+    "properties": {
+        "events": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_BATCH,
+            "items": UsageEventIn.model_json_schema(),
+        }
+    },
+}
+
+
+def _check_batch_size(count: int, loc: str) -> None:
+    if not 1 <= count <= MAX_BATCH:
+        raise body_error((loc,), f"must hold 1 to {MAX_BATCH} events, got {count}", "batch_size")
+
+
+def _log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult:
+    log.info(
+        "usage ingested",
+        source=source.value,
+        accepted=result.accepted,
+        duplicates=result.duplicates,
+        rejected=result.rejected,
+    )
+    return result
+
+
+@router.post(
+    "",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _BATCH_SCHEMA}}}},
+)
+async def ingest_batch(request: Request, session: SessionDep) -> UsageBatchResult:
+    """Store a JSON batch; every row gets its own status. Numbers are read as exact decimals."""
+    try:
+        payload = loads_decimal(await request.body())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise body_error((), f"body is not valid JSON: {exc}", "json_invalid") from None
+    events = payload.get("events") if isinstance(payload, dict) else None
+    if not isinstance(events, list):
+        raise body_error(("events",), 'body must be an object with an "events" list', "list_type")
+    _check_batch_size(len(events), "events")
+    return _log_batch(UsageSource.api, await ingest(session, events, UsageSource.api))
+
+
+@router.post("/csv")
+async def ingest_csv(
+    file: Annotated[UploadFile, File(description="CSV, header: " + ",".join(CSV_COLUMNS))],
+    session: SessionDep,
+) -> UsageBatchResult:
+    """Store a CSV upload; ``index`` of a result is its data row number (1-based, header excluded)."""
+    data = await file.read(MAX_CSV_BYTES + 1)
+    if len(data) > MAX_CSV_BYTES:
+        raise body_error(("file",), f"must be at most {MAX_CSV_BYTES} bytes", "too_large")
+    try:
+        records = [record for record in csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")) if record]
+    except UnicodeDecodeError:
+        raise body_error(("file",), "must be UTF-8 text", "unicode_decode") from None
+    except csv.Error as exc:
+        raise body_error(("file",), f"is not valid CSV: {exc}", "csv_invalid") from None
+    header = [name.strip() for name in records[0]] if records else []
+    missing = [column for column in CSV_COLUMNS if column not in header]
+    if missing:
+        raise body_errors(
+            [(("file", column), f"missing required CSV column {column!r}", "missing") for column in missing]
+        )
+    rows = [
+        {name: value for name, value in zip(header, record, strict=False) if name in CSV_COLUMNS}
+        for record in records[1:]
+    ]
+    _check_batch_size(len(rows), "file")
+    return _log_batch(UsageSource.csv, await ingest(session, rows, UsageSource.csv, first_index=1))
+
+
+@router.post(
+    "/events",
+    status_code=status.HTTP_201_CREATED,
+    responses={status.HTTP_200_OK: {"model": UsageEventResult, "description": "Duplicate: already stored"}},
+)
+async def ingest_single_event(event: UsageEventIn, session: SessionDep, response: Response) -> UsageEventResult:
+    """Store one event: 201 when new, 200 when its idempotency key was seen before, 422 when invalid."""
+    bind_tenant(event.tenant_id)
+    outcome = await ingest_event(session, event, UsageSource.manual)
+    if outcome.status is RowStatus.rejected:
+        raise body_errors([(problem.loc, problem.message, problem.kind) for problem in outcome.problems])
+    if outcome.status is RowStatus.duplicate:
+        response.status_code = status.HTTP_200_OK
+    return UsageEventResult(
+        status=outcome.status,
+        tenant_id=event.tenant_id,
+        meter=event.meter,
+        quantity=event.quantity,
+        occurred_at=event.occurred_at,
+        idempotency_key=event.idempotency_key,
+    )

@@ -1,0 +1,327 @@
+"""Request and response shapes of the v1 API, kept apart from the tables in ``schema.models``.
+
+Input types refuse what PostgreSQL would refuse later (NUL characters, lone surrogates,
+numbers wider than the column), so a bad value is a 422 naming its field, never a 500.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+)
+
+from billing.money import check_currency
+from schema.models import Aggregation, Interval, InvoiceStatus, SubscriptionStatus, utcnow
+from workflows.contracts import BillingRunProgress
+
+MAX_BIGINT = 2**63 - 1
+
+
+def check_pg_text(value: str) -> str:
+    """Text PostgreSQL can store: no NUL character, encodable as UTF-8."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return value
+
+
+def check_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown IANA time zone {name!r}") from None
+    return name
+
+
+def to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of the supported date range") from None
+
+
+def _plain_decimal(value: Decimal) -> str:
+    """28.500000000 -> "28.5", 1E+2 -> "100": exact, without exponent or padding."""
+    return format(value.normalize(), "f")
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-encodable copy of ``value``: Decimals become int or float, anything else is refused."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        return check_pg_text(value)
+    if isinstance(value, Decimal | float):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("numbers must be finite")
+        return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else number
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {check_pg_text(str(key)): _json_value(item) for key, item in value.items()}
+    raise ValueError(f"{type(value).__name__} is not a JSON value")
+
+
+def json_object(value: dict[str, Any]) -> dict[str, Any]:
+    copy: dict[str, Any] = _json_value(value)
+    return copy
+
+
+def _stripped(max_length: int, *, pattern: str | None = None) -> Any:
+    return StringConstraints(strip_whitespace=True, min_length=1, max_length=max_length, pattern=pattern)
+
+
+PgText = AfterValidator(check_pg_text)
+Name = Annotated[str, _stripped(200), PgText]
+Code = Annotated[str, _stripped(64), PgText]
+MeterCode = Annotated[str, _stripped(64, pattern=r"^[a-z0-9_-]{1,64}$")]
+Email = Annotated[str, _stripped(320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), PgText]
+Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(check_currency)]
+Timezone = Annotated[str, _stripped(64), PgText, AfterValidator(check_timezone)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]
+MinorUnits = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
+# Numeric(24, 9): at most 15 digits before the point and 9 after; refused rather than rounded.
+ExactDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=9)]
+DecimalOut = Annotated[Decimal, PlainSerializer(_plain_decimal, return_type=str, when_used="json")]
+IdempotencyKey = Annotated[str, _stripped(200), PgText]
+Properties = Annotated[dict[str, Any], AfterValidator(json_object)]
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# Tenants
+
+
+class TenantCreate(BaseModel):
+    name: Name
+    email: Email
+    currency: Currency = Field(description="ISO 4217 code the product bills in, e.g. USD")
+    timezone: Timezone = Field(description="IANA time zone, e.g. Europe/Berlin")
+
+
+class TenantPublic(Public):
+    id: uuid.UUID
+    name: str
+    email: str
+    currency: str
+    timezone: str
+    created_at: datetime
+
+
+# Meters
+
+
+class MeterCreate(BaseModel):
+    code: MeterCode
+    name: Name
+    unit: Annotated[str, _stripped(32), PgText]
+    aggregation: Aggregation = Aggregation.sum
+
+
+class MeterPublic(Public):
+    id: uuid.UUID
+    code: str
+    name: str
+    unit: str
+    aggregation: Aggregation
+    created_at: datetime
+
+
+# Plans
+
+
+class ChargeCreate(BaseModel):
+    meter_code: Code
+    unit_amount: ExactDecimal = Field(description="Minor units per meter unit; may be fractional")
+
+
+class PlanCreate(BaseModel):
+    code: Code
+    name: Name
+    currency: Currency
+    interval: Interval
+    base_fee: MinorUnits = Field(description="Minor units per period")
+    trial_days: Annotated[int, Field(strict=True, ge=0, le=3650)] = 0
+    charges: Annotated[list[ChargeCreate], Field(max_length=100)] = []
+
+
+class ChargePublic(BaseModel):
+    meter_code: str
+    unit_amount: DecimalOut
+
+
+class PlanPublic(Public):
+    id: uuid.UUID
+    code: str
+    version: int
+    name: str
+    currency: str
+    interval: Interval
+    base_fee: int
+    trial_days: int
+    charges: list[ChargePublic]
+    created_at: datetime
+
+
+# Rooms
+
+
+class RoomCreate(BaseModel):
+    code: Code
+    name: Name
+    plan_id: uuid.UUID
+
+
+class RoomPublic(Public):
+    id: uuid.UUID
+    code: str
+    name: str
+    plan_id: uuid.UUID
+    created_at: datetime
+
+
+# Subscriptions
+
+
+class SubscriptionCreate(BaseModel):
+    tenant_id: uuid.UUID
+    room_id: uuid.UUID
+    started_at: UtcDatetime = Field(default_factory=utcnow, description="Anchor of every period; default now")
+
+
+class SubscriptionPublic(Public):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    room_id: uuid.UUID
+    plan_id: uuid.UUID
+    status: SubscriptionStatus
+    started_at: datetime
+    current_period_index: int
+    current_period_start: datetime
+    current_period_end: datetime
+    created_at: datetime
+
+
+# Usage
+
+
+class UsageEventIn(BaseModel):
+    """One usage event, as posted alone, inside a batch, or as a CSV row."""
+
+    tenant_id: uuid.UUID
+    meter: MeterCode = Field(description="Meter code")
+    quantity: ExactDecimal = Field(description="Decimal string or JSON number, >= 0")
+    occurred_at: UtcDatetime
+    idempotency_key: IdempotencyKey = Field(description="Unique per tenant; a repeat is a duplicate")
+    properties: Properties = Field(default_factory=dict)
+
+
+class RowStatus(StrEnum):
+    accepted = "accepted"
+    duplicate = "duplicate"
+    rejected = "rejected"
+
+
+class UsageFieldError(BaseModel):
+    field: str
+    message: str
+
+
+class UsageRowResult(BaseModel):
+    index: int
+    status: RowStatus
+    idempotency_key: str | None
+    errors: list[UsageFieldError] = []
+
+
+class UsageBatchResult(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    results: list[UsageRowResult]
+
+
+class UsageEventResult(BaseModel):
+    status: RowStatus
+    tenant_id: uuid.UUID
+    meter: str
+    quantity: DecimalOut
+    occurred_at: datetime
+    idempotency_key: str
+
+
+# Billing runs
+
+
+class BillingRunCreate(BaseModel):
+    as_of: UtcDatetime | None = Field(default=None, description="Bill periods ending by then; default now")
+
+
+class BillingRunStarted(BaseModel):
+    workflow_id: str
+    run_id: str | None
+    as_of: datetime
+
+
+class BillingRunStatus(BaseModel):
+    workflow_id: str
+    run_id: str = Field(description="The latest run under this id (a finished run started again gets a new one)")
+    status: str = Field(description="Temporal execution status: RUNNING, COMPLETED, FAILED, ...")
+    progress: BillingRunProgress | None = Field(description="null while no worker answers the progress query")
+
+
+# Invoices
+
+
+class InvoicePublic(Public):
+    id: uuid.UUID
+    number: str
+    tenant_id: uuid.UUID
+    subscription_id: uuid.UUID
+    period_start: datetime
+    period_end: datetime
+    status: InvoiceStatus
+    currency: str
+    subtotal: int
+    total: int
+    pdf_url: str | None
+    created_at: datetime
+    finalized_at: datetime | None
+
+
+class InvoiceLinePublic(Public):
+    position: int
+    kind: str
+    description: str
+    meter_code: str | None
+    quantity: DecimalOut
+    unit_amount: DecimalOut
+    amount: int
+
+
+class InvoiceDetail(InvoicePublic):
+    lines: list[InvoiceLinePublic]
+
+
+class Health(BaseModel):
+    status: str

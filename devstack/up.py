@@ -1,0 +1,296 @@
+"""`make up`: the whole stack on one machine, supervised.
+
+    .venv/bin/python -m devstack.up [--no-demo]
+
+PostgreSQL (embedded unless DATABASE_URL), migrations, the Temporal dev server (unless
+TEMPORAL_ADDRESS), the worker and the API as child processes in their own process groups;
+then demo data through the HTTP API and a billing run as of now. A child that exits stops
+everything (exit 1); Ctrl-C or SIGTERM stops the children in reverse order and the embedded
+database (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+
+from core.observability import configure_logging
+from core.settings import PROJECT_ROOT, Settings, get_settings
+from devstack import demo
+from devstack.child import Child, emit
+from devstack.services import (
+    ServiceError,
+    api_base_url,
+    child_environment,
+    migrate,
+    redact_url,
+    start_api,
+    start_embedded_database,
+    start_temporal_dev_server,
+    start_worker,
+    wait_for_http,
+    wait_for_temporal,
+)
+
+log = structlog.get_logger("devstack")
+
+T = TypeVar("T")
+
+EMBEDDED_TEMPORAL_IP = "127.0.0.1"
+EMBEDDED_TEMPORAL_PORT = 7233
+EMBEDDED_TEMPORAL_UI_PORT = 8233
+STOP_TIMEOUT = 15.0
+
+
+class Shutdown(Exception):
+    """Leave the startup sequence: a signal (code 0) or a child that died (code 1)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Supervisor:
+    """Owns what was started, in order, and stops it in reverse order."""
+
+    def __init__(self, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.stop_timeout = stop_timeout
+        self.children: list[Child] = []
+        self._resources: list[tuple[str, Callable[[], object]]] = []
+        self._stop = asyncio.Event()
+        self._signal: str | None = None
+
+    def request_stop(self, sig: signal.Signals) -> None:
+        if self._signal is None:
+            log.info("stop requested", signal=sig.name)
+        else:
+            log.warning("already stopping; waiting for children", signal=sig.name)
+        self._signal = sig.name
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+
+    def add_child(self, child: Child) -> Child:
+        self.children.append(child)
+        self._resources.append((child.name, lambda: child.stop(self.stop_timeout)))
+        return child
+
+    def add_stopper(self, name: str, stop: Callable[[], object]) -> None:
+        self._resources.append((name, stop))
+
+    def reason_to_stop(self) -> Shutdown | None:
+        if self._signal is not None:
+            return Shutdown(0, f"received {self._signal}")
+        for child in self.children:
+            code = child.poll()
+            if code is not None:
+                log.error("child exited unexpectedly", child=child.name, pid=child.pid, returncode=code)
+                return Shutdown(1, f"{child.name} exited with code {code}")
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`Shutdown` if a signal arrived or a child died."""
+        reason = self.reason_to_stop()
+        if reason is not None:
+            raise reason
+
+    async def watch(self, interval: float = 0.5) -> Shutdown:
+        """Wait until a signal arrives or a child exits."""
+        while True:
+            reason = self.reason_to_stop()
+            if reason is not None:
+                return reason
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+
+    async def guard(self, aw: Awaitable[T]) -> T:
+        """Await ``aw`` unless a signal or a dead child interrupts it first (then raise Shutdown)."""
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
+        watcher = asyncio.create_task(self.watch(interval=0.2))
+        try:
+            racers: set[asyncio.Future[Any]] = {task, watcher}
+            done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
+            watcher.cancel()
+            with suppress(asyncio.CancelledError):
+                await watcher
+        if task in done:
+            return task.result()
+        raise watcher.result()
+
+    async def shutdown(self) -> None:
+        while self._resources:
+            name, stop = self._resources.pop()
+            log.info("stopping", service=name)
+            try:
+                result = await asyncio.to_thread(stop)
+            except Exception:
+                log.exception("stop failed", service=name)
+            else:
+                if isinstance(result, int):
+                    log.info("stopped", service=name, returncode=result)
+                else:
+                    log.info("stopped", service=name)
+
+
+@dataclass
+class Stack:
+    settings: Settings  # with database_url and temporal_address filled in
+    database_url: str
+    temporal_address: str
+    temporal_ui: str | None  # only when we run the dev server
+    api_url: str
+
+
+async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path = PROJECT_ROOT) -> Stack:
+    """Bring the services up in order, registering each with ``sup`` as soon as it runs."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    if settings.database_url is None:
+        database_url, stop_database = await start_embedded_database(settings)
+        sup.add_stopper("postgres", stop_database)
+    else:
+        database_url = settings.database_url
+        log.info("using DATABASE_URL", url=redact_url(database_url))
+    sup.check()
+    await migrate(database_url)
+    sup.check()
+
+    temporal: Child | None = None
+    temporal_ui: str | None = None
+    if settings.temporal_address is None:
+        temporal_address = f"{EMBEDDED_TEMPORAL_IP}:{EMBEDDED_TEMPORAL_PORT}"
+        temporal = sup.add_child(
+            start_temporal_dev_server(
+                settings, ip=EMBEDDED_TEMPORAL_IP, port=EMBEDDED_TEMPORAL_PORT, ui_port=EMBEDDED_TEMPORAL_UI_PORT
+            )
+        )
+        temporal_ui = f"http://{EMBEDDED_TEMPORAL_IP}:{EMBEDDED_TEMPORAL_UI_PORT}"
+    else:
+        temporal_address = settings.temporal_address
+    effective = settings.model_copy(update={"database_url": database_url, "temporal_address": temporal_address})
+    await sup.guard(wait_for_temporal(effective, child=temporal))
+    log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
+
+    env = child_environment(effective, database_url=database_url, temporal_address=temporal_address)
+    sup.add_child(start_worker(env, cwd=project_root))
+    api = sup.add_child(start_api(effective, env, cwd=project_root))
+    api_url = api_base_url(effective)
+    await sup.guard(wait_for_http(f"{api_url}/healthz", child=api))
+    log.info("api ready", url=api_url)
+    return Stack(effective, database_url, temporal_address, temporal_ui, api_url)
+
+
+def _progress_line(progress: dict[str, Any]) -> str:
+    keys = ("pages", "periods_found", "invoices_created", "invoices_existing", "failed", "in_flight")
+    parts = [f"{k}={progress.get(k, 0)}" for k in keys]
+    return "billing run: " + " ".join(parts) + (" done" if progress.get("done") else "")
+
+
+async def demo_and_billing(stack: Stack, now: datetime) -> None:
+    """Seed the demo data (idempotent), bill everything due as of ``now``, print the invoices."""
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60.0) as client:
+        summary = await demo.seed(client, now)
+        emit(summary.line())
+        for rejection in summary.rejections:
+            log.warning("demo usage rejected", detail=rejection)
+        outcome = await demo.run_billing(client, now, on_progress=lambda p: emit(_progress_line(p)))
+        failures = outcome.progress.get("failures") or []
+        log.info(
+            "billing run finished",
+            workflow_id=outcome.workflow_id,
+            status=outcome.status,
+            seconds=round(outcome.seconds, 1),
+        )
+        for failure in failures:
+            log.warning("billing run failure", detail=failure)
+        invoices = await demo.list_invoices(client)
+        names = await demo.tenant_names(client)
+    emit("")
+    emit(demo.invoice_table(invoices, names) if invoices else "no invoices yet")
+    emit(f"invoice PDFs: {stack.settings.documents_root}")
+
+
+def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
+    rows = [
+        ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
+        ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
+    ]
+    if stack.temporal_ui:
+        rows.append(("Temporal UI", stack.temporal_ui))
+    rows += [
+        ("Invoice PDFs", str(stack.settings.documents_root)),
+        ("Database", redact_url(stack.database_url)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * 72
+    body = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    extra = "".join(f"\n  {note}" for note in notes)
+    return f"\n{rule}\n  Billing stack is up\n{body}\n{extra}\n  Ctrl-C to stop\n{rule}"
+
+
+async def run(settings: Settings, *, seed_data: bool = True, project_root: Path = PROJECT_ROOT) -> int:
+    """Start, seed, supervise; returns the process exit code."""
+    sup = Supervisor()
+    sup.install_signal_handlers()
+    code = 0
+    try:
+        stack = await start_stack(settings, sup, project_root=project_root)
+        notes: list[str] = []
+        if seed_data:
+            try:
+                await sup.guard(demo_and_billing(stack, datetime.now(UTC)))
+            except Shutdown:
+                raise
+            except Exception:
+                log.exception("demo data / billing run failed; the stack keeps running")
+                notes.append("Demo data or billing run FAILED: see the log above.")
+        emit(banner(stack, notes))
+        stopped = await sup.watch()
+        code = stopped.code
+    except Shutdown as stopped:
+        code = stopped.code
+    except ServiceError as exc:
+        log.error("startup failed", error=str(exc))
+        code = 1
+    except Exception:
+        log.exception("startup failed")
+        code = 1
+    finally:
+        await sup.shutdown()
+    log.info("stack stopped", exit_code=code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack.up", description="Run the whole billing stack locally.")
+    parser.add_argument("--no-demo", action="store_true", help="skip demo data and the billing run")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    return asyncio.run(run(settings, seed_data=not args.no_demo))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Rows for tests, written straight to the database."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from billing.periods import Interval, period
+from schema.models import Interval as PlanInterval
+from schema.models import (
+    Meter,
+    Plan,
+    PlanCharge,
+    Room,
+    RoomAssignment,
+    Subscription,
+    Tenant,
+    UsageEvent,
+    UsageSource,
+)
+
+
+@dataclass
+class Catalog:
+    plan: Plan
+    kwh: Meter
+    water: Meter
+
+
+async def catalog(sessions: async_sessionmaker[AsyncSession], *, base_fee: int = 65000) -> Catalog:
+    """Two meters and a monthly USD plan: base fee, 28.5 minor/kWh, 410 minor/m3."""
+    async with sessions() as s:
+        kwh = Meter(code="electricity", name="Electricity", unit="kWh")
+        water = Meter(code="water", name="Water", unit="m3")
+        plan = Plan(
+            code="standard", name="Standard room", currency="USD", interval=PlanInterval.month, base_fee=base_fee
+        )
+        s.add_all([kwh, water, plan])
+        await s.flush()
+        s.add_all(
+            [
+                PlanCharge(plan_id=plan.id, meter_id=kwh.id, unit_amount=Decimal("28.5")),
+                PlanCharge(plan_id=plan.id, meter_id=water.id, unit_amount=Decimal("410")),
+            ]
+        )
+        await s.commit()
+        return Catalog(plan, kwh, water)
+
+
+async def subscriber(
+    sessions: async_sessionmaker[AsyncSession],
+    cat: Catalog,
+    started_at: datetime,
+    *,
+    name: str = "Ada Lovelace",
+    timezone: str = "UTC",
+) -> Subscription:
+    async with sessions() as s:
+        tenant = Tenant(name=name, email=f"{uuid.uuid4().hex[:8]}@example.com", currency="USD", timezone=timezone)
+        room = Room(code=f"R-{uuid.uuid4().hex[:8]}", name=f"Room of {name}", plan_id=cat.plan.id)
+        s.add_all([tenant, room])
+        await s.flush()
+        first = period(started_at, timezone, Interval(cat.plan.interval), 0)
+        sub = Subscription(
+            tenant_id=tenant.id,
+            room_id=room.id,
+            plan_id=cat.plan.id,
+            started_at=started_at,
+            current_period_start=first.start,
+            current_period_end=first.end,
+        )
+        s.add(sub)
+        await s.flush()
+        s.add(RoomAssignment(subscription_id=sub.id, room_id=room.id, plan_id=cat.plan.id, effective_from=started_at))
+        await s.commit()
+        return sub
+
+
+async def usage(
+    sessions: async_sessionmaker[AsyncSession],
+    sub: Subscription,
+    meter: Meter,
+    quantities: list[str],
+    first_at: datetime,
+    step: timedelta = timedelta(days=1),
+) -> None:
+    async with sessions() as s:
+        s.add_all(
+            UsageEvent(
+                tenant_id=sub.tenant_id,
+                meter_id=meter.id,
+                quantity=Decimal(q),
+                occurred_at=first_at + i * step,
+                idempotency_key=f"{meter.code}-{uuid.uuid4().hex}",
+                source=UsageSource.api,
+            )
+            for i, q in enumerate(quantities)
+        )
+        await s.commit()

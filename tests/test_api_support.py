@@ -1,0 +1,70 @@
+"""Shared helpers of the API tests (no tests here): the app in-process, and catalog seeding."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from api.main import create_app
+from core.settings import Settings
+
+
+@asynccontextmanager
+async def api_client(settings: Settings, temporal_client: Client) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, called through ASGI (no sockets)."""
+    app = create_app(settings, temporal_client=temporal_client)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+async def created(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(path, json=body)
+    assert response.status_code == 201, response.text
+    data: dict[str, Any] = response.json()
+    return data
+
+
+async def tenant(client: httpx.AsyncClient, *, currency: str = "USD", timezone: str = "UTC") -> dict[str, Any]:
+    return await created(
+        client,
+        "/v1/tenants",
+        {"name": "Ada Lovelace", "email": "ada@example.com", "currency": currency, "timezone": timezone},
+    )
+
+
+async def meter(client: httpx.AsyncClient, code: str = "electricity") -> dict[str, Any]:
+    return await created(client, "/v1/meters", {"code": code, "name": code.title(), "unit": "kWh"})
+
+
+async def plan(
+    client: httpx.AsyncClient,
+    code: str = "standard",
+    *,
+    currency: str = "USD",
+    charges: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    body = {
+        "code": code,
+        "name": "Standard room",
+        "currency": currency,
+        "interval": "month",
+        "base_fee": 65000,
+        "charges": charges or [],
+    }
+    return await created(client, "/v1/plans", body)
+
+
+async def room(client: httpx.AsyncClient, plan_id: str) -> dict[str, Any]:
+    return await created(client, "/v1/rooms", {"code": f"R-{uuid.uuid4().hex[:8]}", "name": "Room", "plan_id": plan_id})
+
+
+def error_locs(response: httpx.Response) -> list[list[str | int]]:
+    assert response.status_code == 422, response.text
+    return [error["loc"] for error in response.json()["detail"]]

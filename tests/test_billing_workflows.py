@@ -1,0 +1,188 @@
+"""Billing runs and invoice workflows on the time-skipping Temporal server, against real
+PostgreSQL and real headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import pytest_asyncio
+from pypdf import PdfReader
+from sqlmodel import col, func, select
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from activities.billing import BillingActivities
+from activities.pdf import ChromiumPdfRenderer
+from activities.storage import LocalDocumentStore
+from billing.money import format_money
+from schema.models import Invoice, InvoiceLine, InvoiceStatus, Subscription
+from tests import factories
+from worker import build_worker
+from workflows.contracts import (
+    BILLING_RUN_WORKFLOW,
+    BillingRunInput,
+    BillingRunProgress,
+)
+
+pytestmark = pytest.mark.db
+
+START = datetime(2026, 1, 10, 9, tzinfo=UTC)  # period 0: Jan 10 - Feb 10
+AS_OF = datetime(2026, 2, 15, tzinfo=UTC)
+
+
+async def start_run(
+    env: WorkflowEnvironment, settings, as_of: datetime = AS_OF, run_id: str | None = None, **kw
+) -> WorkflowHandle[object, BillingRunProgress]:
+    return await env.client.start_workflow(
+        BILLING_RUN_WORKFLOW,
+        BillingRunInput(
+            as_of=as_of,
+            page_size=kw.pop("page_size", settings.billing_run_page_size),
+            max_concurrency=kw.pop("max_concurrency", settings.billing_run_concurrency),
+            **kw,
+        ),
+        id=run_id or f"billing-run-{uuid.uuid4().hex[:8]}",
+        task_queue=settings.task_queue,
+        result_type=BillingRunProgress,
+    )
+
+
+async def invoices(sessions) -> list[Invoice]:
+    async with sessions() as s:
+        return list((await s.exec(select(Invoice).order_by(col(Invoice.number)))).all())
+
+
+async def test_billing_run_turns_usage_into_an_invoice_pdf(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions)
+    sub = await factories.subscriber(sessions, cat, START)
+    # 3 kWh readings inside the period, one outside (after the period end): 12.5+7.25+0.1 = 19.85 kWh
+    await factories.usage(sessions, sub, cat.kwh, ["12.5", "7.25", "0.1"], START + timedelta(days=1))
+    await factories.usage(sessions, sub, cat.kwh, ["1000"], datetime(2026, 2, 10, 9, tzinfo=UTC))
+    await factories.usage(sessions, sub, cat.water, ["1.5"], START + timedelta(days=3))
+
+    async with build_worker(temporal_env.client, settings, activities):
+        handle = await start_run(temporal_env, settings)
+        progress = await handle.result()
+
+    assert progress.done and progress.periods_found == 1 and progress.invoices_created == 1 and progress.failed == 0
+    [invoice] = await invoices(sessions)
+    assert invoice.status == InvoiceStatus.ready
+    assert (invoice.period_start, invoice.period_end) == (START, datetime(2026, 2, 10, 9, tzinfo=UTC))
+    async with sessions() as s:
+        lines = (
+            await s.exec(
+                select(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id).order_by(col(InvoiceLine.position))
+            )
+        ).all()
+        advanced = await s.get(Subscription, sub.id)
+    # base 65000; 19.85 kWh x 28.5 = 565.725 -> 566; 1.5 m3 x 410 = 615
+    assert [(line.kind, line.quantity, line.amount) for line in lines] == [
+        ("base_fee", Decimal(1), 65000),
+        ("usage", Decimal("19.85"), 566),
+        ("usage", Decimal("1.5"), 615),
+    ]
+    assert invoice.total == sum(line.amount for line in lines) == 66181
+    assert advanced is not None and advanced.current_period_index == 1
+    assert advanced.current_period_start == invoice.period_end
+
+    pdf = await LocalDocumentStore(settings.documents_root).get(invoice.pdf_location or "")
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    assert invoice.number in text
+    assert format_money(66181, "USD") in text  # $661.81
+    assert "electricity" in text and "water" in text
+
+
+async def test_the_same_run_twice_and_two_runs_at_once_bill_each_period_once(
+    temporal_env, sessions, activities, settings
+):
+    cat = await factories.catalog(sessions)
+    for i in range(4):
+        await factories.subscriber(sessions, cat, START + timedelta(hours=i), name=f"Tenant {i}")
+
+    async with build_worker(temporal_env.client, settings, activities):
+        first = await start_run(temporal_env, settings)
+        second = await start_run(temporal_env, settings)  # same as_of, racing the first
+        p1 = await first.result()
+        p2 = await second.result()
+        again = await (await start_run(temporal_env, settings)).result()
+
+    assert len(await invoices(sessions)) == 4
+    assert p1.invoices_created + p2.invoices_created == 4
+    assert p1.failed == p2.failed == 0
+    assert again.periods_found == 0 and again.invoices_created == 0
+
+
+async def test_a_subscription_behind_by_several_periods_catches_up(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions)
+    sub = await factories.subscriber(sessions, cat, datetime(2025, 10, 31, tzinfo=UTC))
+    async with build_worker(temporal_env.client, settings, activities):
+        progress = await (await start_run(temporal_env, settings, as_of=datetime(2026, 3, 1, tzinfo=UTC))).result()
+    # Oct 31 -> Nov 30 -> Dec 31 -> Jan 31 -> Feb 28 (month-end clamped from the anchor) -> Mar 31
+    assert progress.invoices_created == 4
+    starts = [i.period_start.date().isoformat() for i in await invoices(sessions)]
+    assert starts == ["2025-10-31", "2025-11-30", "2025-12-31", "2026-01-31"]
+    async with sessions() as s:
+        current = await s.get(Subscription, sub.id)
+    assert current is not None and current.current_period_start == datetime(2026, 2, 28, tzinfo=UTC)
+
+
+async def test_large_runs_continue_as_new_and_keep_their_progress(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions)
+    for i in range(5):
+        await factories.subscriber(sessions, cat, START, name=f"Tenant {i}")
+    async with build_worker(temporal_env.client, settings, activities):
+        handle = await start_run(temporal_env, settings, page_size=2, pages_per_run=1)
+        progress = await handle.result()
+    assert progress.continued_as_new == 2  # pages of 2, 2, 1
+    assert progress.invoices_created == 5 and progress.periods_found == 5 and progress.pages == 3
+    assert len(await invoices(sessions)) == 5
+
+
+async def test_worker_stopped_mid_run_and_restarted_leaves_no_duplicate_and_no_gap(
+    temporal_env, sessions, activities, settings
+):
+    cat = await factories.catalog(sessions)
+    for i in range(8):
+        await factories.subscriber(sessions, cat, START, name=f"Tenant {i}")
+
+    # No workflow cache for the worker that dies: the time-skipping test server never moves
+    # tasks off a dead worker's sticky queue (a real server does after 5 s). Uncached, every
+    # workflow task of the restarted worker is also a full replay of the history so far.
+    worker = build_worker(temporal_env.client, settings, activities, max_cached_workflows=0)
+    run = asyncio.create_task(worker.run())
+    handle = await start_run(temporal_env, settings, max_concurrency=2)
+    for _ in range(600):
+        if len(await invoices(sessions)) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await worker.shutdown()
+    await run
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert 2 <= len(await invoices(sessions)) < 8
+
+    async with build_worker(temporal_env.client, settings, activities):
+        progress = await handle.result()
+    all_invoices = await invoices(sessions)
+    assert len(all_invoices) == 8
+    assert len({i.subscription_id for i in all_invoices}) == 8
+    assert all(i.status == InvoiceStatus.ready and i.pdf_location for i in all_invoices)
+    assert progress.failed == 0
+
+
+async def test_invoice_lines_always_add_up_to_the_total(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions, base_fee=9999)
+    sub = await factories.subscriber(sessions, cat, START)
+    await factories.usage(sessions, sub, cat.kwh, ["0.333", "0.333", "0.334", "11.0175"], START + timedelta(days=2))
+    async with build_worker(temporal_env.client, settings, activities):
+        await (await start_run(temporal_env, settings)).result()
+    async with sessions() as s:
+        [invoice] = (await s.exec(select(Invoice))).all()
+        total = (await s.exec(select(func.sum(InvoiceLine.amount)).where(InvoiceLine.invoice_id == invoice.id))).one()
+    assert total == invoice.total == 9999 + 342  # 12.0175 kWh x 28.5 = 342.49875 -> 342

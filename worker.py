@@ -1,0 +1,123 @@
+"""The Temporal worker process: billing workflows and activities on one task queue.
+
+Start-up: logging and tracing, the Temporal client, the database engine, one headless
+browser with its page pool, the daily billing Schedule (created or updated idempotently),
+then the worker. SIGINT/SIGTERM stop polling, let running activities finish (up to the
+graceful timeout), then close the browser and the database pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.worker import Worker
+
+from activities.billing import BillingActivities
+from activities.pdf import ChromiumPdfRenderer
+from activities.storage import LocalDocumentStore
+from core.observability import LogContextInterceptor, configure_logging, configure_tracing
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from schema.db import make_engine, make_sessionmaker
+from workflows.billing_run import BillingRunWorkflow
+from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from workflows.invoice_cycle import InvoiceCycleWorkflow
+
+log = structlog.get_logger("worker")
+
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
+GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+
+
+def build_worker(
+    client: Client, settings: Settings, activities: BillingActivities, *, max_cached_workflows: int = 1000
+) -> Worker:
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=list(WORKFLOWS),
+        activities=activities.all(),
+        interceptors=[LogContextInterceptor()],
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        max_cached_workflows=max_cached_workflows,
+    )
+
+
+def billing_schedule(settings: Settings) -> Schedule:
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            BILLING_RUN_WORKFLOW,
+            BillingRunInput(page_size=settings.billing_run_page_size, max_concurrency=settings.billing_run_concurrency),
+            id=f"{settings.billing_schedule_id}-run",
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(cron_expressions=[settings.billing_schedule_cron]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
+async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
+    """Create the billing Schedule, or bring an existing one in line with the settings."""
+    schedule = billing_schedule(settings)
+    try:
+        await client.create_schedule(settings.billing_schedule_id, schedule)
+        log.info("billing schedule created", schedule_id=settings.billing_schedule_id)
+    except ScheduleAlreadyRunningError:
+
+        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(settings.billing_schedule_id).update(replace)
+        log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
+
+
+async def run(settings: Settings) -> None:
+    configure_logging(settings)
+    provider = configure_tracing(settings, "worker")
+    client = await connect(settings)
+    if settings.database_url is None:
+        raise SystemExit("DATABASE_URL is not set (make up sets it for the embedded server)")
+    engine = make_engine(settings.database_url, settings.database_pool_size)
+    renderer = ChromiumPdfRenderer(settings.chromium_path, pages=settings.pdf_page_pool_size)
+    await renderer.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await ensure_billing_schedule(client, settings)
+        activities = BillingActivities(make_sessionmaker(engine), renderer, LocalDocumentStore(settings.documents_root))
+        worker = build_worker(client, settings, activities)
+        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
+        async with worker:
+            await stop.wait()
+            log.info("worker stopping")
+    finally:
+        await renderer.close()
+        await engine.dispose()
+        if provider is not None:
+            provider.shutdown()
+        log.info("worker stopped")
+
+
+def main() -> None:
+    asyncio.run(run(get_settings()))
+
+
+if __name__ == "__main__":
+    main()

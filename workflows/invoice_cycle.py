@@ -1,0 +1,95 @@
+"""One invoice for one (subscription, period): aggregate -> rate -> create -> render -> finalize."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.contracts import (
+        ACT_AGGREGATE_USAGE,
+        ACT_CREATE_INVOICE,
+        ACT_FINALIZE_INVOICE,
+        ACT_RATE_INVOICE,
+        ACT_RENDER_INVOICE_PDF,
+        INVOICE_WORKFLOW,
+        AggregateUsageInput,
+        AggregateUsageResult,
+        CreateInvoiceInput,
+        CreateInvoiceResult,
+        FinalizeInvoiceInput,
+        InvoiceCycleInput,
+        InvoiceCycleResult,
+        RateInvoiceInput,
+        RateInvoiceResult,
+        RenderInvoicePdfInput,
+        RenderInvoicePdfResult,
+    )
+
+# Database work: short, retried with backoff until it works (a database outage heals).
+DB_TIMEOUT = timedelta(seconds=30)
+DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+# Chromium: a render is ~20 ms, but a browser relaunch takes longer.
+PDF_TIMEOUT = timedelta(minutes=2)
+PDF_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=2))
+
+
+@workflow.defn(name=INVOICE_WORKFLOW)
+class InvoiceCycleWorkflow:
+    @workflow.run
+    async def run(self, data: InvoiceCycleInput) -> InvoiceCycleResult:
+        tenant = data.tenant_id
+        usage = await workflow.execute_activity(
+            ACT_AGGREGATE_USAGE,
+            AggregateUsageInput(data.subscription_id, data.period_start, data.period_end, tenant_id=tenant),
+            result_type=AggregateUsageResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        rated = await workflow.execute_activity(
+            ACT_RATE_INVOICE,
+            RateInvoiceInput(data.subscription_id, usage.usage, tenant_id=tenant),
+            result_type=RateInvoiceResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        invoice = await workflow.execute_activity(
+            ACT_CREATE_INVOICE,
+            CreateInvoiceInput(
+                subscription_id=data.subscription_id,
+                period_index=data.period_index,
+                period_start=data.period_start,
+                period_end=data.period_end,
+                currency=rated.currency,
+                lines=rated.lines,
+                workflow_id=workflow.info().workflow_id,
+                tenant_id=tenant,
+            ),
+            result_type=CreateInvoiceResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        pdf = await workflow.execute_activity(
+            ACT_RENDER_INVOICE_PDF,
+            RenderInvoicePdfInput(invoice.invoice_id, tenant_id=tenant),
+            result_type=RenderInvoicePdfResult,
+            start_to_close_timeout=PDF_TIMEOUT,
+            retry_policy=PDF_RETRY,
+        )
+        await workflow.execute_activity(
+            ACT_FINALIZE_INVOICE,
+            FinalizeInvoiceInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        workflow.logger.info("invoice %s ready, total %s %s", invoice.number, invoice.total, rated.currency)
+        return InvoiceCycleResult(
+            invoice_id=invoice.invoice_id,
+            number=invoice.number,
+            total=invoice.total,
+            currency=rated.currency,
+            created=invoice.created,
+            pdf_location=pdf.location,
+        )
