@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-import pytest_asyncio
 from pypdf import PdfReader
 from sqlmodel import col, func, select
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from activities.billing import BillingActivities
-from activities.pdf import ChromiumPdfRenderer
 from activities.storage import LocalDocumentStore
 from billing.money import format_money
 from schema.models import Invoice, InvoiceLine, InvoiceStatus, Subscription

@@ -11,7 +11,6 @@ import io
 from typing import Any
 
 import httpx
-
 import pytest
 from pypdf import PdfReader
 
