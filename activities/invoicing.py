@@ -10,8 +10,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, TextClause, text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -46,6 +47,12 @@ MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
 
 class NotFoundError(LookupError):
     pass
+
+
+async def _sql(session: AsyncSession, statement: TextClause, params: dict[str, Any] | None = None) -> CursorResult[Any]:
+    """Run hand-written SQL on the session's connection (inside its transaction)."""
+    connection = await session.connection()
+    return await connection.execute(statement, params or {})
 
 
 async def list_due_periods(
@@ -112,8 +119,8 @@ async def aggregate_usage(
 ) -> list[MeterUsage]:
     """The tenant's usage per meter over [start, end), aggregated in SQL."""
     sub = await _subscription(session, subscription_id)
-    result = await session.execute(_AGGREGATE_SQL, {"tenant_id": sub.tenant_id, "start": start, "end": end})
-    return [MeterUsage(meter_code=code, quantity=Decimal(q).normalize()) for code, q in result.all()]
+    result = await _sql(session, _AGGREGATE_SQL, {"tenant_id": sub.tenant_id, "start": start, "end": end})
+    return [MeterUsage(meter_code=row.code, quantity=Decimal(row.quantity).normalize()) for row in result]
 
 
 async def plan_price(session: AsyncSession, plan_id: uuid.UUID) -> PlanPrice:
@@ -199,14 +206,14 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
 
     sub = await _subscription(session, data.subscription_id)
     # Lock the subscription row: concurrent creators for it serialise here.
-    await session.execute(text("SELECT 1 FROM subscriptions WHERE id = :id FOR UPDATE"), {"id": sub.id})
+    await _sql(session, text("SELECT 1 FROM subscriptions WHERE id = :id FOR UPDATE"), {"id": sub.id})
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
     if existing is not None:
         await session.rollback()
         return CreateInvoiceResult(existing.id, existing.number, existing.total, created=False, status=existing.status)
 
     total = sum(line.amount for line in data.lines)
-    seq = (await session.execute(text("SELECT nextval('invoice_number_seq')"))).scalar_one()
+    seq = (await _sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
     invoice = Invoice(
         number=f"INV-{seq:06d}",
         tenant_id=sub.tenant_id,
@@ -291,7 +298,8 @@ def pdf_key(invoice: Invoice) -> str:
 
 async def finalize_invoice(session: AsyncSession, invoice_id: uuid.UUID, pdf_location: str) -> None:
     """draft -> ready with its PDF; an invoice already ready is left exactly as it is."""
-    result = await session.execute(
+    result = await _sql(
+        session,
         text(
             "UPDATE invoices SET status = 'ready', pdf_location = :loc, finalized_at = :now "
             "WHERE id = :id AND status = 'draft'"
@@ -299,5 +307,5 @@ async def finalize_invoice(session: AsyncSession, invoice_id: uuid.UUID, pdf_loc
         {"id": invoice_id, "loc": pdf_location, "now": datetime.now(UTC)},
     )
     await session.commit()
-    if result.rowcount == 0 and await session.get(Invoice, invoice_id) is None:  # type: ignore[attr-defined]
+    if result.rowcount == 0 and await session.get(Invoice, invoice_id) is None:
         raise NotFoundError(f"invoice {invoice_id} not found")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -30,6 +32,28 @@ from core.settings import PROJECT_ROOT, Settings, get_settings
 from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
 
 VENV_BIN = Path(sys.executable).parent
+HISTORIES = Path(__file__).resolve().parent / "histories"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-histories",
+        action="store_true",
+        help="write the histories of the workflows that tests mark for recording to tests/histories/",
+    )
+
+
+@pytest.fixture
+def record_history(request: pytest.FixtureRequest) -> Callable[[WorkflowHandle[Any, Any], str], Awaitable[None]]:
+    """``await record_history(handle, name)`` saves the workflow's history when --record-histories is given."""
+
+    async def record(handle: WorkflowHandle[Any, Any], name: str) -> None:
+        if request.config.getoption("--record-histories"):
+            history = await handle.fetch_history()
+            HISTORIES.mkdir(exist_ok=True)
+            (HISTORIES / f"{name}.json").write_text(history.to_json())
+
+    return record
 
 
 def _with_database(url: str, name: str) -> str:

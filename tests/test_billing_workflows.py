@@ -24,6 +24,7 @@ from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
     BillingRunInput,
     BillingRunProgress,
+    invoice_workflow_id,
 )
 
 pytestmark = pytest.mark.db
@@ -54,7 +55,9 @@ async def invoices(sessions) -> list[Invoice]:
         return list((await s.exec(select(Invoice).order_by(col(Invoice.number)))).all())
 
 
-async def test_billing_run_turns_usage_into_an_invoice_pdf(temporal_env, sessions, activities, settings):
+async def test_billing_run_turns_usage_into_an_invoice_pdf(
+    temporal_env, sessions, activities, settings, record_history
+):
     cat = await factories.catalog(sessions)
     sub = await factories.subscriber(sessions, cat, START)
     # 3 kWh readings inside the period, one outside (after the period end): 12.5+7.25+0.1 = 19.85 kWh
@@ -65,6 +68,9 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(temporal_env, session
     async with build_worker(temporal_env.client, settings, activities):
         handle = await start_run(temporal_env, settings)
         progress = await handle.result()
+        await record_history(handle, "billing_run")
+        child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, START))
+        await record_history(child, "invoice_cycle")
 
     assert progress.done and progress.periods_found == 1 and progress.invoices_created == 1 and progress.failed == 0
     [invoice] = await invoices(sessions)

@@ -94,14 +94,14 @@ async def test_plan_versions_are_immutable(sessions):
     _, _, plan, _ = await _seed(sessions)
     async with sessions() as s:
         with pytest.raises(DBAPIError, match="immutable"):
-            await s.execute(text("UPDATE plans SET base_fee = 1 WHERE id = :id"), {"id": plan.id})
+            await (await s.connection()).execute(text("UPDATE plans SET base_fee = 1 WHERE id = :id"), {"id": plan.id})
 
 
 async def test_enum_columns_refuse_unknown_values(sessions):
     await _seed(sessions)
     async with sessions() as s:
         with pytest.raises(IntegrityError):
-            await s.execute(text("UPDATE subscriptions SET status = 'bogus'"))
+            await (await s.connection()).execute(text("UPDATE subscriptions SET status = 'bogus'"))
 
 
 def test_migrations_match_the_models(database_url):

@@ -1,0 +1,77 @@
+"""Replay committed histories of real runs against today's workflow code.
+
+A change that would break running workflows (a new activity, a reordered call, a
+different child id) makes these replays fail. Histories are recorded with
+``pytest tests/test_billing_workflows.py -k turns_usage --record-histories``; record new
+ones when a deliberate, ``workflow.patched``-gated change lands, and keep the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+from temporalio.workflow import NondeterminismError
+
+from workflows.billing_run import BillingRunWorkflow
+from workflows.contracts import (
+    ACT_AGGREGATE_USAGE,
+    ACT_CREATE_INVOICE,
+    INVOICE_WORKFLOW,
+    AggregateUsageInput,
+    InvoiceCycleInput,
+    InvoiceCycleResult,
+)
+from workflows.invoice_cycle import InvoiceCycleWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def load(path: Path) -> WorkflowHistory:
+    raw = path.read_text()
+    first = json.loads(raw)["events"][0]["workflowExecutionStartedEventAttributes"]
+    return WorkflowHistory.from_json(first.get("workflowId", path.stem), raw)
+
+
+def replayer(*workflows: type) -> Replayer:
+    return Replayer(
+        workflows=list(workflows), data_converter=pydantic_data_converter, interceptors=[TracingInterceptor()]
+    )
+
+
+def test_histories_are_committed():
+    assert {p.stem for p in HISTORIES} >= {"billing_run", "invoice_cycle"}
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_committed_history_replays(path: Path):
+    result = await replayer(BillingRunWorkflow, InvoiceCycleWorkflow).replay_workflow(load(path))
+    assert result.replay_failure is None
+
+
+@workflow.defn(name=INVOICE_WORKFLOW)
+class InvoiceCycleSkippingRating:
+    """A 'refactor' that drops the rating step: running invoice workflows could not continue."""
+
+    @workflow.run
+    async def run(self, data: InvoiceCycleInput) -> InvoiceCycleResult:
+        await workflow.execute_activity(
+            ACT_AGGREGATE_USAGE,
+            AggregateUsageInput(data.subscription_id, data.period_start, data.period_end),
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        await workflow.execute_activity(ACT_CREATE_INVOICE, data, start_to_close_timeout=timedelta(seconds=30))
+        raise AssertionError("unreachable in replay")
+
+
+async def test_a_nondeterministic_change_fails_replay():
+    history = load(next(p for p in HISTORIES if p.stem == "invoice_cycle"))
+    with pytest.raises(NondeterminismError):
+        await replayer(InvoiceCycleSkippingRating).replay_workflow(history)
