@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -18,6 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from temporalio import activity
+from temporalio import workflow as temporal_workflow
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from core.settings import LogFormat, Settings, TraceExporter
@@ -31,12 +32,27 @@ def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure_logging(settings: Settings) -> None:
+def _flatten_temporal_workflow(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``temporal_workflow`` (from workflow.logger) -> top-level workflow_id / run_id / workflow_type."""
+    info = event.pop("temporal_workflow", None)
+    if isinstance(info, dict):
+        for key in ("workflow_id", "run_id", "workflow_type", "attempt"):
+            if key in info:
+                event.setdefault(key, info[key])
+    return event
+
+
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     use_json = settings.log_format is LogFormat.json or (
         settings.log_format is LogFormat.auto and not sys.stderr.isatty()
     )
+    # workflow.logger puts the workflow's ids in a record attribute, not into the message.
+    temporal_workflow.logger.workflow_info_on_message = False
+    temporal_workflow.logger.workflow_info_on_extra = True
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.ExtraAdder(),
+        _flatten_temporal_workflow,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -49,7 +65,7 @@ def configure_logging(settings: Settings) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -92,12 +108,15 @@ class LogContextInterceptor(Interceptor):
 class _ActivityLogContext(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
-        with structlog.contextvars.bound_contextvars(
-            workflow_id=info.workflow_id,
-            workflow_run_id=info.workflow_run_id,
-            activity=info.activity_type,
-            activity_id=info.activity_id,
-            attempt=info.attempt,
-            tenant_id=str(getattr(input.args[0], "tenant_id", None) or "") if input.args else "",
-        ):
+        context: dict[str, Any] = {
+            "workflow_id": info.workflow_id,
+            "workflow_run_id": info.workflow_run_id,
+            "activity": info.activity_type,
+            "activity_id": info.activity_id,
+            "attempt": info.attempt,
+        }
+        tenant_id = getattr(input.args[0], "tenant_id", None) if input.args else None
+        if tenant_id is not None:
+            context["tenant_id"] = str(tenant_id)
+        with structlog.contextvars.bound_contextvars(**context):
             return await super().execute_activity(input)

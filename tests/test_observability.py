@@ -1,0 +1,72 @@
+"""Logs are JSON and carry tenant, workflow and trace ids; traces span API -> workflow -> activity."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+
+from core.observability import configure_logging
+from core.settings import LogFormat
+from tests import factories
+from worker import build_worker
+from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput, BillingRunProgress
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+def log_lines(settings):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure_logging(settings.model_copy(update={"log_format": LogFormat.json}), stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+async def test_activity_logs_carry_tenant_workflow_and_trace_ids(
+    temporal_env, sessions, activities, settings, log_lines
+):
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("test")
+    client = Client(**{**temporal_env.client.config(), "interceptors": [TracingInterceptor(tracer)]})
+
+    cat = await factories.catalog(sessions)
+    sub = await factories.subscriber(sessions, cat, datetime(2026, 1, 10, tzinfo=UTC))
+    async with build_worker(client, settings, activities):
+        with trace.use_span(tracer.start_span("operator request"), end_on_exit=True):
+            handle = await client.start_workflow(
+                BILLING_RUN_WORKFLOW,
+                BillingRunInput(as_of=datetime(2026, 2, 15, tzinfo=UTC)),
+                id="billing-run-traced",
+                task_queue=settings.task_queue,
+                result_type=BillingRunProgress,
+            )
+        await handle.result()
+
+    written = [line for line in log_lines() if line["event"] == "invoice written"]
+    assert len(written) == 1
+    line = written[0]
+    assert line["tenant_id"] == str(sub.tenant_id)
+    assert line["workflow_id"].startswith(f"invoice:{sub.id}:")
+    assert line["activity"] == "create_invoice"
+    assert len(line["trace_id"]) == 32
+
+    names = {span.name for span in spans.get_finished_spans()}
+    assert {"StartWorkflow:BillingRun", "RunWorkflow:InvoiceCycle", "RunActivity:create_invoice"} <= names
+    trace_ids = {span.context.trace_id for span in spans.get_finished_spans()}
+    assert len(trace_ids) == 1  # one trace from the operator's request down to every activity
+    assert format(trace_ids.pop(), "032x") == line["trace_id"]
