@@ -1,0 +1,65 @@
+"""The billing Schedule, created or updated idempotently at worker start, on the real dev server
+(the time-skipping test server has no Schedules)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from temporalio.client import ScheduleActionStartWorkflow, ScheduleSpec, WorkflowExecutionStatus
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from core.settings import Settings
+from tests.conftest import VENV_BIN
+from worker import ensure_billing_schedule
+from workflows.contracts import BILLING_RUN_WORKFLOW
+
+
+def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
+    """(minute, hour, weekday range) of a one-calendar spec; the server turns cron into calendars."""
+    [calendar] = spec.calendars
+    [dow] = calendar.day_of_week
+    return calendar.minute[0].start, calendar.hour[0].start, (dow.start, dow.end)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp_path):
+    client = dev_server.client
+    settings = Settings(data_dir=tmp_path, task_queue="schedule-test", billing_schedule_cron="5 0 * * *")
+    await ensure_billing_schedule(client, settings)
+    await ensure_billing_schedule(client, settings)  # a second worker start: no error, no second schedule
+
+    ids = [s.id async for s in await client.list_schedules()]
+    assert ids.count(settings.billing_schedule_id) == 1
+
+    handle = client.get_schedule_handle(settings.billing_schedule_id)
+    described = await handle.describe()
+    assert when(described.schedule.spec) == (5, 0, (0, 6))
+    action = described.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert action.workflow == BILLING_RUN_WORKFLOW and action.task_queue == "schedule-test"
+
+    changed = settings.model_copy(update={"billing_schedule_cron": "30 2 * * 1", "billing_run_concurrency": 4})
+    await ensure_billing_schedule(client, changed)
+    assert when((await handle.describe()).schedule.spec) == (30, 2, (1, 1))
+
+    await handle.trigger()  # what the cron does at 02:30 on Mondays, now
+    for _ in range(100):
+        runs = [w async for w in client.list_workflows(f"WorkflowType = '{BILLING_RUN_WORKFLOW}'")]
+        if runs:
+            break
+        await asyncio.sleep(0.1)
+    assert len(runs) == 1 and runs[0].status == WorkflowExecutionStatus.RUNNING  # no worker polls this queue
+    assert runs[0].id.startswith(f"{settings.billing_schedule_id}-run")
