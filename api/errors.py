@@ -8,15 +8,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 UNIQUE_VIOLATION = "23505"
 
 Loc = tuple[str | int, ...]
+Row = TypeVar("Row", bound=SQLModel)
 
 
 def body_errors(problems: Sequence[tuple[Loc, str, str]]) -> RequestValidationError:
@@ -42,3 +47,31 @@ def conflict(field: str, message: str) -> HTTPException:
 
 def is_unique_violation(exc: IntegrityError) -> bool:
     return getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION
+
+
+async def get_or_404(session: AsyncSession, model: type[Row], ref: uuid.UUID, what: str) -> Row:
+    """The row with primary key ``ref`` named in the path, or a 404."""
+    row = await session.get(model, ref)
+    if row is None:
+        raise not_found(what, ref)
+    return row
+
+
+async def get_referenced(session: AsyncSession, model: type[Row], ref: uuid.UUID, field: str, what: str) -> Row:
+    """The row that body field ``field`` refers to, or a 422 naming that field."""
+    row = await session.get(model, ref)
+    if row is None:
+        raise unknown_reference(field, what, ref)
+    return row
+
+
+@asynccontextmanager
+async def conflict_on_unique(session: AsyncSession, field: str, message: str) -> AsyncIterator[None]:
+    """Writes inside become a 409 naming ``field`` on a unique violation (rolled back: nothing written)."""
+    try:
+        yield
+    except IntegrityError as exc:
+        await session.rollback()
+        if is_unique_violation(exc):
+            raise conflict(field, message) from None
+        raise

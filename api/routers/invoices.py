@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from sqlmodel import col, select
 
 from api.deps import DocumentStoreDep, SessionDep
-from api.errors import conflict, not_found
+from api.errors import conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
 from api.schemas import InvoiceDetail, InvoiceLinePublic, InvoicePublic
@@ -46,9 +46,7 @@ async def list_invoices(
 
 @router.get("/{invoice_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}})
 async def get_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoiceDetail:
-    invoice = await session.get(Invoice, invoice_id)
-    if invoice is None:
-        raise not_found("invoice", invoice_id)
+    invoice = await get_or_404(session, Invoice, invoice_id, "invoice")
     bind_tenant(invoice.tenant_id)
     lines = await session.exec(
         select(InvoiceLine).where(col(InvoiceLine.invoice_id) == invoice_id).order_by(col(InvoiceLine.position))
@@ -68,9 +66,7 @@ async def get_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoiceDeta
     },
 )
 async def get_invoice_pdf(invoice_id: uuid.UUID, session: SessionDep, documents: DocumentStoreDep) -> Response:
-    invoice = await session.get(Invoice, invoice_id)
-    if invoice is None:
-        raise not_found("invoice", invoice_id)
+    invoice = await get_or_404(session, Invoice, invoice_id, "invoice")
     bind_tenant(invoice.tenant_id)
     if invoice.pdf_location is None:
         raise conflict("pdf", f"invoice {invoice.number} has no rendered PDF yet (status {invoice.status.value})")

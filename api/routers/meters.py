@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from api.deps import SessionDep
-from api.errors import conflict, is_unique_violation, not_found
+from api.errors import conflict_on_unique, get_or_404
 from api.routing import DecimalJSONRoute
 from api.schemas import MeterCreate, MeterPublic
 from schema.models import Meter
@@ -25,12 +24,8 @@ router = APIRouter(prefix="/meters", tags=["meters"], route_class=DecimalJSONRou
 async def create_meter(body: MeterCreate, session: SessionDep) -> MeterPublic:
     meter = Meter(**body.model_dump())
     session.add(meter)
-    try:
+    async with conflict_on_unique(session, "code", f"a meter with code {body.code!r} already exists"):
         await session.commit()
-    except IntegrityError as exc:
-        if is_unique_violation(exc):
-            raise conflict("code", f"a meter with code {body.code!r} already exists") from None
-        raise
     return MeterPublic.model_validate(meter)
 
 
@@ -42,7 +37,5 @@ async def list_meters(session: SessionDep) -> list[MeterPublic]:
 
 @router.get("/{meter_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown meter"}})
 async def get_meter(meter_id: uuid.UUID, session: SessionDep) -> MeterPublic:
-    meter = await session.get(Meter, meter_id)
-    if meter is None:
-        raise not_found("meter", meter_id)
+    meter = await get_or_404(session, Meter, meter_id, "meter")
     return MeterPublic.model_validate(meter)

@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import SessionDep
-from api.errors import Loc, body_errors, not_found
+from api.errors import Loc, body_errors, get_or_404
 from api.routing import DecimalJSONRoute
 from api.schemas import ChargePublic, PlanCreate, PlanPublic
 from schema.models import Meter, Plan, PlanCharge
@@ -92,8 +92,6 @@ async def list_plans(session: SessionDep) -> list[PlanPublic]:
 
 @router.get("/{plan_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown plan"}})
 async def get_plan(plan_id: uuid.UUID, session: SessionDep) -> PlanPublic:
-    plan = await session.get(Plan, plan_id)
-    if plan is None:
-        raise not_found("plan", plan_id)
+    plan = await get_or_404(session, Plan, plan_id, "plan")
     charges = await _charges_by_plan(session, [plan.id])
     return _public(plan, charges[plan.id])

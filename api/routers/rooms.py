@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from api.deps import SessionDep
-from api.errors import conflict, is_unique_violation, not_found, unknown_reference
+from api.errors import conflict_on_unique, get_or_404, get_referenced
 from api.routing import DecimalJSONRoute
 from api.schemas import RoomCreate, RoomPublic
 from schema.models import Plan, Room
@@ -26,16 +25,11 @@ router = APIRouter(prefix="/rooms", tags=["rooms"], route_class=DecimalJSONRoute
     },
 )
 async def create_room(body: RoomCreate, session: SessionDep) -> RoomPublic:
-    if await session.get(Plan, body.plan_id) is None:
-        raise unknown_reference("plan_id", "plan", body.plan_id)
+    await get_referenced(session, Plan, body.plan_id, "plan_id", "plan")
     room = Room(**body.model_dump())
     session.add(room)
-    try:
+    async with conflict_on_unique(session, "code", f"a room with code {body.code!r} already exists"):
         await session.commit()
-    except IntegrityError as exc:
-        if is_unique_violation(exc):
-            raise conflict("code", f"a room with code {body.code!r} already exists") from None
-        raise
     return RoomPublic.model_validate(room)
 
 
@@ -47,7 +41,5 @@ async def list_rooms(session: SessionDep) -> list[RoomPublic]:
 
 @router.get("/{room_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown room"}})
 async def get_room(room_id: uuid.UUID, session: SessionDep) -> RoomPublic:
-    room = await session.get(Room, room_id)
-    if room is None:
-        raise not_found("room", room_id)
+    room = await get_or_404(session, Room, room_id, "room")
     return RoomPublic.model_validate(room)

@@ -6,11 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from api.deps import SessionDep
-from api.errors import body_error, conflict, is_unique_violation, not_found, unknown_reference
+from api.errors import body_error, conflict_on_unique, get_or_404, get_referenced, unknown_reference
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
 from api.schemas import SubscriptionCreate, SubscriptionPublic
@@ -32,9 +31,7 @@ router = APIRouter(prefix="/subscriptions", tags=["subscriptions"], route_class=
 async def create_subscription(body: SubscriptionCreate, session: SessionDep) -> SubscriptionPublic:
     """Subscribe a tenant to a room at the room's plan; writes the first room assignment too."""
     bind_tenant(body.tenant_id)
-    tenant = await session.get(Tenant, body.tenant_id)
-    if tenant is None:
-        raise unknown_reference("tenant_id", "tenant", body.tenant_id)
+    tenant = await get_referenced(session, Tenant, body.tenant_id, "tenant_id", "tenant")
     found = (
         await session.exec(
             select(Room, Plan).join(Plan, col(Plan.id) == col(Room.plan_id)).where(col(Room.id) == body.room_id)
@@ -60,19 +57,15 @@ async def create_subscription(body: SubscriptionCreate, session: SessionDep) -> 
         current_period_start=first.start,
         current_period_end=first.end,
     )
-    session.add(subscription)
-    try:
-        await session.flush()
-    except IntegrityError as exc:
-        if is_unique_violation(exc):
-            raise conflict("tenant_id", f"tenant {body.tenant_id} already has an active subscription") from None
-        raise
-    session.add(
-        RoomAssignment(
-            subscription_id=subscription.id, room_id=room.id, plan_id=plan.id, effective_from=body.started_at
+    async with conflict_on_unique(session, "tenant_id", f"tenant {body.tenant_id} already has an active subscription"):
+        session.add(subscription)
+        await session.flush()  # the subscription row first: the assignment refers to it
+        session.add(
+            RoomAssignment(
+                subscription_id=subscription.id, room_id=room.id, plan_id=plan.id, effective_from=body.started_at
+            )
         )
-    )
-    await session.commit()
+        await session.commit()
     return SubscriptionPublic.model_validate(subscription)
 
 
@@ -93,8 +86,6 @@ async def list_subscriptions(
 
 @router.get("/{subscription_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown subscription"}})
 async def get_subscription(subscription_id: uuid.UUID, session: SessionDep) -> SubscriptionPublic:
-    subscription = await session.get(Subscription, subscription_id)
-    if subscription is None:
-        raise not_found("subscription", subscription_id)
+    subscription = await get_or_404(session, Subscription, subscription_id, "subscription")
     bind_tenant(subscription.tenant_id)
     return SubscriptionPublic.model_validate(subscription)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 from sqlmodel import col, select
 
 from api.deps import SessionDep
-from api.errors import not_found
+from api.errors import get_or_404
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
 from api.schemas import TenantCreate, TenantPublic
@@ -40,7 +40,5 @@ async def list_tenants(
 @router.get("/{tenant_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant"}})
 async def get_tenant(tenant_id: uuid.UUID, session: SessionDep) -> TenantPublic:
     bind_tenant(tenant_id)
-    tenant = await session.get(Tenant, tenant_id)
-    if tenant is None:
-        raise not_found("tenant", tenant_id)
+    tenant = await get_or_404(session, Tenant, tenant_id, "tenant")
     return TenantPublic.model_validate(tenant)
