@@ -1,0 +1,232 @@
+"""Usage ingestion throughput against a naive per-row INSERT, measured in the same run.
+
+``python -m bench.ingest [--rows 20000] [--batch 5000]``
+
+On the embedded PostgreSQL under ``.data/bench-pg`` (or the server in ``DATABASE_URL``), in a
+fresh database of its own, migrated to head and dropped at the end:
+
+(a) baseline: one ``INSERT ... ON CONFLICT DO NOTHING`` per row through asyncpg, all in one
+    transaction, with values already typed (no validation, meters resolved beforehand);
+(b) real: :func:`api.ingest.ingest`, the service behind ``POST /v1/usage``, on rows shaped as
+    the route hands them over (parsed JSON, numbers as ``Decimal``), ``--batch`` rows a call;
+(c) the same as (b) again with every row already stored (all duplicates).
+
+``usage_events`` is truncated before (a) and before (b). The three are repeated ``--repeat``
+times, interleaved; the median of each is reported, as rows/s and as a ratio against (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from sqlalchemy import text
+
+from api.ingest import ingest
+from api.schemas import RowStatus
+from core.observability import configure_logging
+from core.settings import PROJECT_ROOT, get_settings
+from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
+from schema.models import Aggregation, Meter, Tenant, UsageSource
+
+METERS = (("electricity", "Electricity", "kWh"), ("water", "Water", "m3"), ("laundry", "Laundry", "cycle"))
+START = datetime(2025, 3, 1, tzinfo=UTC)
+
+_NAIVE_INSERT = """
+    INSERT INTO usage_events
+        (tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, now())
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    meter: str
+    quantity: Decimal
+    occurred_at: datetime
+    key: str
+    properties: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    rows: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+def make_rows(count: int) -> list[Row]:
+    """``count`` deterministic events: three meters in turn, exact decimals, one minute apart, unique keys."""
+    return [
+        Row(
+            meter=METERS[i % len(METERS)][0],
+            quantity=Decimal(f"{(i * 37) % 1000}.{(i * 7919) % 1000:03d}"),
+            occurred_at=START + timedelta(minutes=i),
+            key=f"bench-{i:08d}",
+            properties={"seq": i, "reader": f"r{i % 16}"},
+        )
+        for i in range(count)
+    ]
+
+
+def as_payload(tenant_id: uuid.UUID, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The rows as the JSON route passes them to the service: strings, and numbers as Decimal."""
+    tenant = str(tenant_id)
+    return [
+        {
+            "tenant_id": tenant,
+            "meter": row.meter,
+            "quantity": row.quantity,
+            "occurred_at": row.occurred_at.isoformat(),
+            "idempotency_key": row.key,
+            "properties": row.properties,
+        }
+        for row in rows
+    ]
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def naive_per_row(url: str, tenant_id: uuid.UUID, meter_ids: dict[str, uuid.UUID], rows: Sequence[Row]) -> float:
+    conn = await asyncpg.connect(libpq_url(url))
+    try:
+        args = [
+            (tenant_id, meter_ids[r.meter], r.quantity, r.occurred_at, r.key, json.dumps(r.properties), "api")
+            for r in rows
+        ]
+        started = time.perf_counter()
+        async with conn.transaction():
+            for values in args:
+                await conn.execute(_NAIVE_INSERT, *values)
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def run(server_url: str, rows: int, batch: int, repeat: int) -> list[Measurement]:
+    name = f"billing_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(libpq_url(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(server_url, name)
+    engine = make_engine(url, pool_size=2)
+    try:
+        await asyncio.to_thread(upgrade, url)
+        sessions = make_sessionmaker(engine)
+
+        tenant = Tenant(name="Bench Tenant", email="bench@example.com", currency="USD", timezone="Europe/Berlin")
+        meters = [Meter(code=code, name=label, unit=unit, aggregation=Aggregation.sum) for code, label, unit in METERS]
+        async with sessions() as session:
+            session.add(tenant)
+            session.add_all(meters)
+            await session.commit()
+        meter_ids = {m.code: m.id for m in meters}
+
+        data = make_rows(rows)
+        payload = as_payload(tenant.id, data)
+
+        async def count_and_truncate(expected: int, label: str) -> None:
+            async with engine.begin() as conn:
+                stored = (await conn.execute(text("SELECT count(*) FROM usage_events"))).scalar_one()
+                if stored != expected:
+                    raise RuntimeError(f"{label}: {stored} rows stored, expected {expected}")
+                await conn.execute(text("TRUNCATE usage_events RESTART IDENTITY"))
+
+        async def real_path(expect: RowStatus) -> float:
+            started = time.perf_counter()
+            for first in range(0, len(payload), batch):
+                async with sessions() as session:
+                    result = await ingest(session, payload[first : first + batch], UsageSource.api, first_index=first)
+                if result.rejected or sum(r.status is expect for r in result.results) != len(result.results):
+                    raise RuntimeError(f"batch at {first}: not every row {expect.value}: {result.model_dump()}")
+            return time.perf_counter() - started
+
+        async with engine.connect() as conn:  # open the pool's connection so (b) does not pay the first connect
+            await conn.execute(text("SELECT 1"))
+        times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        for _ in range(repeat):  # usage_events is empty at the start of each round
+            times["a"].append(await naive_per_row(url, tenant.id, meter_ids, data))
+            await count_and_truncate(rows, "baseline")
+            times["b"].append(await real_path(RowStatus.accepted))
+            times["c"].append(await real_path(RowStatus.duplicate))
+            await count_and_truncate(rows, "real path")
+        baseline, real, duplicates = (statistics.median(times[k]) for k in "abc")
+
+        return [
+            Measurement("(a) baseline: asyncpg INSERT per row, 1 tx", rows, baseline),
+            Measurement(f"(b) real: api.ingest.ingest, batches of {batch}", rows, real),
+            Measurement("(c) real again, all duplicates", rows, duplicates),
+        ]
+    finally:
+        await engine.dispose()
+        admin = await asyncpg.connect(libpq_url(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def report(results: Sequence[Measurement]) -> None:
+    baseline, real, duplicates = results
+    width = max(len(m.name) for m in results)
+    print(f"{'variant':<{width}}  {'rows':>7}  {'seconds':>8}  {'rows/s':>9}  {'vs (a)':>7}")
+    for m in results:
+        print(f"{m.name:<{width}}  {m.rows:>7}  {m.seconds:>8.3f}  {m.rate:>9.0f}  {m.rate / baseline.rate:>6.1f}x")
+    print(
+        f"ratio real/baseline = {real.rate / baseline.rate:.1f}x "
+        f"(all duplicates/baseline = {duplicates.rate / baseline.rate:.1f}x)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="usage rows per variant (default 20000)")
+    parser.add_argument("--batch", type=int, default=5_000, help="rows per ingest() call (default 5000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each variant; the median counts (default 3)")
+    args = parser.parse_args(argv)
+    if min(args.rows, args.batch, args.repeat) < 1:
+        parser.error("--rows, --batch and --repeat must be positive")
+
+    settings = get_settings()
+    configure_logging(settings.model_copy(update={"log_level": "WARNING"}))
+    if settings.database_url:
+        print(f"PostgreSQL: DATABASE_URL; median of {args.repeat} runs")
+        print()
+        report(asyncio.run(run(settings.database_url, args.rows, args.batch, args.repeat)))
+        return
+
+    from devstack.embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(PROJECT_ROOT / ".data" / "bench-pg")
+    pg.start()
+    try:
+        print(f"PostgreSQL: embedded, {pg.pgdata}; median of {args.repeat} runs")
+        print()
+        report(asyncio.run(run(pg.url("postgres"), args.rows, args.batch, args.repeat)))
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    main()
