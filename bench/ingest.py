@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from sqlalchemy import text
@@ -37,7 +36,7 @@ from api.ingest import ingest
 from api.schemas import RowStatus
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, get_settings
-from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
+from schema.db import libpq_url, make_engine, make_sessionmaker, scratch_database
 from schema.models import Aggregation, Meter, Tenant, UsageSource
 
 METERS = (("electricity", "Electricity", "kWh"), ("water", "Water", "m3"), ("laundry", "Laundry", "cycle"))
@@ -101,11 +100,6 @@ def as_payload(tenant_id: uuid.UUID, rows: Sequence[Row]) -> list[dict[str, Any]
     ]
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(libpq_url(url))
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 async def naive_per_row(url: str, tenant_id: uuid.UUID, meter_ids: dict[str, uuid.UUID], rows: Sequence[Row]) -> float:
     conn = await asyncpg.connect(libpq_url(url))
     try:
@@ -123,16 +117,13 @@ async def naive_per_row(url: str, tenant_id: uuid.UUID, meter_ids: dict[str, uui
 
 
 async def run(server_url: str, rows: int, batch: int, repeat: int) -> list[Measurement]:
-    name = f"billing_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(libpq_url(server_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = with_database(server_url, name)
+    async with scratch_database(server_url, "billing_bench") as url:
+        return await measure(url, rows, batch, repeat)
+
+
+async def measure(url: str, rows: int, batch: int, repeat: int) -> list[Measurement]:
     engine = make_engine(url, pool_size=2)
     try:
-        await asyncio.to_thread(upgrade, url)
         sessions = make_sessionmaker(engine)
 
         tenant = Tenant(name="Bench Tenant", email="bench@example.com", currency="USD", timezone="Europe/Berlin")
@@ -180,11 +171,6 @@ async def run(server_url: str, rows: int, batch: int, repeat: int) -> list[Measu
         ]
     finally:
         await engine.dispose()
-        admin = await asyncpg.connect(libpq_url(server_url))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def report(results: Sequence[Measurement]) -> None:

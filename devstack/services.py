@@ -20,9 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
@@ -30,7 +27,7 @@ from core.settings import PROJECT_ROOT, LogFormat, Settings
 from core.temporal import connect
 from devstack.child import Child
 from devstack.embedded_pg import EmbeddedPostgres
-from schema.db import async_url, libpq_url, upgrade
+from schema.db import ensure_database, upgrade
 
 log = structlog.get_logger("devstack")
 
@@ -71,27 +68,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def with_database(url: str, name: str) -> str:
-    """The same server URL pointing at database ``name``."""
-    parts = urlsplit(libpq_url(url))
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def ensure_database(server_url: str, name: str) -> bool:
-    """Create database ``name`` on the server unless it exists; True when it was created."""
-    engine = create_async_engine(async_url(server_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with engine.connect() as conn:
-            exists = await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name})
-            if exists:
-                return False
-            quoted = name.replace('"', '""')
-            await conn.execute(text(f'CREATE DATABASE "{quoted}"'))
-            return True
-    finally:
-        await engine.dispose()
 
 
 async def start_embedded_database(settings: Settings, database: str = DEMO_DATABASE) -> tuple[str, Callable[[], None]]:

@@ -7,14 +7,12 @@ dropped at the end.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
@@ -29,7 +27,7 @@ from activities.billing import BillingActivities
 from activities.pdf import ChromiumPdfRenderer
 from activities.storage import LocalDocumentStore
 from core.settings import PROJECT_ROOT, Settings, get_settings
-from schema.db import libpq_url, make_engine, make_sessionmaker, upgrade
+from schema.db import make_engine, make_sessionmaker, scratch_database
 
 VENV_BIN = Path(sys.executable).parent
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -56,13 +54,6 @@ def record_history(request: pytest.FixtureRequest) -> Callable[[WorkflowHandle[A
     return record
 
 
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(libpq_url(url))
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """A PostgreSQL server: ``DATABASE_URL``, or the embedded one."""
@@ -82,22 +73,8 @@ def server_url() -> Iterator[str]:
 
 @pytest_asyncio.fixture(scope="session")
 async def database_url(server_url: str) -> AsyncIterator[str]:
-    name = f"billing_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(libpq_url(server_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(server_url, name)
-    await asyncio.to_thread(upgrade, url)
-    try:
+    async with scratch_database(server_url, "billing_test") as url:
         yield url
-    finally:
-        admin = await asyncpg.connect(libpq_url(server_url))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -25,7 +25,6 @@ from core.settings import Settings
 from devstack import demo
 from devstack.child import Child, group_alive
 from devstack.services import (
-    ensure_database,
     migrate,
     port_in_use,
     redact_url,
@@ -34,6 +33,7 @@ from devstack.services import (
     wait_for_temporal,
 )
 from devstack.up import Shutdown, Supervisor
+from schema.db import ensure_database
 
 NOW = datetime(2026, 3, 29, 14, 37, 12, 345678, tzinfo=UTC)  # the week Berlin switches to summer time
 
