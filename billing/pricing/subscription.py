@@ -1,0 +1,155 @@
+"""A subscription's timeline: its anchor, trial and room moves, and the plan in force at any instant or day.
+
+Two views of the same moves, on purpose:
+
+- by *instant* (:meth:`Subscription.plan_at`): which plan rates a usage event, and which plan
+  the base fee billed in advance at a boundary used;
+- by *day* (:meth:`Subscription.paying_plan_on`): which plan's base fee a local day of the
+  period owes, with each move rounded to the nearest local midnight (:mod:`billing.pricing.days`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from billing.periods import Interval, Period, period
+from billing.pricing.days import billing_day
+from billing.pricing.errors import FieldError, IncompatibleMoveError
+from billing.pricing.plans import Plan, check_move
+
+
+@dataclass(frozen=True)
+class Move:
+    """From ``effective_at`` the subscription holds ``room``, billed by ``plan`` (the room's rent plan)."""
+
+    effective_at: datetime
+    plan: Plan
+    room: str = ""
+
+
+@dataclass(frozen=True)
+class UsageSlice:
+    """Part of a period in which one plan rates usage (trial time is never in a slice)."""
+
+    start: datetime
+    end: datetime
+    plan: Plan
+    room: str
+
+
+def label(plan: Plan, room: str) -> str:
+    return f"{plan.name} ({room})" if room else plan.name
+
+
+def _local_days_later(instant: datetime, timezone: str, days: int) -> datetime:
+    zone = ZoneInfo(timezone)
+    local = instant.astimezone(zone).replace(tzinfo=None) + timedelta(days=days)
+    return local.replace(tzinfo=zone).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    anchor: datetime  # the start, an aware instant (local midnight in practice); boundary 0
+    timezone: str  # the tenant's IANA zone
+    plan: Plan  # the plan at the start; its trial_days give the trial
+    moves: tuple[Move, ...] = ()  # strictly after the anchor, in order of effective_at
+    room: str = ""
+
+    def __post_init__(self) -> None:
+        if self.anchor.tzinfo is None:
+            raise FieldError("anchor", "must be timezone-aware")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise FieldError("timezone", f"unknown IANA time zone {self.timezone!r}") from exc
+        previous = self.anchor
+        for i, move in enumerate(self.moves):
+            if move.effective_at.tzinfo is None or move.effective_at <= previous:
+                raise FieldError(f"moves[{i}].effective_at", "must be aware and after the start and the previous move")
+            previous = move.effective_at
+            try:
+                check_move(self.plan, move.plan)
+            except IncompatibleMoveError as exc:
+                raise exc.within(f"moves[{i}].plan") from exc
+
+    @property
+    def interval(self) -> Interval:
+        return self.plan.interval
+
+    @property
+    def currency(self) -> str:
+        return self.plan.currency
+
+    def period(self, index: int) -> Period:
+        return period(self.anchor, self.timezone, self.interval, index)
+
+    @property
+    def trial_end(self) -> datetime | None:
+        """The instant the trial ends (``trial_days`` local days after the anchor), or None without a trial."""
+        if self.plan.trial_days == 0:
+            return None
+        return _local_days_later(self.anchor, self.timezone, self.plan.trial_days)
+
+    def day(self, instant: datetime) -> date:
+        return billing_day(instant, self.timezone)
+
+    def in_trial_on(self, day: date) -> bool:
+        trial_end = self.trial_end
+        return trial_end is not None and day < self.day(trial_end)
+
+    def holding_at(self, instant: datetime) -> tuple[Plan, str]:
+        """The plan and room in force at ``instant`` (a move counts from its ``effective_at``)."""
+        current = (self.plan, self.room)
+        for move in self.moves:
+            if move.effective_at <= instant:
+                current = (move.plan, move.room)
+        return current
+
+    def plan_at(self, instant: datetime) -> Plan:
+        return self.holding_at(instant)[0]
+
+    def holding_on(self, day: date) -> tuple[Plan, str]:
+        """The plan and room a local day is billed for (a move counts from its billing day)."""
+        current = (self.plan, self.room)
+        for move in self.moves:
+            if self.day(move.effective_at) <= day:
+                current = (move.plan, move.room)
+        return current
+
+    def paying_plan_on(self, day: date) -> tuple[Plan, str] | None:
+        """The plan whose base fee ``day`` owes, None during the trial."""
+        return None if self.in_trial_on(day) else self.holding_on(day)
+
+    def billed_in_advance(self, index: int) -> tuple[Plan, str] | None:
+        """What the invoice at boundary ``index`` billed in advance: the plan in force then, unless in trial."""
+        start = self.period(index).start
+        return None if self.in_trial_on(self.day(start)) else self.holding_at(start)
+
+    def change_days(self, first: date, end: date) -> list[date]:
+        """Days in ``[first, end)`` on which the paying plan may change (first day, trial end, moves)."""
+        candidates = {first, *(self.day(m.effective_at) for m in self.moves)}
+        if self.trial_end is not None:
+            candidates.add(self.day(self.trial_end))
+        return sorted(d for d in candidates if first <= d < end)
+
+    def _cuts(self, p: Period) -> list[datetime]:
+        inner = [m.effective_at for m in self.moves]
+        if self.trial_end is not None:
+            inner.append(self.trial_end)
+        return sorted({p.start, p.end, *(t for t in inner if p.start < t < p.end)})
+
+    def usage_slices(self, index: int) -> tuple[UsageSlice, ...]:
+        """The parts of period ``index`` whose usage is billed, each with the plan in force (by instant)."""
+        return tuple(self._slices(self.period(index)))
+
+    def _slices(self, p: Period) -> Iterator[UsageSlice]:
+        trial_end = self.trial_end
+        for start, end in pairwise(self._cuts(p)):
+            if trial_end is not None and start < trial_end:
+                continue
+            plan, room = self.holding_at(start)
+            yield UsageSlice(start, end, plan, room)
