@@ -1,8 +1,9 @@
 """Billing activities: thin wrappers over ``activities.invoicing`` with their clients injected.
 
 Every activity is safe to run twice. Not-found errors are business failures
-(non-retryable, typed); anything else (connection loss, a browser crash) is retried by
-Temporal with the workflow's retry policy.
+(non-retryable, typed); an invoice asked for before the one at the previous boundary exists
+is retried (typed ``EarlierInvoicePending``); anything else (connection loss, a browser crash)
+is retried by Temporal with the workflow's retry policy.
 """
 
 from __future__ import annotations
@@ -20,24 +21,21 @@ from activities import invoicing
 from activities.invoice_document import render_invoice_html
 from activities.pdf import PdfRenderer
 from activities.storage import DocumentStore
+from billing.pricing import PricingError
 from workflows.contracts import (
-    ACT_AGGREGATE_USAGE,
     ACT_CREATE_INVOICE,
     ACT_FINALIZE_INVOICE,
     ACT_LIST_DUE_PERIODS,
-    ACT_RATE_INVOICE,
     ACT_RENDER_INVOICE_PDF,
+    ERR_EARLIER_INVOICE_PENDING,
     ERR_INVOICE_NOT_FOUND,
+    ERR_PRICING,
     ERR_SUBSCRIPTION_NOT_FOUND,
-    AggregateUsageInput,
-    AggregateUsageResult,
     CreateInvoiceInput,
     CreateInvoiceResult,
     FinalizeInvoiceInput,
     ListDuePeriodsInput,
     ListDuePeriodsResult,
-    RateInvoiceInput,
-    RateInvoiceResult,
     RenderInvoicePdfInput,
     RenderInvoicePdfResult,
 )
@@ -54,8 +52,6 @@ class BillingActivities:
     def all(self) -> list[Callable[..., object]]:
         return [
             self.list_due_periods,
-            self.aggregate_usage,
-            self.rate_invoice,
             self.create_invoice,
             self.render_invoice_pdf,
             self.finalize_invoice,
@@ -68,6 +64,8 @@ class BillingActivities:
                 yield session
             except invoicing.NotFoundError as err:
                 raise ApplicationError(str(err), type=not_found_type, non_retryable=True) from err
+            except PricingError as err:  # data the engine refuses: an operator must fix it, retrying won't
+                raise ApplicationError(str(err), type=ERR_PRICING, non_retryable=True) from err
 
     @activity.defn(name=ACT_LIST_DUE_PERIODS)
     async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:
@@ -76,21 +74,13 @@ class BillingActivities:
         log.info("due periods listed", count=len(result.periods), as_of=data.as_of.isoformat())
         return result
 
-    @activity.defn(name=ACT_AGGREGATE_USAGE)
-    async def aggregate_usage(self, data: AggregateUsageInput) -> AggregateUsageResult:
-        async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
-            usage = await invoicing.aggregate_usage(session, data.subscription_id, data.period_start, data.period_end)
-        return AggregateUsageResult(usage=usage)
-
-    @activity.defn(name=ACT_RATE_INVOICE)
-    async def rate_invoice(self, data: RateInvoiceInput) -> RateInvoiceResult:
-        async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
-            return await invoicing.rate_invoice(session, data.subscription_id, data.usage)
-
     @activity.defn(name=ACT_CREATE_INVOICE)
     async def create_invoice(self, data: CreateInvoiceInput) -> CreateInvoiceResult:
         async with self._session(ERR_SUBSCRIPTION_NOT_FOUND) as session:
-            result = await invoicing.create_invoice(session, data)
+            try:
+                result = await invoicing.create_invoice(session, data)
+            except invoicing.OutOfOrderError as err:  # retried: the earlier invoice is being written
+                raise ApplicationError(str(err), type=ERR_EARLIER_INVOICE_PENDING) from err
         log.info("invoice written", invoice=result.number, created=result.created, total=result.total)
         return result
 

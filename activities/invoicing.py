@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import CursorResult, TextClause, text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from activities import drafting
+from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
-from billing.tariff import MeteredPrice, PlanPrice, rate
+from billing.pricing import LineKind
 from schema.models import (
     Invoice,
     InvoiceLine,
     InvoiceStatus,
-    Meter,
     Plan,
-    PlanCharge,
+    PromoCode,
     Room,
     Subscription,
+    SubscriptionPromo,
     SubscriptionStatus,
     Tenant,
 )
@@ -36,17 +37,12 @@ from workflows.contracts import (
     CreateInvoiceResult,
     DuePeriod,
     ListDuePeriodsResult,
-    MeterUsage,
-    RatedLineData,
-    RateInvoiceResult,
 )
+
+__all__ = ["NotFoundError", "create_invoice", "finalize_invoice", "list_due_periods", "upcoming_invoice"]
 
 # A subscription further behind than this is billed over several runs, not in one page.
 MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
-
-
-class NotFoundError(LookupError):
-    pass
 
 
 async def _sql(session: AsyncSession, statement: TextClause, params: dict[str, Any] | None = None) -> CursorResult[Any]:
@@ -58,17 +54,17 @@ async def _sql(session: AsyncSession, statement: TextClause, params: dict[str, A
 async def list_due_periods(
     session: AsyncSession, as_of: datetime, after: uuid.UUID | None, limit: int
 ) -> ListDuePeriodsResult:
-    """Every period that ended at or before ``as_of`` and is not invoiced yet, one page of subscriptions.
+    """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions.
 
     Pages are keyed by subscription id, so a page is stable however many invoices are
-    created while the run goes on. A subscription several periods behind yields all of
-    its ended periods (oldest first).
+    created while the run goes on. A subscription several boundaries behind yields all of
+    them, oldest first (they must be invoiced in that order).
     """
     query = (
         select(Subscription, Tenant.timezone, Plan.interval)
         .join(Tenant, col(Tenant.id) == Subscription.tenant_id)
         .join(Plan, col(Plan.id) == Subscription.plan_id)
-        .where(Subscription.status == SubscriptionStatus.active, Subscription.current_period_end <= as_of)
+        .where(Subscription.status == SubscriptionStatus.active, Subscription.next_invoice_at <= as_of)
         .order_by(col(Subscription.id))
         .limit(limit)
     )
@@ -77,10 +73,10 @@ async def list_due_periods(
     rows = (await session.exec(query)).all()
     periods: list[DuePeriod] = []
     for sub, timezone, interval in rows:
-        index = sub.current_period_index
+        index = sub.next_invoice_index
         for _ in range(MAX_PERIODS_PER_SUBSCRIPTION_PAGE):
-            p = period(sub.started_at, timezone, Interval(interval), index)
-            if p.end > as_of:
+            p = period(sub.anchor_at, timezone, Interval(interval), index)
+            if p.start > as_of:
                 break
             periods.append(DuePeriod(sub.id, index, p.start, p.end, tenant_id=sub.tenant_id))
             index += 1
@@ -88,79 +84,8 @@ async def list_due_periods(
     return ListDuePeriodsResult(periods=periods, next_cursor=next_cursor)
 
 
-async def _subscription(session: AsyncSession, subscription_id: uuid.UUID) -> Subscription:
-    sub = await session.get(Subscription, subscription_id)
-    if sub is None:
-        raise NotFoundError(f"subscription {subscription_id} not found")
-    return sub
-
-
-# One GROUP BY over the period; each meter's own aggregation picks the column.
-_AGGREGATE_SQL = text(
-    """
-    SELECT m.code,
-           CASE m.aggregation
-               WHEN 'sum' THEN sum(u.quantity)
-               WHEN 'count' THEN count(*)::numeric
-               WHEN 'max' THEN max(u.quantity)
-               WHEN 'latest' THEN (array_agg(u.quantity ORDER BY u.occurred_at DESC, u.id DESC))[1]
-           END AS quantity
-    FROM usage_events u
-    JOIN meters m ON m.id = u.meter_id
-    WHERE u.tenant_id = :tenant_id AND u.occurred_at >= :start AND u.occurred_at < :end
-    GROUP BY m.id, m.code, m.aggregation
-    ORDER BY m.code
-    """
-)
-
-
-async def aggregate_usage(
-    session: AsyncSession, subscription_id: uuid.UUID, start: datetime, end: datetime
-) -> list[MeterUsage]:
-    """The tenant's usage per meter over [start, end), aggregated in SQL."""
-    sub = await _subscription(session, subscription_id)
-    result = await _sql(session, _AGGREGATE_SQL, {"tenant_id": sub.tenant_id, "start": start, "end": end})
-    return [MeterUsage(meter_code=row.code, quantity=Decimal(row.quantity).normalize()) for row in result]
-
-
-async def plan_price(session: AsyncSession, plan_id: uuid.UUID) -> PlanPrice:
-    plan = await session.get(Plan, plan_id)
-    if plan is None:
-        raise NotFoundError(f"plan {plan_id} not found")
-    charges = (
-        await session.exec(
-            select(col(Meter.code), col(Meter.unit), col(PlanCharge.unit_amount))
-            .join(Meter, col(Meter.id) == PlanCharge.meter_id)
-            .where(PlanCharge.plan_id == plan_id)
-        )
-    ).all()
-    return PlanPrice(
-        name=plan.name,
-        currency=plan.currency,
-        base_fee=plan.base_fee,
-        metered=[MeteredPrice(code, unit, amount) for code, unit, amount in charges],
-    )
-
-
-async def rate_invoice(session: AsyncSession, subscription_id: uuid.UUID, usage: list[MeterUsage]) -> RateInvoiceResult:
-    """Price a period with the subscription's plan (pure maths in ``billing.tariff``)."""
-    sub = await _subscription(session, subscription_id)
-    rated = rate(await plan_price(session, sub.plan_id), {u.meter_code: u.quantity for u in usage})
-    return RateInvoiceResult(
-        currency=rated.currency,
-        lines=[
-            RatedLineData(
-                kind=line.kind.value,
-                description=line.description,
-                quantity=line.quantity,
-                unit_amount=line.unit_amount,
-                amount=line.amount,
-                meter_code=line.meter_code,
-            )
-            for line in rated.lines
-        ],
-        total=rated.total,
-    )
+class OutOfOrderError(RuntimeError):
+    """An earlier boundary of the subscription has no invoice yet (retry later)."""
 
 
 async def _existing_invoice(session: AsyncSession, subscription_id: uuid.UUID, start: datetime) -> Invoice | None:
@@ -171,83 +96,106 @@ async def _existing_invoice(session: AsyncSession, subscription_id: uuid.UUID, s
     ).first()
 
 
-async def _advance_subscription(session: AsyncSession, sub: Subscription, timezone: str, interval: Interval) -> None:
-    """Move the subscription's current period past every period that now has an invoice."""
-    invoiced = set(
-        (
-            await session.exec(
-                select(Invoice.period_start).where(
-                    Invoice.subscription_id == sub.id, Invoice.period_start >= sub.current_period_start
-                )
-            )
-        ).all()
+def _existing_result(invoice: Invoice) -> CreateInvoiceResult:
+    return CreateInvoiceResult(
+        invoice.id, invoice.number, invoice.total, invoice.currency, created=False, status=invoice.status
     )
-    index = sub.current_period_index
-    current = period(sub.started_at, timezone, interval, index)
-    while current.start in invoiced:
-        index += 1
-        current = period(sub.started_at, timezone, interval, index)
-    if index != sub.current_period_index:
-        sub.current_period_index = index
-        sub.current_period_start = current.start
-        sub.current_period_end = current.end
-        session.add(sub)
 
 
 async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> CreateInvoiceResult:
-    """Write the invoice and its lines once per (subscription, period); a second call is a no-op.
+    """Draft the invoice at a boundary with the pricing engine and write it, once.
 
-    In the same transaction the subscription's current period moves on, so a later run
-    does not find this period due again. Lines must add up to the total exactly.
+    One transaction, with the subscription row locked: the invoice and its lines, the promo
+    counters, the credit balance and the subscription's next boundary. A second call for the
+    same boundary returns the invoice that exists. Boundaries are invoiced in order, because
+    each one carries credit and promo counts to the next.
     """
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
     if existing is not None:
-        return CreateInvoiceResult(existing.id, existing.number, existing.total, created=False, status=existing.status)
-
-    sub = await _subscription(session, data.subscription_id)
-    # Lock the subscription row: concurrent creators for it serialise here.
-    await _sql(session, text("SELECT 1 FROM subscriptions WHERE id = :id FOR UPDATE"), {"id": sub.id})
+        return _existing_result(existing)
+    locked = await _sql(
+        session, text("SELECT 1 FROM subscriptions WHERE id = :id FOR UPDATE"), {"id": data.subscription_id}
+    )
+    if locked.first() is None:
+        raise NotFoundError(f"subscription {data.subscription_id} not found")
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
     if existing is not None:
         await session.rollback()
-        return CreateInvoiceResult(existing.id, existing.number, existing.total, created=False, status=existing.status)
+        return _existing_result(existing)
 
-    total = sum(line.amount for line in data.lines)
+    loaded = await drafting.load(session, data.subscription_id)
+    sub = loaded.row
+    if sub.next_invoice_index != data.boundary_index:
+        await session.rollback()
+        raise OutOfOrderError(
+            f"subscription {sub.id}: boundary {data.boundary_index} asked, next to invoice is {sub.next_invoice_index}"
+        )
+    d = await drafting.draft(session, loaded, data.boundary_index)
+    draft = d.invoice
     seq = (await _sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
+    charges = sum(line.amount for line in draft.lines if line.kind not in _REDUCTIONS)
     invoice = Invoice(
         number=f"INV-{seq:06d}",
         tenant_id=sub.tenant_id,
         subscription_id=sub.id,
-        period_start=data.period_start,
-        period_end=data.period_end,
+        boundary_index=data.boundary_index,
+        period_start=draft.period.start,
+        period_end=draft.period.end,
+        settled_start=draft.settled.start if draft.settled else None,
+        settled_end=draft.settled.end if draft.settled else None,
         status=InvoiceStatus.draft,
-        currency=data.currency,
-        subtotal=total,
-        total=total,
+        currency=draft.currency,
+        subtotal=charges,
+        total=draft.total,
+        credit_carried_forward=draft.credit_carried_forward,
         workflow_id=data.workflow_id,
     )
     session.add(invoice)
     await session.flush()
+    adjustment_plans = iter(d.adjustment_plans)
     session.add_all(
         InvoiceLine(
             invoice_id=invoice.id,
             position=i,
-            kind=line.kind,
+            kind=line.kind.value,
             description=line.description,
             meter_code=line.meter_code,
             quantity=line.quantity,
             unit_amount=line.unit_amount,
             amount=line.amount,
+            period_start=line.period.start if line.period else None,
+            period_end=line.period.end if line.period else None,
+            plan_code=next(adjustment_plans) if line.kind is LineKind.usage_adjustment else line.plan_code,
+            promo_code=line.promo_code,
+            days=line.days,
+            period_days=line.period_days,
         )
-        for i, line in enumerate(data.lines, start=1)
+        for i, line in enumerate(draft.lines, start=1)
     )
-    tenant = await session.get(Tenant, sub.tenant_id)
-    plan = await session.get(Plan, sub.plan_id)
-    assert tenant is not None and plan is not None  # foreign keys guarantee both
-    await session.flush()
-    await _advance_subscription(session, sub, tenant.timezone, Interval(plan.interval))
+    for promo in loaded.promo_rows:
+        if await _promo_code(session, promo) in draft.promos_applied:
+            promo.invoices_applied += 1
+            session.add(promo)
+    following = loaded.timeline.period(data.boundary_index + 1)
+    sub.credit_balance = draft.credit_carried_forward
+    sub.next_invoice_index = data.boundary_index + 1
+    sub.next_invoice_at = following.start
+    sub.current_period_index = data.boundary_index
+    sub.current_period_start = draft.period.start
+    sub.current_period_end = draft.period.end
+    session.add(sub)
     await session.commit()
-    return CreateInvoiceResult(invoice.id, invoice.number, total, created=True, status=invoice.status)
+    return CreateInvoiceResult(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
+
+
+# Lines that take something off the charges (the rest make up the subtotal).
+_REDUCTIONS = {LineKind.discount, LineKind.credit_applied}
+
+
+async def _promo_code(session: AsyncSession, promo: SubscriptionPromo) -> str:
+    row = await session.get(PromoCode, promo.promo_code_id)
+    assert row is not None  # foreign key
+    return row.code
 
 
 async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tuple[Invoice, InvoiceDocument]:

@@ -25,10 +25,11 @@ from pydantic import (
 )
 
 from billing.money import check_currency
-from schema.models import Aggregation, Interval, InvoiceStatus, SubscriptionStatus, utcnow
+from schema.models import Aggregation, Interval, InvoiceStatus, PriceModel, PromoDuration, SubscriptionStatus, utcnow
 from workflows.contracts import BillingRunProgress
 
 MAX_BIGINT = 2**63 - 1
+MAX_INT = 2**31 - 1
 
 
 def check_pg_text(value: str) -> str:
@@ -100,6 +101,10 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]
 MinorUnits = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
 # Numeric(24, 9): at most 15 digits before the point and 9 after; refused rather than rounded.
 ExactDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=9)]
+# The same column, sign left to the pricing engine, whose rules (and messages) are the reference.
+PriceDecimal = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=24, decimal_places=9)]
+PgInt = Annotated[int, Field(strict=True, ge=-MAX_INT - 1, le=MAX_INT)]
+PgBigint = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
 DecimalOut = Annotated[Decimal, PlainSerializer(_plain_decimal, return_type=str, when_used="json")]
 IdempotencyKey = Annotated[str, _stripped(200), PgText]
 Properties = Annotated[dict[str, Any], AfterValidator(json_object)]
@@ -136,6 +141,9 @@ class MeterCreate(BaseModel):
     name: Name
     unit: Annotated[str, _stripped(32), PgText]
     aggregation: Aggregation = Aggregation.sum
+    property_name: Annotated[str, _stripped(64), PgText] | None = Field(
+        default=None, description="unique_count only (and required there): the event property whose values count"
+    )
 
 
 class MeterPublic(Public):
@@ -144,15 +152,30 @@ class MeterPublic(Public):
     name: str
     unit: str
     aggregation: Aggregation
+    property_name: str | None
     created_at: datetime
 
 
 # Plans
 
 
+class TierIn(BaseModel):
+    up_to: PriceDecimal | None = Field(default=None, description="Inclusive upper bound; null for the last tier")
+    unit_amount: PriceDecimal = Field(default=Decimal(0), description="Minor units per unit in this tier")
+    flat_amount: PriceDecimal = Field(default=Decimal(0), description="Minor units once the tier is entered")
+
+
 class ChargeCreate(BaseModel):
+    """A metered charge; which price fields apply depends on ``price_model`` (the others must be left out)."""
+
     meter_code: Code
-    unit_amount: ExactDecimal = Field(description="Minor units per meter unit; may be fractional")
+    price_model: PriceModel = PriceModel.per_unit
+    unit_amount: PriceDecimal | None = Field(
+        default=None, description="per_unit: minor units per unit; package: minor units per started package"
+    )
+    tiers: Annotated[list[TierIn], Field(max_length=100)] | None = Field(default=None, description="graduated, volume")
+    package_size: PriceDecimal | None = Field(default=None, description="package: units per package")
+    minimum_amount: MinorUnits = Field(default=0, description="Minor units per full period at least; 0 for none")
 
 
 class PlanCreate(BaseModel):
@@ -165,9 +188,19 @@ class PlanCreate(BaseModel):
     charges: Annotated[list[ChargeCreate], Field(max_length=100)] = []
 
 
+class TierPublic(BaseModel):
+    up_to: DecimalOut | None
+    unit_amount: DecimalOut
+    flat_amount: DecimalOut
+
+
 class ChargePublic(BaseModel):
     meter_code: str
+    price_model: PriceModel
     unit_amount: DecimalOut
+    tiers: list[TierPublic] | None
+    package_size: DecimalOut | None
+    minimum_amount: int
 
 
 class PlanPublic(Public):
@@ -206,7 +239,10 @@ class RoomPublic(Public):
 class SubscriptionCreate(BaseModel):
     tenant_id: uuid.UUID
     room_id: uuid.UUID
-    started_at: UtcDatetime = Field(default_factory=utcnow, description="Anchor of every period; default now")
+    started_at: UtcDatetime = Field(
+        default_factory=utcnow, description="Default now; periods are anchored on local midnight of its day"
+    )
+    promo_code: Code | None = Field(default=None, description="A promo code to redeem on the new subscription")
 
 
 class SubscriptionPublic(Public):
@@ -216,10 +252,87 @@ class SubscriptionPublic(Public):
     plan_id: uuid.UUID
     status: SubscriptionStatus
     started_at: datetime
+    anchor_at: datetime
+    next_invoice_at: datetime
+    credit_balance: int
     current_period_index: int
     current_period_start: datetime
     current_period_end: datetime
     created_at: datetime
+
+
+class MoveRoom(BaseModel):
+    room_id: uuid.UUID
+    effective_at: UtcDatetime = Field(description="From this instant the subscription is in the new room")
+
+
+class UpcomingLine(BaseModel):
+    kind: str
+    description: str
+    quantity: DecimalOut
+    unit_amount: DecimalOut
+    amount: int
+    period_start: datetime | None
+    period_end: datetime | None
+    meter_code: str | None
+    plan_code: str | None
+    promo_code: str | None
+    days: int | None
+    period_days: int | None
+
+
+class UpcomingInvoice(BaseModel):
+    subscription_id: uuid.UUID
+    currency: str
+    issued_at: datetime
+    period_start: datetime
+    period_end: datetime
+    settled_start: datetime | None
+    settled_end: datetime | None
+    lines: list[UpcomingLine]
+    total: int
+    credit_carried_forward: int
+
+
+# Promo codes
+
+
+class PromoCodeCreate(BaseModel):
+    code: Code
+    percent_off: Annotated[Decimal, Field(allow_inf_nan=False, max_digits=5, decimal_places=2)] | None = Field(
+        default=None, description="0 < percent <= 100; or give amount_off"
+    )
+    amount_off: PgBigint | None = Field(default=None, description="Minor units of currency (> 0)")
+    currency: Currency | None = Field(default=None, description="Required with amount_off")
+    duration: PromoDuration
+    duration_invoices: PgInt | None = Field(default=None, description="Number of invoices; repeating only")
+    expires_at: UtcDatetime | None = Field(default=None, description="From then on the code cannot be redeemed")
+    max_redemptions: PgInt | None = None
+
+
+class PromoCodePublic(Public):
+    id: uuid.UUID
+    code: str
+    percent_off: DecimalOut | None
+    amount_off: int | None
+    currency: str | None
+    duration: PromoDuration
+    duration_invoices: int | None
+    expires_at: datetime | None
+    max_redemptions: int | None
+    times_redeemed: int
+    created_at: datetime
+
+
+class PromoRedeem(BaseModel):
+    code: Code
+
+
+class SubscriptionPromoPublic(BaseModel):
+    promo_code: str
+    redeemed_at: datetime
+    position: int
+    invoices_applied: int
 
 
 # Usage
@@ -298,12 +411,15 @@ class InvoicePublic(Public):
     number: str
     tenant_id: uuid.UUID
     subscription_id: uuid.UUID
-    period_start: datetime
+    period_start: datetime = Field(description="The period billed in advance (it starts at this invoice)")
     period_end: datetime
+    settled_start: datetime | None = Field(description="The period billed in arrears; null on the first invoice")
+    settled_end: datetime | None
     status: InvoiceStatus
     currency: str
     subtotal: int
     total: int
+    credit_carried_forward: int
     pdf_url: str | None
     created_at: datetime
     finalized_at: datetime | None
@@ -317,6 +433,12 @@ class InvoiceLinePublic(Public):
     quantity: DecimalOut
     unit_amount: DecimalOut
     amount: int
+    period_start: datetime | None
+    period_end: datetime | None
+    plan_code: str | None
+    promo_code: str | None
+    days: int | None
+    period_days: int | None
 
 
 class InvoiceDetail(InvoicePublic):

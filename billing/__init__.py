@@ -1,1 +1,1 @@
-"""Pure billing domain: money, periods, tariffs and the pricing engine. No I/O, no clock, nothing of ours imported."""
+"""Pure billing domain: money, periods and the pricing engine. No I/O, no clock, nothing of ours imported."""

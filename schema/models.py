@@ -54,6 +54,20 @@ class Aggregation(StrEnum):
     count = "count"  # type: ignore[assignment]  # shadows str.count, on purpose
     max = "max"
     latest = "latest"
+    unique_count = "unique_count"
+
+
+class PriceModel(StrEnum):
+    per_unit = "per_unit"
+    graduated = "graduated"
+    volume = "volume"
+    package = "package"
+
+
+class PromoDuration(StrEnum):
+    once = "once"
+    repeating = "repeating"
+    forever = "forever"
 
 
 class SubscriptionStatus(StrEnum):
@@ -87,12 +101,16 @@ class Tenant(SQLModel, table=True):
 
 class Meter(SQLModel, table=True):
     __tablename__ = "meters"
+    __table_args__ = (
+        CheckConstraint("(aggregation = 'unique_count') = (property_name IS NOT NULL)", name="ck_meter_property"),
+    )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     code: str = Field(max_length=64, unique=True)
     name: str = Field(max_length=200)
     unit: str = Field(max_length=32)
     aggregation: Aggregation = Field(default=Aggregation.sum, sa_type=_enum(Aggregation))
+    property_name: str | None = Field(default=None, max_length=64)  # unique_count: the property counted
     created_at: datetime = _ts(default_factory=utcnow)
 
 
@@ -125,12 +143,24 @@ class PlanCharge(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("plan_id", "meter_id", name="uq_plan_charge_meter"),
         CheckConstraint("unit_amount >= 0", name="ck_plan_charge_unit_amount"),
+        CheckConstraint("minimum_amount >= 0", name="ck_plan_charge_minimum"),
+        CheckConstraint("package_size IS NULL OR package_size > 0", name="ck_plan_charge_package_size"),
+        CheckConstraint("(price_model = 'package') = (package_size IS NOT NULL)", name="ck_plan_charge_package"),
+        CheckConstraint("(price_model IN ('graduated', 'volume')) = (tiers IS NOT NULL)", name="ck_plan_charge_tiers"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     plan_id: uuid.UUID = Field(foreign_key="plans.id", index=True)
     meter_id: uuid.UUID = Field(foreign_key="meters.id")
-    unit_amount: Decimal = Field(sa_type=UNIT_AMOUNT)  # minor units per meter unit, may be fractional
+    # per_unit: minor units per meter unit; package: minor units per started package; tiered: 0
+    unit_amount: Decimal = Field(sa_type=UNIT_AMOUNT)
+    price_model: PriceModel = Field(default=PriceModel.per_unit, sa_type=_enum(PriceModel))
+    # graduated/volume: [{"up_to": "100" | null, "unit_amount": "2.5", "flat_amount": "0"}], decimal strings
+    tiers: list[dict[str, str | None]] | None = Field(
+        default=None, sa_column=Column(JSONB(none_as_null=True), nullable=True)
+    )
+    package_size: Decimal | None = Field(default=None, sa_type=QUANTITY)
+    minimum_amount: int = Field(default=0, sa_type=BigInteger)  # minor units per period
 
 
 class Room(SQLModel, table=True):
@@ -147,7 +177,8 @@ class Subscription(SQLModel, table=True):
     __tablename__ = "subscriptions"
     __table_args__ = (
         CheckConstraint("current_period_end > current_period_start", name="ck_subscription_period"),
-        Index("ix_subscription_due", "status", "current_period_end"),
+        Index("ix_subscription_due", "status", "next_invoice_at"),
+        CheckConstraint("credit_balance >= 0", name="ck_subscription_credit_balance"),
         # Usage events belong to a tenant, so a tenant has one active subscription at a time:
         # two would bill the same usage twice. Room changes are moves within the subscription.
         Index("uq_subscription_active_tenant", "tenant_id", unique=True, postgresql_where=text("status = 'active'")),
@@ -158,7 +189,12 @@ class Subscription(SQLModel, table=True):
     room_id: uuid.UUID = Field(foreign_key="rooms.id")
     plan_id: uuid.UUID = Field(foreign_key="plans.id")
     status: SubscriptionStatus = Field(default=SubscriptionStatus.active, sa_type=_enum(SubscriptionStatus))
-    started_at: datetime = _ts()  # the anchor of every period boundary
+    started_at: datetime = _ts()
+    anchor_at: datetime = _ts()  # local midnight of the start day: boundary 0 of every period
+    next_invoice_index: int = Field(default=0)  # the boundary the next invoice is issued at
+    next_invoice_at: datetime = _ts()  # due when this is at or before a billing run's as_of
+    credit_balance: int = Field(default=0, sa_type=BigInteger)  # minor units owed back to the tenant
+    # The period billed in advance by the last invoice (the one in progress), for display.
     current_period_index: int = Field(default=0)
     current_period_start: datetime = _ts()
     current_period_end: datetime = _ts()
@@ -218,6 +254,11 @@ class Invoice(SQLModel, table=True):
     subtotal: int = Field(sa_type=BigInteger)
     total: int = Field(sa_type=BigInteger)
     pdf_location: str | None = Field(default=None, max_length=500)
+    boundary_index: int = Field(default=0)
+    # The period that ended at this boundary (usage in arrears); None on the first invoice.
+    settled_start: datetime | None = _ts(nullable=True, default=None)
+    settled_end: datetime | None = _ts(nullable=True, default=None)
+    credit_carried_forward: int = Field(default=0, sa_type=BigInteger)
     workflow_id: str = Field(max_length=200)
     created_at: datetime = _ts(default_factory=utcnow)
     finalized_at: datetime | None = _ts(nullable=True, default=None)
@@ -235,4 +276,57 @@ class InvoiceLine(SQLModel, table=True):
     meter_code: str | None = Field(default=None, max_length=64)
     quantity: Decimal = Field(sa_type=QUANTITY)
     unit_amount: Decimal = Field(sa_type=UNIT_AMOUNT)
-    amount: int = Field(sa_type=BigInteger)
+    amount: int = Field(sa_type=BigInteger)  # negative for credits and discounts
+    period_start: datetime | None = _ts(nullable=True, default=None)  # the period the line is for
+    period_end: datetime | None = _ts(nullable=True, default=None)
+    plan_code: str | None = Field(default=None, max_length=64)
+    promo_code: str | None = Field(default=None, max_length=64)
+    days: int | None = None
+    period_days: int | None = None
+
+
+class PromoCode(SQLModel, table=True):
+    __tablename__ = "promo_codes"
+    __table_args__ = (
+        CheckConstraint("(percent_off IS NULL) <> (amount_off IS NULL)", name="ck_promo_one_kind"),
+        CheckConstraint("percent_off IS NULL OR (percent_off > 0 AND percent_off <= 100)", name="ck_promo_percent"),
+        CheckConstraint("amount_off IS NULL OR (amount_off > 0 AND currency IS NOT NULL)", name="ck_promo_amount"),
+        CheckConstraint(
+            "(duration = 'repeating') = (duration_invoices IS NOT NULL) "
+            "AND (duration_invoices IS NULL OR duration_invoices > 0)",
+            name="ck_promo_duration",
+        ),
+        CheckConstraint(
+            "max_redemptions IS NULL OR (max_redemptions > 0 AND times_redeemed <= max_redemptions)",
+            name="ck_promo_redemptions",
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=64, unique=True)
+    percent_off: Decimal | None = Field(default=None, sa_type=Numeric(5, 2))
+    amount_off: int | None = Field(default=None, sa_type=BigInteger)
+    currency: str | None = Field(default=None, max_length=3)
+    duration: PromoDuration = Field(sa_type=_enum(PromoDuration))
+    duration_invoices: int | None = None
+    expires_at: datetime | None = _ts(nullable=True, default=None)
+    max_redemptions: int | None = None
+    times_redeemed: int = Field(default=0)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class SubscriptionPromo(SQLModel, table=True):
+    """A promo code redeemed on a subscription; applied to invoices in ``position`` order."""
+
+    __tablename__ = "subscription_promos"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "promo_code_id", name="uq_subscription_promo"),
+        CheckConstraint("invoices_applied >= 0", name="ck_subscription_promo_applied"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subscription_id: uuid.UUID = Field(foreign_key="subscriptions.id", index=True)
+    promo_code_id: uuid.UUID = Field(foreign_key="promo_codes.id")
+    redeemed_at: datetime = _ts()
+    invoices_applied: int = Field(default=0)
+    position: int = Field(default=1)

@@ -10,7 +10,7 @@ from decimal import Decimal
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.periods import Interval, period
+from billing.periods import Interval, local_midnight, period
 from schema.models import Interval as PlanInterval
 from schema.models import (
     Meter,
@@ -65,12 +65,15 @@ async def subscriber(
         room = Room(code=f"R-{uuid.uuid4().hex[:8]}", name=f"Room of {name}", plan_id=cat.plan.id)
         s.add_all([tenant, room])
         await s.flush()
-        first = period(started_at, timezone, Interval(cat.plan.interval), 0)
+        anchor = local_midnight(started_at, timezone)
+        first = period(anchor, timezone, Interval(cat.plan.interval), 0)
         sub = Subscription(
             tenant_id=tenant.id,
             room_id=room.id,
             plan_id=cat.plan.id,
             started_at=started_at,
+            anchor_at=anchor,
+            next_invoice_at=anchor,
             current_period_start=first.start,
             current_period_end=first.end,
         )

@@ -143,11 +143,19 @@ async def test_invoices_list_and_detail(api, sessions):
 
     detail = (await api.get(f"/v1/invoices/{draft.id}")).json()
     assert {k: v for k, v in detail.items() if k != "lines"} == listed[0]
+    no_period = {
+        "period_start": None,
+        "period_end": None,
+        "plan_code": None,
+        "promo_code": None,
+        "days": None,
+        "period_days": None,
+    }
     assert detail["lines"] == [
         {"position": 1, "kind": "base_fee", "description": "Rent", "meter_code": None, "quantity": "1",
-         "unit_amount": "65000", "amount": 65000},
+         "unit_amount": "65000", "amount": 65000, **no_period},
         {"position": 2, "kind": "usage", "description": "Electricity", "meter_code": "electricity",
-         "quantity": "10.1", "unit_amount": "28.5", "amount": 288},
+         "quantity": "10.1", "unit_amount": "28.5", "amount": 288, **no_period},
     ]  # fmt: skip
     assert (await api.get(f"/v1/invoices/{uuid.uuid4()}")).status_code == 404
 

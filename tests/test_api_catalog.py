@@ -93,9 +93,10 @@ async def test_plans_are_versioned_and_exact(api):
     ]
     first = await plan(api, charges=charges)
     assert first["version"] == 1 and first["base_fee"] == 65000 and first["trial_days"] == 0
+    per_unit = {"price_model": "per_unit", "tiers": None, "package_size": None, "minimum_amount": 0}
     assert first["charges"] == [
-        {"meter_code": "electricity", "unit_amount": "28.5"},
-        {"meter_code": "water", "unit_amount": "410"},
+        {"meter_code": "electricity", "unit_amount": "28.5", **per_unit},
+        {"meter_code": "water", "unit_amount": "410", **per_unit},
     ]
     # A price with more digits than a float holds survives exactly.
     raw = (
@@ -104,7 +105,7 @@ async def test_plans_are_versioned_and_exact(api):
     )
     second = (await api.post("/v1/plans", content=raw, headers={"content-type": "application/json"})).json()
     assert second["version"] == 2 and second["id"] != first["id"]
-    assert second["charges"] == [{"meter_code": "electricity", "unit_amount": "0.123456789"}]
+    assert second["charges"] == [{"meter_code": "electricity", "unit_amount": "0.123456789", **per_unit}]
     assert (await api.get(f"/v1/plans/{first['id']}")).json() == first
     assert [(p["code"], p["version"]) for p in (await api.get("/v1/plans")).json()] == [
         ("standard", 1),
@@ -161,9 +162,11 @@ async def test_subscription_periods_follow_the_tenant_time_zone(api, sessions):
     assert response.status_code == 201, response.text
     sub = response.json()
     assert sub["status"] == "active" and sub["plan_id"] == r["plan_id"] and sub["current_period_index"] == 0
-    # Jan 31 10:00 Berlin -> Feb 28 10:00 Berlin (month-end clamp), both CET.
-    assert datetime.fromisoformat(sub["current_period_start"]) == datetime(2026, 1, 31, 9, tzinfo=UTC)
-    assert datetime.fromisoformat(sub["current_period_end"]) == datetime(2026, 2, 28, 9, tzinfo=UTC)
+    # Anchored on local midnight of the start day: Jan 31 00:00 Berlin -> Feb 28 00:00 (month-end clamp), CET.
+    assert datetime.fromisoformat(sub["anchor_at"]) == datetime(2026, 1, 30, 23, tzinfo=UTC)
+    assert sub["next_invoice_at"] == sub["anchor_at"] == sub["current_period_start"] and sub["credit_balance"] == 0
+    assert datetime.fromisoformat(sub["current_period_end"]) == datetime(2026, 2, 27, 23, tzinfo=UTC)
+    assert datetime.fromisoformat(sub["started_at"]) == datetime(2026, 1, 31, 9, tzinfo=UTC)
     assert (await api.get(f"/v1/subscriptions/{sub['id']}")).json() == sub
     assert [s["id"] for s in (await api.get("/v1/subscriptions", params={"tenant_id": t["id"]})).json()] == [sub["id"]]
     assert (await api.get("/v1/subscriptions", params={"tenant_id": str(uuid.uuid4())})).json() == []

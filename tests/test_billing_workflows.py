@@ -29,8 +29,10 @@ from workflows.contracts import (
 
 pytestmark = pytest.mark.db
 
-START = datetime(2026, 1, 10, 9, tzinfo=UTC)  # period 0: Jan 10 - Feb 10
-AS_OF = datetime(2026, 2, 15, tzinfo=UTC)
+START = datetime(2026, 1, 10, 9, tzinfo=UTC)  # anchored at local midnight: period 0 is Jan 10 - Feb 10
+ANCHOR = datetime(2026, 1, 10, tzinfo=UTC)
+FEB_10 = datetime(2026, 2, 10, tzinfo=UTC)
+AS_OF = datetime(2026, 2, 15, tzinfo=UTC)  # boundaries 0 (Jan 10) and 1 (Feb 10) are due
 
 
 async def start_run(
@@ -60,7 +62,7 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
 ):
     cat = await factories.catalog(sessions)
     sub = await factories.subscriber(sessions, cat, START)
-    # 3 kWh readings inside the period, one outside (after the period end): 12.5+7.25+0.1 = 19.85 kWh
+    # 3 kWh readings in period 0, one after its end (Feb 10, 09:00): 12.5 + 7.25 + 0.1 = 19.85 kWh
     await factories.usage(sessions, sub, cat.kwh, ["12.5", "7.25", "0.1"], START + timedelta(days=1))
     await factories.usage(sessions, sub, cat.kwh, ["1000"], datetime(2026, 2, 10, 9, tzinfo=UTC))
     await factories.usage(sessions, sub, cat.water, ["1.5"], START + timedelta(days=3))
@@ -69,33 +71,33 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
         handle = await start_run(temporal_env, settings)
         progress = await handle.result()
         await record_history(handle, "billing_run")
-        child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, START))
+        child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10))
         await record_history(child, "invoice_cycle")
 
-    assert progress.done and progress.periods_found == 1 and progress.invoices_created == 1 and progress.failed == 0
-    [invoice] = await invoices(sessions)
-    assert invoice.status == InvoiceStatus.ready
-    assert (invoice.period_start, invoice.period_end) == (START, datetime(2026, 2, 10, 9, tzinfo=UTC))
+    assert progress.done and progress.periods_found == 2 and progress.invoices_created == 2 and progress.failed == 0
+    first, second = await invoices(sessions)
+    assert first.status == second.status == InvoiceStatus.ready
+    assert (first.period_start, first.period_end, first.settled_start) == (ANCHOR, FEB_10, None)
+    assert (second.settled_start, second.settled_end, second.period_start) == (ANCHOR, FEB_10, FEB_10)
+    assert first.total == 65000  # the first base fee, in advance
     async with sessions() as s:
-        lines = (
-            await s.exec(
-                select(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id).order_by(col(InvoiceLine.position))
-            )
-        ).all()
+        query = select(InvoiceLine).where(InvoiceLine.invoice_id == second.id).order_by(col(InvoiceLine.position))
+        lines = (await s.exec(query)).all()
         advanced = await s.get(Subscription, sub.id)
-    # base 65000; 19.85 kWh x 28.5 = 565.725 -> 566; 1.5 m3 x 410 = 615
-    assert [(line.kind, line.quantity, line.amount) for line in lines] == [
-        ("base_fee", Decimal(1), 65000),
-        ("usage", Decimal("19.85"), 566),
-        ("usage", Decimal("1.5"), 615),
+    # usage of period 0 in arrears: 19.85 kWh x 28.5 = 565.725 -> 566; 1.5 m3 x 410 = 615; then period 1's fee
+    assert [(line.kind, line.meter_code, line.quantity, line.amount) for line in lines] == [
+        ("usage", "electricity", Decimal("19.85"), 566),
+        ("usage", "water", Decimal("1.5"), 615),
+        ("base_fee", None, Decimal(1), 65000),
     ]
-    assert invoice.total == sum(line.amount for line in lines) == 66181
-    assert advanced is not None and advanced.current_period_index == 1
-    assert advanced.current_period_start == invoice.period_end
+    assert second.total == sum(line.amount for line in lines) == 66181
+    assert advanced is not None and advanced.next_invoice_index == 2
+    assert advanced.next_invoice_at == datetime(2026, 3, 10, tzinfo=UTC)
+    assert advanced.current_period_start == FEB_10
 
-    pdf = await LocalDocumentStore(settings.documents_root).get(invoice.pdf_location or "")
+    pdf = await LocalDocumentStore(settings.documents_root).get(second.pdf_location or "")
     text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
-    assert invoice.number in text
+    assert second.number in text
     assert format_money(66181, "USD") in text  # $661.81
     assert "electricity" in text and "water" in text
 
@@ -114,8 +116,8 @@ async def test_the_same_run_twice_and_two_runs_at_once_bill_each_period_once(
         p2 = await second.result()
         again = await (await start_run(temporal_env, settings)).result()
 
-    assert len(await invoices(sessions)) == 4
-    assert p1.invoices_created + p2.invoices_created == 4
+    assert len(await invoices(sessions)) == 8  # boundaries 0 and 1 of each of the 4
+    assert p1.invoices_created + p2.invoices_created == 8
     assert p1.failed == p2.failed == 0
     assert again.periods_found == 0 and again.invoices_created == 0
 
@@ -125,13 +127,14 @@ async def test_a_subscription_behind_by_several_periods_catches_up(temporal_env,
     sub = await factories.subscriber(sessions, cat, datetime(2025, 10, 31, tzinfo=UTC))
     async with build_worker(temporal_env.client, settings, activities):
         progress = await (await start_run(temporal_env, settings, as_of=datetime(2026, 3, 1, tzinfo=UTC))).result()
-    # Oct 31 -> Nov 30 -> Dec 31 -> Jan 31 -> Feb 28 (month-end clamped from the anchor) -> Mar 31
-    assert progress.invoices_created == 4
+    # Boundaries Oct 31, Nov 30, Dec 31, Jan 31, Feb 28 (month-end clamped from the anchor); next: Mar 31
+    assert progress.invoices_created == 5
     starts = [i.period_start.date().isoformat() for i in await invoices(sessions)]
-    assert starts == ["2025-10-31", "2025-11-30", "2025-12-31", "2026-01-31"]
+    assert starts == ["2025-10-31", "2025-11-30", "2025-12-31", "2026-01-31", "2026-02-28"]
     async with sessions() as s:
         current = await s.get(Subscription, sub.id)
     assert current is not None and current.current_period_start == datetime(2026, 2, 28, tzinfo=UTC)
+    assert current.next_invoice_at == datetime(2026, 3, 31, tzinfo=UTC)
 
 
 async def test_large_runs_continue_as_new_and_keep_their_progress(temporal_env, sessions, activities, settings):
@@ -141,9 +144,9 @@ async def test_large_runs_continue_as_new_and_keep_their_progress(temporal_env, 
     async with build_worker(temporal_env.client, settings, activities):
         handle = await start_run(temporal_env, settings, page_size=2, pages_per_run=1)
         progress = await handle.result()
-    assert progress.continued_as_new == 2  # pages of 2, 2, 1
-    assert progress.invoices_created == 5 and progress.periods_found == 5 and progress.pages == 3
-    assert len(await invoices(sessions)) == 5
+    assert progress.continued_as_new == 2  # pages of 2, 2, 1 subscriptions
+    assert progress.invoices_created == 10 and progress.periods_found == 10 and progress.pages == 3
+    assert len(await invoices(sessions)) == 10
 
 
 async def test_worker_stopped_mid_run_and_restarted_leaves_no_duplicate_and_no_gap(
@@ -166,13 +169,13 @@ async def test_worker_stopped_mid_run_and_restarted_leaves_no_duplicate_and_no_g
     await worker.shutdown()
     await run
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
-    assert 2 <= len(await invoices(sessions)) < 8
+    assert 2 <= len(await invoices(sessions)) < 16
 
     async with build_worker(temporal_env.client, settings, activities):
         progress = await handle.result()
     all_invoices = await invoices(sessions)
-    assert len(all_invoices) == 8
-    assert len({i.subscription_id for i in all_invoices}) == 8
+    assert len(all_invoices) == 16
+    assert len({(i.subscription_id, i.period_start) for i in all_invoices}) == 16
     assert all(i.status == InvoiceStatus.ready and i.pdf_location for i in all_invoices)
     assert progress.failed == 0
 
@@ -184,6 +187,6 @@ async def test_invoice_lines_always_add_up_to_the_total(temporal_env, sessions, 
     async with build_worker(temporal_env.client, settings, activities):
         await (await start_run(temporal_env, settings)).result()
     async with sessions() as s:
-        [invoice] = (await s.exec(select(Invoice))).all()
+        invoice = (await s.exec(select(Invoice).where(Invoice.boundary_index == 1))).one()
         total = (await s.exec(select(func.sum(InvoiceLine.amount)).where(InvoiceLine.invoice_id == invoice.id))).one()
-    assert total == invoice.total == 9999 + 342  # 12.0175 kWh x 28.5 = 342.49875 -> 342
+    assert total == invoice.total == 342 + 9999  # 12.0175 kWh x 28.5 = 342.49875 -> 342, then the next fee

@@ -74,14 +74,16 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         assert ingested.status_code == 200, ingested.text
         assert ingested.json()["accepted"] == 5
 
+        # Boundaries Mar 1 and Apr 1 (local midnight) are due: the first fee, then March in arrears + April's fee.
         progress = await billing_run(api, "2026-04-02T00:00:00Z")
-        assert progress["progress"]["invoices_created"] == 1 and progress["progress"]["done"]
+        assert progress["progress"]["invoices_created"] == 2 and progress["progress"]["done"]
 
         listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "ready"})).json()
-        assert len(listed) == 1
-        invoice = (await api.get(f"/v1/invoices/{listed[0]['id']}")).json()
-        # 65000 + 14.75 kWh x 28.5 = 420.375 -> 420 + 2 cycles x 350 = 700
-        assert [line["amount"] for line in invoice["lines"]] == [65000, 420, 700]
+        assert [i["total"] for i in sorted(listed, key=lambda i: i["period_start"])] == [65000, 66120]
+        latest = max(listed, key=lambda i: i["period_start"])
+        invoice = (await api.get(f"/v1/invoices/{latest['id']}")).json()
+        # 14.75 kWh x 28.5 = 420.375 -> 420; 2 cycles x 350 = 700; April's base fee 65000
+        assert [line["amount"] for line in invoice["lines"]] == [420, 700, 65000]
         assert invoice["total"] == 66120 and invoice["currency"] == "EUR"
 
         pdf = await api.get(invoice["pdf_url"])
@@ -93,7 +95,7 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         again = await billing_run(api, "2026-04-02T00:00:00Z")
         assert again["workflow_id"] == progress["workflow_id"]
         assert again["progress"]["periods_found"] == 0 and again["progress"]["invoices_created"] == 0
-        assert len((await api.get("/v1/invoices", params={"tenant_id": tenant["id"]})).json()) == 1
+        assert len((await api.get("/v1/invoices", params={"tenant_id": tenant["id"]})).json()) == 2
 
 
 async def billing_run(api: httpx.AsyncClient, as_of: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Replay committed histories of real runs against today's workflow code.
 
 A change that would break running workflows (a new activity, a reordered call, a
-different child id) makes these replays fail. Histories are recorded with
+different child id) makes these replays fail. (The histories were recorded again when the
+pricing engine replaced the aggregate/rate activities, before any release: no workflow of
+the earlier shape ever ran in production.) Histories are recorded with
 ``pytest tests/test_billing_workflows.py -k turns_usage --record-histories``; record new
 ones when a deliberate, ``workflow.patched``-gated change lands, and keep the old ones.
 """
@@ -22,10 +24,12 @@ from temporalio.workflow import NondeterminismError
 
 from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import (
-    ACT_AGGREGATE_USAGE,
     ACT_CREATE_INVOICE,
+    ACT_FINALIZE_INVOICE,
     INVOICE_WORKFLOW,
-    AggregateUsageInput,
+    CreateInvoiceInput,
+    CreateInvoiceResult,
+    FinalizeInvoiceInput,
     InvoiceCycleInput,
     InvoiceCycleResult,
 )
@@ -57,21 +61,26 @@ async def test_committed_history_replays(path: Path):
 
 
 @workflow.defn(name=INVOICE_WORKFLOW)
-class InvoiceCycleSkippingRating:
-    """A 'refactor' that drops the rating step: running invoice workflows could not continue."""
+class InvoiceCycleSkippingThePdf:
+    """A 'refactor' that finalizes without rendering: running invoice workflows could not continue."""
 
     @workflow.run
     async def run(self, data: InvoiceCycleInput) -> InvoiceCycleResult:
-        await workflow.execute_activity(
-            ACT_AGGREGATE_USAGE,
-            AggregateUsageInput(data.subscription_id, data.period_start, data.period_end),
+        invoice = await workflow.execute_activity(
+            ACT_CREATE_INVOICE,
+            CreateInvoiceInput(data.subscription_id, data.period_index, data.period_start, workflow.info().workflow_id),
+            result_type=CreateInvoiceResult,
             start_to_close_timeout=timedelta(seconds=30),
         )
-        await workflow.execute_activity(ACT_CREATE_INVOICE, data, start_to_close_timeout=timedelta(seconds=30))
+        await workflow.execute_activity(
+            ACT_FINALIZE_INVOICE,
+            FinalizeInvoiceInput(invoice.invoice_id, "nowhere"),
+            start_to_close_timeout=timedelta(seconds=30),
+        )
         raise AssertionError("unreachable in replay")
 
 
 async def test_a_nondeterministic_change_fails_replay():
     history = load(next(p for p in HISTORIES if p.stem == "invoice_cycle"))
     with pytest.raises(NondeterminismError):
-        await replayer(InvoiceCycleSkippingRating).replay_workflow(history)
+        await replayer(InvoiceCycleSkippingThePdf).replay_workflow(history)

@@ -35,6 +35,8 @@ async def _seed(sessions):
             room_id=room.id,
             plan_id=plan.id,
             started_at=T0,
+            anchor_at=T0,
+            next_invoice_at=T0,
             current_period_start=T0,
             current_period_end=T1,
         )

@@ -3,7 +3,8 @@
 - Children have business-key ids (``invoice:{subscription}:{period_start}``) and may only be
   started again if an earlier attempt failed, so two runs, or a run started twice, cannot
   invoice a period twice; the database's unique (subscription, period) backs this up.
-- At most ``max_concurrency`` children run at once.
+- At most ``max_concurrency`` subscriptions are invoiced at once; one subscription's boundaries
+  are invoiced one after the other, oldest first.
 - After ``pages_per_run`` pages, or when Temporal suggests it, the run waits for its
   children and continues as new, carrying the cursor and the progress counters.
 - ``progress`` is a query: operators and the API read it while the run goes on.
@@ -67,9 +68,10 @@ class BillingRunWorkflow:
             self._progress.pages += 1
             self._progress.periods_found += len(page.periods)
             pages_this_run += 1
-            for due in page.periods:
+            for dues in _by_subscription(page.periods):
                 await workflow.wait_condition(lambda: self._in_flight < data.max_concurrency)
-                await self._start_invoice(due)
+                self._in_flight += 1
+                asyncio.create_task(self._invoice_in_order(dues))  # noqa: RUF006  (tracked by _in_flight)
             cursor = page.next_cursor
             if cursor is None:
                 break
@@ -92,10 +94,20 @@ class BillingRunWorkflow:
         self._progress.in_flight = 0
         return self._progress
 
-    async def _start_invoice(self, due: DuePeriod) -> None:
+    async def _invoice_in_order(self, dues: list[DuePeriod]) -> None:
+        """One subscription's boundaries, oldest first: each invoice carries credit and promo counts on."""
+        try:
+            for due in dues:
+                if not await self._invoice(due):
+                    break  # a later boundary cannot be invoiced before this one
+        finally:
+            self._in_flight -= 1
+
+    async def _invoice(self, due: DuePeriod) -> bool:
+        """Run the invoice workflow of one boundary; False if it failed."""
         child_id = invoice_workflow_id(due.subscription_id, due.period_start)
         try:
-            handle = await workflow.start_child_workflow(
+            result = await workflow.execute_child_workflow(
                 INVOICE_WORKFLOW,
                 InvoiceCycleInput(
                     subscription_id=due.subscription_id,
@@ -110,26 +122,25 @@ class BillingRunWorkflow:
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
             )
         except WorkflowAlreadyStartedError:
-            # Another run is invoicing this period, or already has.
+            # Another run is invoicing this boundary, or already has.
             self._progress.invoices_existing += 1
-            return
-        self._in_flight += 1
-        asyncio.create_task(self._await_invoice(child_id, handle))  # noqa: RUF006  (tracked by _in_flight)
-
-    async def _await_invoice(
-        self, child_id: str, handle: workflow.ChildWorkflowHandle[object, InvoiceCycleResult]
-    ) -> None:
-        try:
-            result = await handle
+            return True
         except ChildWorkflowError as err:
             self._progress.failed += 1
             if len(self._progress.failures) < MAX_FAILURES_KEPT:
                 self._progress.failures.append(f"{child_id}: {err.cause or err}")
             workflow.logger.warning("invoice workflow %s failed: %s", child_id, err.cause or err)
+            return False
+        if result.created:
+            self._progress.invoices_created += 1
         else:
-            if result.created:
-                self._progress.invoices_created += 1
-            else:
-                self._progress.invoices_existing += 1
-        finally:
-            self._in_flight -= 1
+            self._progress.invoices_existing += 1
+        return True
+
+
+def _by_subscription(periods: list[DuePeriod]) -> list[list[DuePeriod]]:
+    """Due boundaries grouped per subscription, in page order (a page lists each one's together)."""
+    groups: dict[object, list[DuePeriod]] = {}
+    for due in periods:
+        groups.setdefault(due.subscription_id, []).append(due)
+    return list(groups.values())

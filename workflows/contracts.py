@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 
 # Workflow names and ids.
 BILLING_RUN_WORKFLOW = "BillingRun"
@@ -34,7 +33,8 @@ def billing_run_workflow_id(as_of: datetime) -> str:
 # Error types that callers match on (ApplicationError.type).
 ERR_SUBSCRIPTION_NOT_FOUND = "SubscriptionNotFound"
 ERR_INVOICE_NOT_FOUND = "InvoiceNotFound"
-ERR_PLAN_CHANGED = "PlanChanged"
+ERR_PRICING = "PricingError"  # non-retryable: the engine refuses the stored data
+ERR_EARLIER_INVOICE_PENDING = "EarlierInvoicePending"  # retryable: boundaries are invoiced in order
 
 
 @dataclass
@@ -64,10 +64,12 @@ class BillingRunProgress:
 
 @dataclass
 class DuePeriod:
+    """A boundary at or before ``as_of`` with no invoice yet."""
+
     subscription_id: uuid.UUID
-    period_index: int
-    period_start: datetime
-    period_end: datetime
+    period_index: int  # the boundary index
+    period_start: datetime  # the boundary
+    period_end: datetime  # the next boundary
     tenant_id: uuid.UUID | None = None  # for log context
 
 
@@ -86,10 +88,13 @@ class ListDuePeriodsResult:
 
 @dataclass
 class InvoiceCycleInput:
+    """The invoice issued at boundary ``period_index``: the period that starts there is billed in
+    advance, the one that ended there in arrears."""
+
     subscription_id: uuid.UUID
-    period_index: int
-    period_start: datetime
-    period_end: datetime
+    period_index: int  # the boundary index (0: the subscription's start)
+    period_start: datetime  # the boundary
+    period_end: datetime  # the end of the period billed in advance
     tenant_id: uuid.UUID | None = None  # for log context
 
 
@@ -104,56 +109,12 @@ class InvoiceCycleResult:
 
 
 @dataclass
-class AggregateUsageInput:
-    subscription_id: uuid.UUID
-    period_start: datetime
-    period_end: datetime
-    tenant_id: uuid.UUID | None = None  # for log context
-
-
-@dataclass
-class MeterUsage:
-    meter_code: str
-    quantity: Decimal
-
-
-@dataclass
-class AggregateUsageResult:
-    usage: list[MeterUsage]
-
-
-@dataclass
-class RateInvoiceInput:
-    subscription_id: uuid.UUID
-    usage: list[MeterUsage]
-    tenant_id: uuid.UUID | None = None  # for log context
-
-
-@dataclass
-class RatedLineData:
-    kind: str
-    description: str
-    quantity: Decimal
-    unit_amount: Decimal
-    amount: int
-    meter_code: str | None = None
-
-
-@dataclass
-class RateInvoiceResult:
-    currency: str
-    lines: list[RatedLineData]
-    total: int
-
-
-@dataclass
 class CreateInvoiceInput:
+    """Draft (pricing engine) and write the invoice at boundary ``boundary_index``, in one transaction."""
+
     subscription_id: uuid.UUID
-    period_index: int
-    period_start: datetime
-    period_end: datetime
-    currency: str
-    lines: list[RatedLineData]
+    boundary_index: int
+    period_start: datetime  # the boundary: the invoice's business key with the subscription
     workflow_id: str
     tenant_id: uuid.UUID | None = None  # for log context
 
@@ -163,7 +124,8 @@ class CreateInvoiceResult:
     invoice_id: uuid.UUID
     number: str
     total: int
-    created: bool
+    currency: str
+    created: bool  # False: it existed already (a re-run)
     status: str
 
 
@@ -187,8 +149,6 @@ class FinalizeInvoiceInput:
 
 # Activity names: workflows refer to activities by these names only.
 ACT_LIST_DUE_PERIODS = "list_due_periods"
-ACT_AGGREGATE_USAGE = "aggregate_usage"
-ACT_RATE_INVOICE = "rate_invoice"
 ACT_CREATE_INVOICE = "create_invoice"
 ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
 ACT_FINALIZE_INVOICE = "finalize_invoice"

@@ -1,4 +1,4 @@
-"""One invoice for one (subscription, period): aggregate -> rate -> create -> render -> finalize."""
+"""The invoice at one boundary of a subscription: create (draft + write) -> render the PDF -> finalize."""
 
 from __future__ import annotations
 
@@ -9,21 +9,15 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
-        ACT_AGGREGATE_USAGE,
         ACT_CREATE_INVOICE,
         ACT_FINALIZE_INVOICE,
-        ACT_RATE_INVOICE,
         ACT_RENDER_INVOICE_PDF,
         INVOICE_WORKFLOW,
-        AggregateUsageInput,
-        AggregateUsageResult,
         CreateInvoiceInput,
         CreateInvoiceResult,
         FinalizeInvoiceInput,
         InvoiceCycleInput,
         InvoiceCycleResult,
-        RateInvoiceInput,
-        RateInvoiceResult,
         RenderInvoicePdfInput,
         RenderInvoicePdfResult,
     )
@@ -41,29 +35,12 @@ class InvoiceCycleWorkflow:
     @workflow.run
     async def run(self, data: InvoiceCycleInput) -> InvoiceCycleResult:
         tenant = data.tenant_id
-        usage = await workflow.execute_activity(
-            ACT_AGGREGATE_USAGE,
-            AggregateUsageInput(data.subscription_id, data.period_start, data.period_end, tenant_id=tenant),
-            result_type=AggregateUsageResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
-        rated = await workflow.execute_activity(
-            ACT_RATE_INVOICE,
-            RateInvoiceInput(data.subscription_id, usage.usage, tenant_id=tenant),
-            result_type=RateInvoiceResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
         invoice = await workflow.execute_activity(
             ACT_CREATE_INVOICE,
             CreateInvoiceInput(
                 subscription_id=data.subscription_id,
-                period_index=data.period_index,
+                boundary_index=data.period_index,
                 period_start=data.period_start,
-                period_end=data.period_end,
-                currency=rated.currency,
-                lines=rated.lines,
                 workflow_id=workflow.info().workflow_id,
                 tenant_id=tenant,
             ),
@@ -84,12 +61,12 @@ class InvoiceCycleWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        workflow.logger.info("invoice %s ready, total %s %s", invoice.number, invoice.total, rated.currency)
+        workflow.logger.info("invoice %s ready, total %s %s", invoice.number, invoice.total, invoice.currency)
         return InvoiceCycleResult(
             invoice_id=invoice.invoice_id,
             number=invoice.number,
             total=invoice.total,
-            currency=rated.currency,
+            currency=invoice.currency,
             created=invoice.created,
             pdf_location=pdf.location,
         )

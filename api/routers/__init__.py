@@ -5,10 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from api.deps import current_principal
-from api.routers import billing_runs, health, invoices, meters, plans, rooms, subscriptions, tenants, usage
+from api.routers import (
+    billing_runs,
+    health,
+    invoices,
+    meters,
+    plans,
+    promo_codes,
+    rooms,
+    subscriptions,
+    tenants,
+    usage,
+)
 
 health_router = health.router
 
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
-for _module in (tenants, meters, plans, rooms, subscriptions, usage, billing_runs, invoices):
+for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices):
     v1_router.include_router(_module.router)

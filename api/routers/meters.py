@@ -9,6 +9,7 @@ from sqlmodel import col, select
 
 from api.deps import SessionDep
 from api.errors import conflict_on_unique, get_or_404
+from api.pricing import engine_meter
 from api.routing import DecimalJSONRoute
 from api.schemas import MeterCreate, MeterPublic
 from schema.models import Meter
@@ -19,9 +20,13 @@ router = APIRouter(prefix="/meters", tags=["meters"], route_class=DecimalJSONRou
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={status.HTTP_409_CONFLICT: {"description": "A meter with this code exists"}},
+    responses={
+        status.HTTP_409_CONFLICT: {"description": "A meter with this code exists"},
+        status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field; property_name is for unique_count only"},
+    },
 )
 async def create_meter(body: MeterCreate, session: SessionDep) -> MeterPublic:
+    engine_meter(body)
     meter = Meter(**body.model_dump())
     session.add(meter)
     async with conflict_on_unique(session, "code", f"a meter with code {body.code!r} already exists"):

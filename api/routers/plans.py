@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from decimal import Decimal
 
 from fastapi import APIRouter, status
 from sqlalchemy import func, text
@@ -12,9 +13,10 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import SessionDep
-from api.errors import Loc, body_errors, get_or_404
+from api.errors import get_or_404
+from api.pricing import charge_row, engine_plan
 from api.routing import DecimalJSONRoute
-from api.schemas import ChargePublic, PlanCreate, PlanPublic
+from api.schemas import ChargePublic, PlanCreate, PlanPublic, TierPublic
 from schema.models import Meter, Plan, PlanCharge
 
 router = APIRouter(prefix="/plans", tags=["plans"], route_class=DecimalJSONRoute)
@@ -27,38 +29,49 @@ def _public(plan: Plan, charges: Sequence[ChargePublic]) -> PlanPublic:
     return PlanPublic.model_validate({**plan.model_dump(), "charges": charges})
 
 
+def _charge_public(meter_code: str, charge: PlanCharge) -> ChargePublic:
+    tiers = None
+    if charge.tiers is not None:
+        tiers = [
+            TierPublic(
+                up_to=None if t["up_to"] is None else Decimal(t["up_to"]),
+                unit_amount=Decimal(t["unit_amount"] or 0),
+                flat_amount=Decimal(t["flat_amount"] or 0),
+            )
+            for t in charge.tiers
+        ]
+    return ChargePublic(
+        meter_code=meter_code,
+        price_model=charge.price_model,
+        unit_amount=charge.unit_amount,
+        tiers=tiers,
+        package_size=charge.package_size,
+        minimum_amount=charge.minimum_amount,
+    )
+
+
 async def _charges_by_plan(session: AsyncSession, plan_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[ChargePublic]]:
     query = (
-        select(col(PlanCharge.plan_id), col(Meter.code), col(PlanCharge.unit_amount))
+        select(col(Meter.code), PlanCharge)
         .join(Meter, col(Meter.id) == col(PlanCharge.meter_id))
         .where(col(PlanCharge.plan_id).in_(plan_ids))
         .order_by(col(Meter.code))
     )
     charges: dict[uuid.UUID, list[ChargePublic]] = defaultdict(list)
-    for plan_id, meter_code, unit_amount in await session.exec(query):
-        charges[plan_id].append(ChargePublic(meter_code=meter_code, unit_amount=unit_amount))
+    for meter_code, charge in await session.exec(query):
+        charges[charge.plan_id].append(_charge_public(meter_code, charge))
     return charges
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field or unknown meter_code"}},
+    responses={status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field or price, or unknown meter_code"}},
 )
 async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
     codes = {charge.meter_code for charge in body.charges}
     meters = {m.code: m for m in await session.exec(select(Meter).where(col(Meter.code).in_(codes)))}
-    problems: list[tuple[Loc, str, str]] = []
-    seen: set[str] = set()
-    for n, charge in enumerate(body.charges):
-        loc: Loc = ("charges", n, "meter_code")
-        if charge.meter_code not in meters:
-            problems.append((loc, f"meter {charge.meter_code!r} does not exist", "not_found"))
-        elif charge.meter_code in seen:
-            problems.append((loc, f"meter {charge.meter_code!r} is charged twice", "duplicate"))
-        seen.add(charge.meter_code)
-    if problems:
-        raise body_errors(problems)
+    priced = engine_plan(body, meters)
 
     conn = await session.connection()
     await conn.execute(_LOCK_CODE, {"key": f"plan:{body.code}"})
@@ -74,12 +87,11 @@ async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
     )
     session.add(plan)
     await session.flush()
-    session.add_all(
-        PlanCharge(plan_id=plan.id, meter_id=meters[c.meter_code].id, unit_amount=c.unit_amount) for c in body.charges
-    )
+    charges = {c.meter.code: charge_row(plan.id, meters[c.meter.code].id, c) for c in priced.charges}
+    session.add_all(charges.values())
     await session.commit()
-    charges = sorted(body.charges, key=lambda c: c.meter_code)
-    return _public(plan, [ChargePublic(meter_code=c.meter_code, unit_amount=c.unit_amount) for c in charges])
+    public = [_charge_public(code, charges[code]) for code in sorted(charges)]
+    return _public(plan, public)
 
 
 @router.get("")

@@ -1,0 +1,316 @@
+"""From the database to the pricing engine: the draft of the invoice at a subscription's boundary.
+
+One code path for the invoice workflow and the upcoming-invoice preview, so the two always
+agree. Usage is aggregated in SQL, per slice of the settled period in which one plan was in
+force; the engine (``billing.pricing``) does every calculation and every rounding.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.types import String
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from billing.periods import Interval, Period
+from billing.pricing import (
+    Graduated,
+    InvoiceDraft,
+    LateUsage,
+    Package,
+    PerUnit,
+    Price,
+    Tier,
+    Volume,
+    build_invoice,
+    day_share,
+    day_span,
+    period_days,
+)
+from billing.pricing import Subscription as Timeline
+from billing.pricing.invoice import adjustment_line
+from billing.pricing.plans import MeteredCharge
+from billing.pricing.plans import Plan as PricedPlan
+from billing.pricing.promos import Promo, PromoDuration, PromoRedemption
+from billing.pricing.subscription import Move
+from billing.pricing.usage import Aggregation
+from billing.pricing.usage import Meter as PricedMeter
+from schema.models import (
+    Invoice,
+    InvoiceLine,
+    Meter,
+    Plan,
+    PlanCharge,
+    PriceModel,
+    PromoCode,
+    Room,
+    RoomAssignment,
+    Subscription,
+    SubscriptionPromo,
+    Tenant,
+)
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A subscription with everything the engine needs to price it."""
+
+    row: Subscription
+    tenant: Tenant
+    timeline: Timeline
+    promos: tuple[PromoRedemption, ...]
+    promo_rows: tuple[SubscriptionPromo, ...]
+
+
+def _price(charge: PlanCharge) -> Price:
+    match charge.price_model:
+        case PriceModel.per_unit:
+            return PerUnit(charge.unit_amount)
+        case PriceModel.package:
+            assert charge.package_size is not None  # the API requires it for package prices
+            return Package(charge.package_size, charge.unit_amount)
+        case PriceModel.graduated | PriceModel.volume:
+            tiers = tuple(
+                Tier(
+                    up_to=None if t.get("up_to") is None else Decimal(str(t["up_to"])),
+                    unit_amount=Decimal(str(t.get("unit_amount") or 0)),
+                    flat_amount=Decimal(str(t.get("flat_amount") or 0)),
+                )
+                for t in charge.tiers or []
+            )
+            return Graduated(tiers) if charge.price_model is PriceModel.graduated else Volume(tiers)
+
+
+async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
+    plan = await session.get(Plan, plan_id)
+    if plan is None:
+        raise NotFoundError(f"plan {plan_id} not found")
+    rows = (
+        await session.exec(
+            select(PlanCharge, Meter)
+            .join(Meter, col(Meter.id) == col(PlanCharge.meter_id))
+            .where(PlanCharge.plan_id == plan_id)
+            .order_by(col(Meter.code))
+        )
+    ).all()
+    charges = tuple(
+        MeteredCharge(
+            meter=PricedMeter(meter.code, meter.unit, Aggregation(meter.aggregation.value), meter.property_name),
+            price=_price(charge),
+            minimum=charge.minimum_amount,
+        )
+        for charge, meter in rows
+    )
+    return PricedPlan(
+        code=plan.code,
+        name=plan.name,
+        currency=plan.currency,
+        interval=Interval(plan.interval.value),
+        base_fee=plan.base_fee,
+        trial_days=plan.trial_days,
+        charges=charges,
+    )
+
+
+def _promo(row: PromoCode) -> Promo:
+    return Promo(
+        code=row.code,
+        duration=PromoDuration(row.duration.value),
+        percent_off=row.percent_off,
+        amount_off=row.amount_off,
+        currency=row.currency,
+        duration_invoices=row.duration_invoices,
+        expires_at=row.expires_at,
+        max_redemptions=row.max_redemptions,
+    )
+
+
+async def load(session: AsyncSession, subscription_id: uuid.UUID) -> Loaded:
+    sub = await session.get(Subscription, subscription_id)
+    if sub is None:
+        raise NotFoundError(f"subscription {subscription_id} not found")
+    tenant = await session.get(Tenant, sub.tenant_id)
+    assert tenant is not None  # foreign key
+    assignments = (
+        await session.exec(
+            select(RoomAssignment, Room)
+            .join(Room, col(Room.id) == col(RoomAssignment.room_id))
+            .where(RoomAssignment.subscription_id == sub.id)
+            .order_by(col(RoomAssignment.effective_from))
+        )
+    ).all()
+    plans: dict[uuid.UUID, PricedPlan] = {}
+    for assignment, _ in assignments:
+        if assignment.plan_id not in plans:
+            plans[assignment.plan_id] = await _priced_plan(session, assignment.plan_id)
+    moves: tuple[Move, ...] = ()
+    if not assignments:  # written with the subscription; a row without one is billed by its plan
+        first_plan, first_room = await _priced_plan(session, sub.plan_id), ""
+    else:
+        first, first_room_row = assignments[0]
+        first_plan, first_room = plans[first.plan_id], first_room_row.name
+        moves = tuple(Move(a.effective_from, plans[a.plan_id], room.name) for a, room in assignments[1:])
+    timeline = Timeline(anchor=sub.anchor_at, timezone=tenant.timezone, plan=first_plan, moves=moves, room=first_room)
+    promo_rows = (
+        await session.exec(
+            select(SubscriptionPromo, PromoCode)
+            .join(PromoCode, col(PromoCode.id) == col(SubscriptionPromo.promo_code_id))
+            .where(SubscriptionPromo.subscription_id == sub.id)
+            .order_by(col(SubscriptionPromo.position))
+        )
+    ).all()
+    return Loaded(
+        row=sub,
+        tenant=tenant,
+        timeline=timeline,
+        promos=tuple(PromoRedemption(_promo(p), r.redeemed_at, r.invoices_applied) for r, p in promo_rows),
+        promo_rows=tuple(r for r, _ in promo_rows),
+    )
+
+
+# One GROUP BY per slice; each meter's own aggregation picks the column. ``latest`` breaks
+# ties like the engine (occurred_at, then idempotency key, then quantity; the last wins);
+# ``unique_count`` compares the property's JSON values.
+_AGGREGATE_SQL: TextClause = text(
+    """
+    SELECT m.code,
+           CASE m.aggregation
+               WHEN 'sum' THEN sum(u.quantity)
+               WHEN 'count' THEN count(*)::numeric
+               WHEN 'max' THEN max(u.quantity)
+               WHEN 'latest' THEN (array_agg(u.quantity
+                                   ORDER BY u.occurred_at DESC, u.idempotency_key DESC, u.quantity DESC))[1]
+               WHEN 'unique_count' THEN count(DISTINCT (u.properties -> m.property_name)::text)
+                                        FILTER (WHERE u.properties ? m.property_name)::numeric
+           END AS quantity
+    FROM usage_events u
+    JOIN meters m ON m.id = u.meter_id
+    WHERE u.tenant_id = :tenant_id AND u.occurred_at >= :start AND u.occurred_at < :end
+      AND m.code = ANY(:codes)
+    GROUP BY m.id, m.code, m.aggregation, m.property_name
+    """
+).bindparams(bindparam("codes", type_=ARRAY(String())))
+
+
+async def aggregate(
+    session: AsyncSession, tenant_id: uuid.UUID, start: datetime, end: datetime, codes: Sequence[str]
+) -> dict[str, Decimal]:
+    """Each meter's aggregate over ``[start, end)`` for the tenant, in SQL."""
+    if not codes:
+        return {}
+    connection = await session.connection()
+    result = await connection.execute(
+        _AGGREGATE_SQL, {"tenant_id": tenant_id, "start": start, "end": end, "codes": list(codes)}
+    )
+    return {row.code: Decimal(row.quantity).normalize() for row in result if row.quantity is not None}
+
+
+async def _slice_usage(
+    session: AsyncSession, loaded: Loaded, period_index: int, until: datetime | None
+) -> dict[datetime, dict[str, Decimal]]:
+    usage: dict[datetime, dict[str, Decimal]] = {}
+    for s in loaded.timeline.usage_slices(period_index):
+        end = s.end if until is None else min(s.end, until)
+        codes = [c.meter.code for c in s.plan.charges]
+        if end > s.start and (quantities := await aggregate(session, loaded.row.tenant_id, s.start, end, codes)):
+            usage[s.start] = quantities
+    return usage
+
+
+_STALE_SQL: TextClause = text(
+    """
+    SELECT DISTINCT i.boundary_index FROM invoices i
+    JOIN usage_events u ON u.tenant_id = i.tenant_id
+     AND u.occurred_at >= i.settled_start AND u.occurred_at < i.settled_end
+     AND u.received_at > i.created_at
+    WHERE i.subscription_id = :sub AND i.settled_start IS NOT NULL AND i.boundary_index < :before
+    ORDER BY 1
+    """
+)
+
+
+async def _late_usage(session: AsyncSession, loaded: Loaded, before_index: int) -> list[tuple[LateUsage, str]]:
+    """Usage that arrived after its period was invoiced, re-rated per slice, with its plan code.
+
+    A period is looked at again when an event of it was received after the invoice that
+    settled it; what was invoiced for it (usage lines and earlier adjustments, per meter and
+    plan) is subtracted, so the same late event is never billed twice.
+    """
+    sub, timeline = loaded.row, loaded.timeline
+    connection = await session.connection()
+    stale = await connection.execute(_STALE_SQL, {"sub": sub.id, "before": before_index})
+    result: list[tuple[LateUsage, str]] = []
+    for (boundary_index,) in stale.all():
+        settled = timeline.period(boundary_index - 1)
+        span = period_days(settled, timeline.timezone)
+        for s in timeline.usage_slices(boundary_index - 1):
+            quantities = await aggregate(session, sub.tenant_id, s.start, s.end, [c.meter.code for c in s.plan.charges])
+            share = day_share(day_span(s.start, s.end, timeline.timezone).days, span.days)
+            for charge in s.plan.charges:
+                invoiced = await _invoiced(session, sub.id, settled, charge.meter.code, s.plan.code)
+                late = LateUsage(settled, charge, quantities.get(charge.meter.code, Decimal(0)), invoiced, share)
+                result.append((late, s.plan.code))
+    return result
+
+
+async def _invoiced(session: AsyncSession, subscription_id: uuid.UUID, p: Period, meter: str, plan_code: str) -> int:
+    amounts = (
+        await session.exec(
+            select(InvoiceLine.amount)
+            .join(Invoice, col(Invoice.id) == col(InvoiceLine.invoice_id))
+            .where(
+                Invoice.subscription_id == subscription_id,
+                InvoiceLine.period_start == p.start,
+                InvoiceLine.meter_code == meter,
+                InvoiceLine.plan_code == plan_code,
+                col(InvoiceLine.kind).in_(["usage", "usage_adjustment"]),
+            )
+        )
+    ).all()
+    return sum(amounts)
+
+
+@dataclass(frozen=True)
+class Draft:
+    loaded: Loaded
+    index: int
+    invoice: InvoiceDraft
+    adjustment_plans: tuple[str, ...]  # plan code of each leading usage_adjustment line, in order
+
+
+async def draft(session: AsyncSession, loaded: Loaded, index: int, until: datetime | None = None) -> Draft:
+    """The invoice at boundary ``index`` of a loaded subscription, counting usage before ``until``. Reads only."""
+    zone = loaded.tenant.timezone
+    lates = [(late, plan) for late, plan in await _late_usage(session, loaded, index) if adjustment_line(late, zone)]
+    usage = await _slice_usage(session, loaded, index - 1, until) if index > 0 else {}
+    invoice = build_invoice(
+        loaded.timeline,
+        index,
+        usage,
+        promos=loaded.promos,
+        late_usage=[late for late, _ in lates],
+        credit_balance=loaded.row.credit_balance,
+    )
+    return Draft(loaded, index, invoice, tuple(plan for _, plan in lates))
+
+
+async def upcoming_invoice(session: AsyncSession, subscription_id: uuid.UUID, as_of: datetime) -> InvoiceDraft:
+    """What the next invoice (the one not issued yet) will hold, from usage that occurred before ``as_of``.
+
+    Nothing is written. Before the next boundary the period it settles is still running, so
+    the preview shows its usage so far; once the boundary has passed, it is the invoice the
+    next billing run will issue, line for line.
+    """
+    loaded = await load(session, subscription_id)
+    return (await draft(session, loaded, loaded.row.next_invoice_index, until=as_of)).invoice

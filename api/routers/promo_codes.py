@@ -1,0 +1,46 @@
+"""Promo codes: percent or fixed amount off, for one, N or every invoice; redeemed on subscriptions."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+from sqlmodel import col, select
+
+from api.deps import SessionDep
+from api.errors import conflict_on_unique, get_or_404
+from api.pricing import engine_promo
+from api.routing import DecimalJSONRoute
+from api.schemas import PromoCodeCreate, PromoCodePublic
+from schema.models import PromoCode
+
+router = APIRouter(prefix="/promo-codes", tags=["promo codes"], route_class=DecimalJSONRoute)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        status.HTTP_409_CONFLICT: {"description": "A promo code with this code exists"},
+        status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field"},
+    },
+)
+async def create_promo_code(body: PromoCodeCreate, session: SessionDep) -> PromoCodePublic:
+    engine_promo(body)
+    promo = PromoCode(**body.model_dump())
+    session.add(promo)
+    async with conflict_on_unique(session, "code", f"a promo code {body.code!r} already exists"):
+        await session.commit()
+    return PromoCodePublic.model_validate(promo)
+
+
+@router.get("")
+async def list_promo_codes(session: SessionDep) -> list[PromoCodePublic]:
+    query = select(PromoCode).order_by(col(PromoCode.code))
+    return [PromoCodePublic.model_validate(p) for p in await session.exec(query)]
+
+
+@router.get("/{promo_code_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown promo code"}})
+async def get_promo_code(promo_code_id: uuid.UUID, session: SessionDep) -> PromoCodePublic:
+    promo = await get_or_404(session, PromoCode, promo_code_id, "promo code")
+    return PromoCodePublic.model_validate(promo)
