@@ -54,10 +54,12 @@ class InvoiceDocument:
     total: int  # minor units
     seller_name: str = "Roomly Billing"
     due_at: datetime | None = None
+    usage_start: datetime | None = None  # the period whose usage is billed in arrears, if any
+    usage_end: datetime | None = None
 
     def __post_init__(self) -> None:
         check_currency(self.currency)
-        instants = (self.issued_at, self.period_start, self.period_end, self.due_at)
+        instants = (self.issued_at, self.period_start, self.period_end, self.due_at, self.usage_start, self.usage_end)
         if any(i is not None and i.tzinfo is None for i in instants):
             raise ValueError("invoice datetimes must be timezone-aware")
         if self.period_end <= self.period_start:
@@ -90,6 +92,13 @@ def format_unit_price(unit_amount: Decimal, currency: str) -> str:
     return format_currency(major, check_currency(currency), locale=_LOCALE, decimal_quantization=False)
 
 
+def _span_text(start: datetime | None, end: datetime | None, zone: ZoneInfo) -> str | None:
+    """``start`` to the day before ``end`` (exclusive), in local dates; None without a span."""
+    if start is None or end is None:
+        return None
+    return f"{_show_date(_local_date(start, zone))} \u2013 {_show_date(_local_date(end, zone) - timedelta(days=1))}"
+
+
 def render_invoice_html(doc: InvoiceDocument) -> str:
     """The invoice as a self-contained HTML page (inline CSS, no external assets)."""
     zone = ZoneInfo(doc.timezone)
@@ -110,6 +119,7 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         due_on=_show_date(_local_date(doc.due_at, zone)) if doc.due_at is not None else None,
         period_from=_show_date(_local_date(doc.period_start, zone)),
         period_to=_show_date(last_day),
+        usage_period=_span_text(doc.usage_start, doc.usage_end, zone),
         lines=lines,
         subtotal=format_money(sum(line.amount for line in doc.lines), doc.currency),
         total=format_money(doc.total, doc.currency),

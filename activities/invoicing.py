@@ -236,6 +236,8 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
             for line in lines
         ),
         total=invoice.total,
+        usage_start=invoice.settled_start,
+        usage_end=invoice.settled_end,
     )
     return invoice, doc
 

@@ -100,6 +100,7 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
     assert second.number in text
     assert format_money(66181, "USD") in text  # $661.81
     assert "electricity" in text and "water" in text
+    assert "Usage period" in text and "Jan 10, 2026" in text and "Feb 9, 2026" in text  # period 0, in arrears
 
 
 async def test_the_same_run_twice_and_two_runs_at_once_bill_each_period_once(
