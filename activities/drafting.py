@@ -92,6 +92,11 @@ def _price(charge: PlanCharge) -> Price:
             return Graduated(tiers) if charge.price_model is PriceModel.graduated else Volume(tiers)
 
 
+def meter_of(row: Meter) -> PricedMeter:
+    """The engine's meter of a stored meter."""
+    return PricedMeter(row.code, row.unit, Aggregation(row.aggregation.value), row.property_name)
+
+
 async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
     plan = await session.get(Plan, plan_id)
     if plan is None:
@@ -106,7 +111,7 @@ async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
     ).all()
     charges = tuple(
         MeteredCharge(
-            meter=PricedMeter(meter.code, meter.unit, Aggregation(meter.aggregation.value), meter.property_name),
+            meter=meter_of(meter),
             price=_price(charge),
             minimum=charge.minimum_amount,
         )
@@ -123,7 +128,8 @@ async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
     )
 
 
-def _promo(row: PromoCode) -> Promo:
+def promo_of(row: PromoCode) -> Promo:
+    """The engine's promo of a stored promo code."""
     return Promo(
         code=row.code,
         duration=PromoDuration(row.duration.value),
@@ -174,7 +180,7 @@ async def load(session: AsyncSession, subscription_id: uuid.UUID) -> Loaded:
         row=sub,
         tenant=tenant,
         timeline=timeline,
-        promos=tuple(PromoRedemption(_promo(p), r.redeemed_at, r.invoices_applied) for r, p in promo_rows),
+        promos=tuple(PromoRedemption(promo_of(p), r.redeemed_at, r.invoices_applied) for r, p in promo_rows),
         promo_rows=tuple(r for r, _ in promo_rows),
     )
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
 
+from activities.drafting import meter_of
 from api.errors import Loc, body_errors
 from api.schemas import ChargeCreate, MeterCreate, PlanCreate, PromoCodeCreate, TierIn
 from billing.periods import Interval as EngineInterval
@@ -26,7 +27,7 @@ from billing.pricing.promos import Promo
 from billing.pricing.promos import PromoDuration as EnginePromoDuration
 from billing.pricing.usage import Aggregation as EngineAggregation
 from billing.pricing.usage import Meter as EngineMeter
-from schema.models import Aggregation, Meter, Plan, PlanCharge, PriceModel, PromoCode
+from schema.models import Aggregation, Meter, Plan, PlanCharge, PriceModel
 
 # Engine path segments under another name in the API bodies; None: no segment of its own
 # (a charge's price fields sit on the charge itself).
@@ -75,10 +76,6 @@ def engine_meter(body: MeterCreate) -> EngineMeter:
         return EngineMeter(body.code, body.unit, EngineAggregation(body.aggregation.value), body.property_name)
     except FieldError as exc:
         raise field_error(exc) from None
-
-
-def meter_of(row: Meter) -> EngineMeter:
-    return EngineMeter(row.code, row.unit, EngineAggregation(row.aggregation.value), row.property_name)
 
 
 # Plans
@@ -215,16 +212,3 @@ def engine_promo(body: PromoCodeCreate) -> Promo:
         )
     except FieldError as exc:
         raise field_error(exc) from None
-
-
-def promo_of(row: PromoCode) -> Promo:
-    return Promo(
-        code=row.code,
-        duration=EnginePromoDuration(row.duration.value),
-        percent_off=row.percent_off,
-        amount_off=row.amount_off,
-        currency=row.currency,
-        duration_invoices=row.duration_invoices,
-        expires_at=row.expires_at,
-        max_redemptions=row.max_redemptions,
-    )

@@ -13,8 +13,8 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from activities.drafting import promo_of
 from api.errors import body_error, conflict
-from api.pricing import promo_of
 from billing.pricing.errors import PromoNotRedeemableError
 from billing.pricing.promos import check_redeemable
 from schema.models import PromoCode, Subscription, SubscriptionPromo
