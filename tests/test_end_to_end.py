@@ -74,12 +74,21 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         assert ingested.status_code == 200, ingested.text
         assert ingested.json()["accepted"] == 5
 
+        # The preview of the next invoice (boundary 0, the start): what the run will write, line for line.
+        preview = await api.get(
+            f"/v1/subscriptions/{sub['id']}/upcoming-invoice", params={"as_of": "2026-03-01T12:00Z"}
+        )
+        assert preview.status_code == 200, preview.text
+        previewed = [(line["kind"], line["description"], line["amount"]) for line in preview.json()["lines"]]
+
         # Boundaries Mar 1 and Apr 1 (local midnight) are due: the first fee, then March in arrears + April's fee.
         progress = await billing_run(api, "2026-04-02T00:00:00Z")
         assert progress["progress"]["invoices_created"] == 2 and progress["progress"]["done"]
 
         listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "ready"})).json()
         assert [i["total"] for i in sorted(listed, key=lambda i: i["period_start"])] == [65000, 66120]
+        first = (await api.get(f"/v1/invoices/{min(listed, key=lambda i: i['period_start'])['id']}")).json()
+        assert [(line["kind"], line["description"], line["amount"]) for line in first["lines"]] == previewed
         latest = max(listed, key=lambda i: i["period_start"])
         invoice = (await api.get(f"/v1/invoices/{latest['id']}")).json()
         # 14.75 kWh x 28.5 = 420.375 -> 420; 2 cycles x 350 = 700; April's base fee 65000
