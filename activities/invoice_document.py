@@ -82,6 +82,16 @@ def format_quantity(quantity: Decimal) -> str:
     return format(quantity.normalize(), "f")
 
 
+# A unit price with more decimals than this (in minor units) is an average of tiers or a day
+# share (e.g. 27.692307692): the quantity and the amount say more, so the cell stays empty.
+_UNIT_PRICE_PLACES = 4
+
+
+def _shown(unit_amount: Decimal) -> bool:
+    exponent = unit_amount.normalize().as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= -_UNIT_PRICE_PLACES
+
+
 def format_unit_price(unit_amount: Decimal, currency: str) -> str:
     """A unit price given in (possibly fractional) minor units, in major units and exact.
 
@@ -107,7 +117,7 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         {
             "description": line.description,
             "quantity": format_quantity(line.quantity),
-            "unit_price": format_unit_price(line.unit_amount, doc.currency),
+            "unit_price": format_unit_price(line.unit_amount, doc.currency) if _shown(line.unit_amount) else "",
             "amount": format_money(line.amount, doc.currency),
         }
         for line in doc.lines

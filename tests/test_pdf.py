@@ -197,3 +197,26 @@ def test_invoice_html_shows_local_dates_exact_prices_and_escapes() -> None:
 def test_invoice_lines_must_add_up_to_total() -> None:
     with pytest.raises(ValueError, match="add up"):
         dataclasses.replace(usd_invoice(), total=1)
+
+
+def test_averaged_unit_prices_are_left_out_and_the_usage_period_is_shown() -> None:
+    lines = (
+        InvoiceDocumentLine("Electricity, graduated", Decimal("130"), Decimal("27.692307692"), 3600),
+        InvoiceDocumentLine("Unused time (16 of 31 days)", Decimal("16"), Decimal("-1935.483870968"), -30968),
+        InvoiceDocumentLine("Water", Decimal("2"), Decimal("400"), 800),
+        InvoiceDocumentLine("Rent", Decimal(1), Decimal(30968), 30968),
+    )
+    doc = dataclasses.replace(
+        usd_invoice(),
+        lines=lines,
+        total=3600 - 30968 + 800 + 30968,
+        usage_start=datetime(2025, 2, 1, 5, tzinfo=UTC),
+        usage_end=datetime(2025, 3, 1, 5, tzinfo=UTC),
+    )
+
+    html = render_invoice_html(doc)
+
+    assert "0.2769" not in html and "19.354" not in html  # averages: quantity and amount only
+    assert "$4.00" in html  # a plain unit price stays
+    assert "-$309.68" in html
+    assert "Usage period" in html and "Feb 1, 2025" in html and "Feb 28, 2025" in html
