@@ -234,15 +234,21 @@ async def _slice_usage(
     return usage
 
 
+# An event's received_at is its transaction's start, so an ingestion that began just before an
+# invoice was written but committed after it would look on time. Periods are therefore looked
+# at again for events received from a grace interval before the invoice; re-rating is exact
+# and subtracts what was invoiced, so looking again never bills anything twice.
+LATE_USAGE_GRACE = "15 minutes"
+
 _STALE_SQL: TextClause = text(
-    """
+    f"""
     SELECT DISTINCT i.boundary_index FROM invoices i
     JOIN usage_events u ON u.tenant_id = i.tenant_id
      AND u.occurred_at >= i.settled_start AND u.occurred_at < i.settled_end
-     AND u.received_at > i.created_at
+     AND u.received_at > i.created_at - interval '{LATE_USAGE_GRACE}'
     WHERE i.subscription_id = :sub AND i.settled_start IS NOT NULL AND i.boundary_index < :before
     ORDER BY 1
-    """
+    """  # noqa: S608  (a constant, not input)
 )
 
 
