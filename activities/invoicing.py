@@ -25,10 +25,8 @@ from schema.models import (
     InvoiceLine,
     InvoiceStatus,
     Plan,
-    PromoCode,
     Room,
     Subscription,
-    SubscriptionPromo,
     SubscriptionStatus,
     Tenant,
 )
@@ -172,10 +170,10 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         )
         for i, line in enumerate(draft.lines, start=1)
     )
-    for promo in loaded.promo_rows:
-        if await _promo_code(session, promo) in draft.promos_applied:
-            promo.invoices_applied += 1
-            session.add(promo)
+    for row, redemption in zip(loaded.promo_rows, loaded.promos, strict=True):
+        if redemption.promo.code in draft.promos_applied:
+            row.invoices_applied += 1
+            session.add(row)
     following = loaded.timeline.period(data.boundary_index + 1)
     sub.credit_balance = draft.credit_carried_forward
     sub.next_invoice_index = data.boundary_index + 1
@@ -190,12 +188,6 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
 
 # Lines that take something off the charges (the rest make up the subtotal).
 _REDUCTIONS = {LineKind.discount, LineKind.credit_applied}
-
-
-async def _promo_code(session: AsyncSession, promo: SubscriptionPromo) -> str:
-    row = await session.get(PromoCode, promo.promo_code_id)
-    assert row is not None  # foreign key
-    return row.code
 
 
 async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tuple[Invoice, InvoiceDocument]:
