@@ -36,6 +36,7 @@ class InvoiceDocumentLine:
     quantity: Decimal
     unit_amount: Decimal  # minor units, may be fractional
     amount: int  # minor units
+    reduction: bool = False  # a discount or applied credit: shown under the subtotal, not among the charges
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
             "amount": format_money(line.amount, doc.currency),
         }
         for line in doc.lines
+        if not line.reduction
+    ]
+    reductions = [
+        {"description": line.description, "amount": format_money(line.amount, doc.currency)}
+        for line in doc.lines
+        if line.reduction
     ]
     return _env.get_template(_TEMPLATE).render(
         doc=doc,
@@ -131,6 +138,7 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         period_to=_show_date(last_day),
         usage_period=_span_text(doc.usage_start, doc.usage_end, zone),
         lines=lines,
-        subtotal=format_money(sum(line.amount for line in doc.lines), doc.currency),
+        reductions=reductions,
+        subtotal=format_money(sum(line.amount for line in doc.lines if not line.reduction), doc.currency),
         total=format_money(doc.total, doc.currency),
     )

@@ -223,7 +223,11 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
         plan_name=plan.name,
         lines=tuple(
             InvoiceDocumentLine(
-                description=line.description, quantity=line.quantity, unit_amount=line.unit_amount, amount=line.amount
+                description=line.description,
+                quantity=line.quantity,
+                unit_amount=line.unit_amount,
+                amount=line.amount,
+                reduction=line.kind in _REDUCTIONS,
             )
             for line in lines
         ),

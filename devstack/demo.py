@@ -43,7 +43,8 @@ class DemoPlan:
     code: str
     name: str
     base_fee: int
-    charges: tuple[tuple[str, str], ...]  # (meter code, unit amount in minor units per unit)
+    # (meter code, the charge's price fields as POST /v1/plans takes them; amounts in minor units)
+    charges: tuple[tuple[str, dict[str, Any]], ...]
     currency: str = "USD"
     interval: str = "month"
 
@@ -62,6 +63,7 @@ class DemoTenant:
     timezone: str
     room: str
     days_ago: int  # the subscription starts this many days (at a whole hour) before `now`
+    promo_code: str | None = None  # redeemed when the subscription is created
 
 
 METERS = (
@@ -74,10 +76,33 @@ PLANS = (
         "standard-monthly",
         "Standard room, monthly",
         65000,
-        (("electricity", "28.5"), ("water", "410"), ("laundry", "350")),
+        (
+            ("electricity", {"unit_amount": "28.5"}),
+            ("water", {"unit_amount": "410"}),
+            ("laundry", {"price_model": "package", "package_size": "2", "unit_amount": "600"}),
+        ),
     ),
-    DemoPlan("suite-monthly", "Suite, monthly", 120000, (("electricity", "25"), ("water", "400"))),
+    DemoPlan(
+        "suite-monthly",
+        "Suite, monthly",
+        120000,
+        (
+            (
+                "electricity",
+                {
+                    "price_model": "graduated",
+                    "tiers": [
+                        {"up_to": "150", "unit_amount": "25", "flat_amount": "0"},
+                        {"up_to": None, "unit_amount": "20", "flat_amount": "0"},
+                    ],
+                },
+            ),
+            ("water", {"unit_amount": "400", "minimum_amount": 1500}),
+        ),
+    ),
 )
+# 10 % off the first two invoices of whoever is given it.
+PROMO = {"code": "WELCOME10", "percent_off": "10", "duration": "repeating", "duration_invoices": 2}
 ROOMS = (
     DemoRoom("R101", "Room 101", "standard-monthly"),
     DemoRoom("R102", "Room 102", "standard-monthly"),
@@ -90,7 +115,7 @@ TENANTS = (
     DemoTenant("Lena Hoffmann", "lena.hoffmann@example.de", "Europe/Berlin", "R101", 40),
     DemoTenant("Marcus Reed", "marcus.reed@example.com", "America/New_York", "R102", 41),
     DemoTenant("Aisha Okafor", "aisha.okafor@example.org", "UTC", "R103", 39),
-    DemoTenant("Tomás Silva", "tomas.silva@example.net", "UTC", "S201", 42),
+    DemoTenant("Tomás Silva", "tomas.silva@example.net", "UTC", "S201", 42, promo_code="WELCOME10"),
 )
 # This part of the usage goes through the CSV upload instead of the JSON batch endpoint.
 CSV_ROOM, CSV_METER = "R103", "water"
@@ -294,10 +319,15 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
                 "currency": plan.currency,
                 "interval": plan.interval,
                 "base_fee": plan.base_fee,
-                "charges": [{"meter_code": m, "unit_amount": a} for m, a in plan.charges],
+                "charges": [{"meter_code": m, **price} for m, price in plan.charges],
             }
             plans[plan.code] = _check(await client.post("/v1/plans", json=body), 201)
         _bump(summary, "plans", not exists)
+
+    promos = {p["code"] for p in _check(await client.get("/v1/promo-codes"), 200)}
+    if PROMO["code"] not in promos:
+        _check(await client.post("/v1/promo-codes", json=PROMO), 201)
+    _bump(summary, "promo codes", PROMO["code"] not in promos)
 
     rooms = {r["code"]: r for r in _check(await client.get("/v1/rooms"), 200)}
     for room in ROOMS:
@@ -328,6 +358,8 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
                 "room_id": room_id,
                 "started_at": subscription_start(now, spec).isoformat(),
             }
+            if spec.promo_code is not None:
+                body["promo_code"] = spec.promo_code
             sub = _check(await client.post("/v1/subscriptions", json=body), 201)
             _bump(summary, "subscriptions", True)
         else:

@@ -113,6 +113,7 @@ class FakeApi:
         self.plans: list[dict[str, Any]] = []
         self.rooms: list[dict[str, Any]] = []
         self.tenants: list[dict[str, Any]] = []
+        self.promo_codes: list[dict[str, Any]] = []
         self.subscriptions: list[dict[str, Any]] = []
         self.usage: dict[tuple[str, str], dict[str, Any]] = {}
         self.csv_rows = 0
@@ -128,6 +129,7 @@ class FakeApi:
             "/v1/plans": self.plans,
             "/v1/rooms": self.rooms,
             "/v1/tenants": self.tenants,
+            "/v1/promo-codes": self.promo_codes,
         }
         if path in collections and method == "GET":
             items = collections[path]
@@ -192,7 +194,9 @@ async def test_seed_is_idempotent_through_the_api():
     api = FakeApi()
     async with httpx.AsyncClient(transport=httpx.MockTransport(api), base_url="http://api") as client:
         first = await demo.seed(client, NOW)
-        assert first.created == {"meters": 3, "plans": 2, "rooms": 6, "tenants": 4, "subscriptions": 4}
+        assert first.created == {
+            "meters": 3, "plans": 2, "promo codes": 1, "rooms": 6, "tenants": 4, "subscriptions": 4
+        }  # fmt: skip
         assert first.usage.accepted + first.csv.accepted == first.events == len(api.usage) > 100
         assert first.csv.accepted == api.csv_rows > 0
         assert first.usage.rejected == first.csv.rejected == 0
@@ -200,6 +204,7 @@ async def test_seed_is_idempotent_through_the_api():
         assert standard["base_fee"] == 65000
         assert {"meter_code": "electricity", "unit_amount": "28.5"} in standard["charges"]
         assert {(t["timezone"]) for t in api.tenants} == {"Europe/Berlin", "America/New_York", "UTC"}
+        assert [s["promo_code"] for s in api.subscriptions if "promo_code" in s] == ["WELCOME10"]
 
         # A later start: nothing created, every event a duplicate.
         second = await demo.seed(client, NOW + timedelta(days=2))

@@ -220,3 +220,15 @@ def test_averaged_unit_prices_are_left_out_and_the_usage_period_is_shown() -> No
     assert "$4.00" in html  # a plain unit price stays
     assert "-$309.68" in html
     assert "Usage period" in html and "Feb 1, 2025" in html and "Feb 28, 2025" in html
+
+
+def test_discounts_are_shown_under_the_subtotal_of_the_charges() -> None:
+    lines = (
+        InvoiceDocumentLine("Suite base fee", Decimal(1), Decimal(120000), 120000),
+        InvoiceDocumentLine("Promo WELCOME10", Decimal(1), Decimal(-12000), -12000, reduction=True),
+    )
+    html = render_invoice_html(dataclasses.replace(usd_invoice(), lines=lines, total=108000))
+
+    charges_table, totals = html.split('class="totals"')
+    assert "WELCOME10" not in charges_table and "WELCOME10" in totals
+    assert totals.index("$1,200.00") < totals.index("-$120.00") < totals.index("$1,080.00")  # subtotal, promo, total
