@@ -42,6 +42,7 @@ from billing.pricing.promos import Promo, PromoDuration, PromoRedemption
 from billing.pricing.subscription import Move
 from billing.pricing.usage import Aggregation
 from billing.pricing.usage import Meter as PricedMeter
+from schema.db import execute_sql
 from schema.models import (
     Invoice,
     InvoiceLine,
@@ -215,9 +216,8 @@ async def aggregate(
     """Each meter's aggregate over ``[start, end)`` for the tenant, in SQL."""
     if not codes:
         return {}
-    connection = await session.connection()
-    result = await connection.execute(
-        _AGGREGATE_SQL, {"tenant_id": tenant_id, "start": start, "end": end, "codes": list(codes)}
+    result = await execute_sql(
+        session, _AGGREGATE_SQL, {"tenant_id": tenant_id, "start": start, "end": end, "codes": list(codes)}
     )
     return {row.code: Decimal(row.quantity).normalize() for row in result if row.quantity is not None}
 
@@ -260,8 +260,7 @@ async def _late_usage(session: AsyncSession, loaded: Loaded, before_index: int) 
     plan) is subtracted, so the same late event is never billed twice.
     """
     sub, timeline = loaded.row, loaded.timeline
-    connection = await session.connection()
-    stale = await connection.execute(_STALE_SQL, {"sub": sub.id, "before": before_index})
+    stale = await execute_sql(session, _STALE_SQL, {"sub": sub.id, "before": before_index})
     result: list[tuple[LateUsage, str]] = []
     for (boundary_index,) in stale.all():
         settled = timeline.period(boundary_index - 1)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy import CursorResult, TextClause, text
+from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -20,6 +19,7 @@ from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
 from billing.pricing import LineKind
+from schema.db import execute_sql
 from schema.models import (
     Invoice,
     InvoiceLine,
@@ -41,12 +41,6 @@ __all__ = ["NotFoundError", "create_invoice", "finalize_invoice", "list_due_peri
 
 # A subscription further behind than this is billed over several runs, not in one page.
 MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
-
-
-async def _sql(session: AsyncSession, statement: TextClause, params: dict[str, Any] | None = None) -> CursorResult[Any]:
-    """Run hand-written SQL on the session's connection (inside its transaction)."""
-    connection = await session.connection()
-    return await connection.execute(statement, params or {})
 
 
 async def list_due_periods(
@@ -111,7 +105,7 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
     if existing is not None:
         return _existing_result(existing)
-    locked = await _sql(
+    locked = await execute_sql(
         session, text("SELECT 1 FROM subscriptions WHERE id = :id FOR UPDATE"), {"id": data.subscription_id}
     )
     if locked.first() is None:
@@ -130,7 +124,7 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         )
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
-    seq = (await _sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
+    seq = (await execute_sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
     charges = sum(line.amount for line in draft.lines if line.kind not in _REDUCTIONS)
     invoice = Invoice(
         number=f"INV-{seq:06d}",
@@ -244,7 +238,7 @@ def pdf_key(invoice: Invoice) -> str:
 
 async def finalize_invoice(session: AsyncSession, invoice_id: uuid.UUID, pdf_location: str) -> None:
     """draft -> ready with its PDF; an invoice already ready is left exactly as it is."""
-    result = await _sql(
+    result = await execute_sql(
         session,
         text(
             "UPDATE invoices SET status = 'ready', pdf_location = :loc, finalized_at = :now "

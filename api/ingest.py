@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult
+from schema.db import execute_sql
 from schema.models import UsageSource
 
 _EVENT = TypeAdapter(UsageEventIn)
@@ -118,11 +119,11 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
     valid = [(o, o.event) for o in outcomes if o.event is not None]
     if not valid:
         return
-    conn = await session.connection()
     tenant_ids = list({event.tenant_id for _, event in valid})
-    known_tenants = {row.id for row in await conn.execute(_KNOWN_TENANTS, {"ids": tenant_ids})}
+    known_tenants = {row.id for row in await execute_sql(session, _KNOWN_TENANTS, {"ids": tenant_ids})}
     codes = list({event.meter for _, event in valid})
-    meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in await conn.execute(_KNOWN_METERS, {"codes": codes})}
+    known_meters = await execute_sql(session, _KNOWN_METERS, {"codes": codes})
+    meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in known_meters}
 
     keys_in_batch: set[tuple[uuid.UUID, str]] = set()
     batch: list[tuple[RowOutcome, UsageEventIn]] = []
@@ -142,7 +143,8 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
     if not batch:
         return
 
-    inserted = await conn.execute(
+    inserted = await execute_sql(
+        session,
         _INSERT,
         {
             "source": source.value,

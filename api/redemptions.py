@@ -17,6 +17,7 @@ from activities.drafting import promo_of
 from api.errors import body_error, conflict
 from billing.pricing.errors import PromoNotRedeemableError
 from billing.pricing.promos import check_redeemable
+from schema.db import execute_sql
 from schema.models import PromoCode, Subscription, SubscriptionPromo
 
 _CLAIM = text(
@@ -52,8 +53,7 @@ async def redeem(
         check_redeemable(promo_of(promo), at, promo.times_redeemed, currency)
     except PromoNotRedeemableError as exc:
         raise body_error((field,), exc.message, "not_redeemable") from None
-    connection = await session.connection()
-    claimed = await connection.execute(_CLAIM, {"id": promo.id})
+    claimed = await execute_sql(session, _CLAIM, {"id": promo.id})
     if claimed.rowcount == 0:
         raise body_error((field,), f"promo {code!r} has no redemptions left", "not_redeemable")
     redemption = SubscriptionPromo(

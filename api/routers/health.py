@@ -9,6 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import SessionDep
 from api.schemas import Health
+from schema.db import execute_sql
 
 router = APIRouter(tags=["health"])
 log = structlog.stdlib.get_logger("api")
@@ -18,8 +19,7 @@ log = structlog.stdlib.get_logger("api")
 async def healthz(session: SessionDep, response: Response) -> Health:
     """``ok`` when PostgreSQL answers ``SELECT 1``; 503 otherwise."""
     try:
-        conn = await session.connection()
-        await conn.execute(text("SELECT 1"))
+        await execute_sql(session, text("SELECT 1"))
     except (SQLAlchemyError, OSError) as exc:
         log.warning("health check failed", error=str(exc))
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE

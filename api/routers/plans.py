@@ -17,6 +17,7 @@ from api.errors import get_or_404
 from api.pricing import charge_row, engine_plan
 from api.routing import DecimalJSONRoute
 from api.schemas import ChargePublic, PlanCreate, PlanPublic, TierPublic
+from schema.db import execute_sql
 from schema.models import Meter, Plan, PlanCharge
 
 router = APIRouter(prefix="/plans", tags=["plans"], route_class=DecimalJSONRoute)
@@ -73,8 +74,7 @@ async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
     meters = {m.code: m for m in await session.exec(select(Meter).where(col(Meter.code).in_(codes)))}
     priced = engine_plan(body, meters)
 
-    conn = await session.connection()
-    await conn.execute(_LOCK_CODE, {"key": f"plan:{body.code}"})
+    await execute_sql(session, _LOCK_CODE, {"key": f"plan:{body.code}"})
     latest = (await session.exec(select(func.max(col(Plan.version))).where(col(Plan.code) == body.code))).one()
     plan = Plan(
         code=body.code,
