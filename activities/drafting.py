@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
+from typing import Protocol
 
 from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -129,17 +131,38 @@ async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
     )
 
 
-def promo_of(row: PromoCode) -> Promo:
-    """The engine's promo of a stored promo code."""
+class PromoTerms(Protocol):
+    """The terms of a promo code, as stored (``PromoCode``) or as posted (the API's create shape)."""
+
+    @property
+    def code(self) -> str: ...
+    @property
+    def duration(self) -> StrEnum: ...
+    @property
+    def percent_off(self) -> Decimal | None: ...
+    @property
+    def amount_off(self) -> int | None: ...
+    @property
+    def currency(self) -> str | None: ...
+    @property
+    def duration_invoices(self) -> int | None: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def max_redemptions(self) -> int | None: ...
+
+
+def promo_of(terms: PromoTerms) -> Promo:
+    """The engine's promo (validated by it: a ``FieldError`` names the bad field)."""
     return Promo(
-        code=row.code,
-        duration=PromoDuration(row.duration.value),
-        percent_off=row.percent_off,
-        amount_off=row.amount_off,
-        currency=row.currency,
-        duration_invoices=row.duration_invoices,
-        expires_at=row.expires_at,
-        max_redemptions=row.max_redemptions,
+        code=terms.code,
+        duration=PromoDuration(terms.duration.value),
+        percent_off=terms.percent_off,
+        amount_off=terms.amount_off,
+        currency=terms.currency,
+        duration_invoices=terms.duration_invoices,
+        expires_at=terms.expires_at,
+        max_redemptions=terms.max_redemptions,
     )
 
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
 
-from activities.drafting import meter_of
+from activities.drafting import meter_of, promo_of
 from api.errors import Loc, body_errors
 from api.schemas import ChargeCreate, MeterCreate, PlanCreate, PromoCodeCreate, TierIn
 from billing.periods import Interval as EngineInterval
@@ -24,7 +24,6 @@ from billing.pricing.models import Graduated, Package, PerUnit, Price, Tier, Vol
 from billing.pricing.plans import MeteredCharge
 from billing.pricing.plans import Plan as EnginePlan
 from billing.pricing.promos import Promo
-from billing.pricing.promos import PromoDuration as EnginePromoDuration
 from billing.pricing.usage import Aggregation as EngineAggregation
 from billing.pricing.usage import Meter as EngineMeter
 from schema.models import Aggregation, Meter, Plan, PlanCharge, PriceModel
@@ -200,15 +199,6 @@ def _plain(value: Decimal) -> str:
 
 def engine_promo(body: PromoCodeCreate) -> Promo:
     try:
-        return Promo(
-            code=body.code,
-            duration=EnginePromoDuration(body.duration.value),
-            percent_off=body.percent_off,
-            amount_off=body.amount_off,
-            currency=body.currency,
-            duration_invoices=body.duration_invoices,
-            expires_at=body.expires_at,
-            max_redemptions=body.max_redemptions,
-        )
+        return promo_of(body)
     except FieldError as exc:
         raise field_error(exc) from None
