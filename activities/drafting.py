@@ -26,6 +26,7 @@ from billing.pricing import (
     Graduated,
     InvoiceDraft,
     LateUsage,
+    LineKind,
     Package,
     PerUnit,
     Price,
@@ -316,11 +317,50 @@ async def _invoiced(session: AsyncSession, subscription_id: uuid.UUID, p: Period
 
 
 @dataclass(frozen=True)
+class DraftLine:
+    """A line as it is stored and shown: the engine's line with its period flattened and the
+    plan code of a late-usage adjustment filled in."""
+
+    kind: str
+    description: str
+    quantity: Decimal
+    unit_amount: Decimal
+    amount: int
+    period_start: datetime | None
+    period_end: datetime | None
+    meter_code: str | None
+    plan_code: str | None
+    promo_code: str | None
+    days: int | None
+    period_days: int | None
+
+
+@dataclass(frozen=True)
 class Draft:
     loaded: Loaded
     index: int
     invoice: InvoiceDraft
     adjustment_plans: tuple[str, ...]  # plan code of each leading usage_adjustment line, in order
+
+    def lines(self) -> list[DraftLine]:
+        plans = iter(self.adjustment_plans)
+        return [
+            DraftLine(
+                kind=line.kind.value,
+                description=line.description,
+                quantity=line.quantity,
+                unit_amount=line.unit_amount,
+                amount=line.amount,
+                period_start=line.period.start if line.period else None,
+                period_end=line.period.end if line.period else None,
+                meter_code=line.meter_code,
+                plan_code=next(plans) if line.kind is LineKind.usage_adjustment else line.plan_code,
+                promo_code=line.promo_code,
+                days=line.days,
+                period_days=line.period_days,
+            )
+            for line in self.invoice.lines
+        ]
 
 
 async def draft(session: AsyncSession, loaded: Loaded, index: int, until: datetime | None = None) -> Draft:
@@ -339,7 +379,7 @@ async def draft(session: AsyncSession, loaded: Loaded, index: int, until: dateti
     return Draft(loaded, index, invoice, tuple(plan for _, plan in lates))
 
 
-async def upcoming_invoice(session: AsyncSession, subscription_id: uuid.UUID, as_of: datetime) -> InvoiceDraft:
+async def upcoming_invoice(session: AsyncSession, subscription_id: uuid.UUID, as_of: datetime) -> Draft:
     """What the next invoice (the one not issued yet) will hold, from usage that occurred before ``as_of``.
 
     Nothing is written. Before the next boundary the period it settles is still running, so
@@ -347,4 +387,4 @@ async def upcoming_invoice(session: AsyncSession, subscription_id: uuid.UUID, as
     next billing run will issue, line for line.
     """
     loaded = await load(session, subscription_id)
-    return (await draft(session, loaded, loaded.row.next_invoice_index, until=as_of)).invoice
+    return await draft(session, loaded, loaded.row.next_invoice_index, until=as_of)

@@ -8,6 +8,7 @@ database's unique constraints and by "already done?" checks.
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlalchemy import text
@@ -144,25 +145,8 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     )
     session.add(invoice)
     await session.flush()
-    adjustment_plans = iter(d.adjustment_plans)
     session.add_all(
-        InvoiceLine(
-            invoice_id=invoice.id,
-            position=i,
-            kind=line.kind.value,
-            description=line.description,
-            meter_code=line.meter_code,
-            quantity=line.quantity,
-            unit_amount=line.unit_amount,
-            amount=line.amount,
-            period_start=line.period.start if line.period else None,
-            period_end=line.period.end if line.period else None,
-            plan_code=next(adjustment_plans) if line.kind is LineKind.usage_adjustment else line.plan_code,
-            promo_code=line.promo_code,
-            days=line.days,
-            period_days=line.period_days,
-        )
-        for i, line in enumerate(draft.lines, start=1)
+        InvoiceLine(invoice_id=invoice.id, position=i, **asdict(line)) for i, line in enumerate(d.lines(), start=1)
     )
     for row, redemption in zip(loaded.promo_rows, loaded.promos, strict=True):
         if redemption.promo.code in draft.promos_applied:

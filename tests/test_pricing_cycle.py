@@ -138,7 +138,7 @@ async def invoice_lines(sessions, boundary: int) -> tuple[Invoice, list[tuple[st
 
 async def preview(sessions, sub, as_of):
     async with sessions() as s:
-        draft = await upcoming_invoice(s, sub.id, as_of)
+        draft = (await upcoming_invoice(s, sub.id, as_of)).invoice
     return draft, [(line.kind.value, line.amount) for line in draft.lines]
 
 

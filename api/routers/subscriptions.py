@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
@@ -10,6 +11,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities import invoicing
+from activities.drafting import Draft
 from api.deps import SessionDep
 from api.errors import (
     body_error,
@@ -36,7 +38,6 @@ from api.schemas import (
 from billing.periods import Interval as PeriodInterval
 from billing.periods import boundary, local_midnight, period
 from billing.pricing.errors import IncompatibleMoveError
-from billing.pricing.invoice import InvoiceDraft
 from billing.pricing.plans import check_move
 from schema.models import Plan, Room, RoomAssignment, Subscription, Tenant, utcnow
 
@@ -230,24 +231,9 @@ async def move_room(subscription_id: uuid.UUID, body: MoveRoom, session: Session
     return SubscriptionPublic.model_validate(subscription)
 
 
-def _upcoming(subscription_id: uuid.UUID, draft: InvoiceDraft) -> UpcomingInvoice:
-    lines = [
-        UpcomingLine(
-            kind=line.kind.value,
-            description=line.description,
-            quantity=line.quantity,
-            unit_amount=line.unit_amount,
-            amount=line.amount,
-            period_start=line.period.start if line.period else None,
-            period_end=line.period.end if line.period else None,
-            meter_code=line.meter_code,
-            plan_code=line.plan_code,
-            promo_code=line.promo_code,
-            days=line.days,
-            period_days=line.period_days,
-        )
-        for line in draft.lines
-    ]
+def _upcoming(subscription_id: uuid.UUID, preview: Draft) -> UpcomingInvoice:
+    draft = preview.invoice
+    lines = [UpcomingLine(**asdict(line)) for line in preview.lines()]
     return UpcomingInvoice(
         subscription_id=subscription_id,
         currency=draft.currency,
