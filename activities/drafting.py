@@ -17,28 +17,23 @@ from typing import Protocol
 
 from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.types import String
+from sqlalchemy.types import DateTime, String
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.periods import Interval, Period
+from billing.periods import Interval
 from billing.pricing import (
     Graduated,
     InvoiceDraft,
     LateUsage,
-    LineKind,
     Package,
     PerUnit,
     Price,
     Tier,
     Volume,
     build_invoice,
-    day_share,
-    day_span,
-    period_days,
 )
 from billing.pricing import Subscription as Timeline
-from billing.pricing.invoice import adjustment_line
 from billing.pricing.plans import MeteredCharge
 from billing.pricing.plans import Plan as PricedPlan
 from billing.pricing.promos import Promo, PromoDuration, PromoRedemption
@@ -47,8 +42,6 @@ from billing.pricing.usage import Aggregation
 from billing.pricing.usage import Meter as PricedMeter
 from schema.db import execute_sql
 from schema.models import (
-    Invoice,
-    InvoiceLine,
     Meter,
     Plan,
     PlanCharge,
@@ -129,6 +122,7 @@ async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
         base_fee=plan.base_fee,
         trial_days=plan.trial_days,
         charges=charges,
+        version=plan.version,
     )
 
 
@@ -258,62 +252,68 @@ async def _slice_usage(
     return usage
 
 
-# An event's received_at is its transaction's start, so an ingestion that began just before an
-# invoice was written but committed after it would look on time. Periods are therefore looked
-# at again for events received from a grace interval before the invoice; re-rating is exact
-# and subtracts what was invoiced, so looking again never bills anything twice.
-LATE_USAGE_GRACE = "15 minutes"
-
+# The invoiced periods of the subscription with an event numbered above ``since`` (the watermark of
+# the invoice before the one drafted): only events that arrived since are read, so a period is
+# looked at again only when something new arrived for it (see ``activities.usage_fence``).
 _STALE_SQL: TextClause = text(
-    f"""
-    SELECT DISTINCT i.boundary_index FROM invoices i
-    JOIN usage_events u ON u.tenant_id = i.tenant_id
+    """
+    SELECT DISTINCT i.boundary_index FROM usage_events u
+    JOIN invoices i ON i.subscription_id = :sub
      AND u.occurred_at >= i.settled_start AND u.occurred_at < i.settled_end
-     AND u.received_at > i.created_at - interval '{LATE_USAGE_GRACE}'
-    WHERE i.subscription_id = :sub AND i.settled_start IS NOT NULL AND i.boundary_index < :before
+    WHERE u.tenant_id = :tenant AND u.id > :since AND i.boundary_index < :before
     ORDER BY 1
-    """  # noqa: S608  (a constant, not input)
+    """
 )
 
+_WATERMARK_SQL: TextClause = text(
+    "SELECT usage_watermark FROM invoices WHERE subscription_id = :sub AND boundary_index = :index"
+)
 
-async def _late_usage(session: AsyncSession, loaded: Loaded, before_index: int) -> list[tuple[LateUsage, str]]:
-    """Usage that arrived after its period was invoiced, re-rated per slice, with its plan code.
-
-    A period is looked at again when an event of it was received after the invoice that
-    settled it; what was invoiced for it (usage lines and earlier adjustments, per meter and
-    plan) is subtracted, so the same late event is never billed twice.
+# What invoices charged so far for each slice and meter of the given periods: usage lines and
+# earlier adjustments, keyed by the slice's start (slices of a subscription never overlap).
+_INVOICED_SQL: TextClause = text(
     """
+    SELECT l.slice_start, l.meter_code, sum(l.amount) AS amount
+    FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
+    WHERE i.subscription_id = :sub AND l.kind IN ('usage', 'usage_adjustment')
+      AND l.period_start = ANY(:starts)
+    GROUP BY l.slice_start, l.meter_code
+    """
+).bindparams(bindparam("starts", type_=ARRAY(DateTime(timezone=True))))
+
+
+async def _late_usage(session: AsyncSession, loaded: Loaded, before_index: int) -> list[LateUsage]:
+    """Every slice and charge of an invoiced period that got events since the previous invoice, re-rated.
+
+    Each slice is re-aggregated with all its events and compared with what invoices charged
+    for that slice and meter so far, so the same late event is never billed twice and a slice
+    is never offset against another.
+    """
+    if before_index < 1:
+        return []
     sub, timeline = loaded.row, loaded.timeline
-    stale = await execute_sql(session, _STALE_SQL, {"sub": sub.id, "before": before_index})
-    result: list[tuple[LateUsage, str]] = []
-    for (boundary_index,) in stale.all():
-        settled = timeline.period(boundary_index - 1)
-        span = period_days(settled, timeline.timezone)
+    since = (
+        await execute_sql(session, _WATERMARK_SQL, {"sub": sub.id, "index": before_index - 1})
+    ).scalar_one_or_none()
+    if since is None:  # no earlier invoice: nothing was settled yet
+        return []
+    params = {"sub": sub.id, "tenant": sub.tenant_id, "since": since, "before": before_index}
+    stale = [row.boundary_index for row in await execute_sql(session, _STALE_SQL, params)]
+    if not stale:
+        return []
+    settled = [timeline.period(boundary_index - 1) for boundary_index in stale]
+    rows = await execute_sql(session, _INVOICED_SQL, {"sub": sub.id, "starts": [p.start for p in settled]})
+    invoiced = {(row.slice_start, row.meter_code): int(row.amount) for row in rows}
+    result: list[LateUsage] = []
+    for p, boundary_index in zip(settled, stale, strict=True):
         for s in timeline.usage_slices(boundary_index - 1):
-            quantities = await aggregate(session, sub.tenant_id, s.start, s.end, [c.meter.code for c in s.plan.charges])
-            share = day_share(day_span(s.start, s.end, timeline.timezone).days, span.days)
+            codes = [c.meter.code for c in s.plan.charges]
+            quantities = await aggregate(session, sub.tenant_id, s.start, s.end, codes)
             for charge in s.plan.charges:
-                invoiced = await _invoiced(session, sub.id, settled, charge.meter.code, s.plan.code)
-                late = LateUsage(settled, charge, quantities.get(charge.meter.code, Decimal(0)), invoiced, share)
-                result.append((late, s.plan.code))
+                code = charge.meter.code
+                quantity = quantities.get(code, Decimal(0))
+                result.append(LateUsage(p, s, charge, quantity, invoiced.get((s.start, code), 0)))
     return result
-
-
-async def _invoiced(session: AsyncSession, subscription_id: uuid.UUID, p: Period, meter: str, plan_code: str) -> int:
-    amounts = (
-        await session.exec(
-            select(InvoiceLine.amount)
-            .join(Invoice, col(Invoice.id) == col(InvoiceLine.invoice_id))
-            .where(
-                Invoice.subscription_id == subscription_id,
-                InvoiceLine.period_start == p.start,
-                InvoiceLine.meter_code == meter,
-                InvoiceLine.plan_code == plan_code,
-                col(InvoiceLine.kind).in_(["usage", "usage_adjustment"]),
-            )
-        )
-    ).all()
-    return sum(amounts)
 
 
 @dataclass(frozen=True)
@@ -333,6 +333,9 @@ class DraftLine:
     promo_code: str | None
     days: int | None
     period_days: int | None
+    slice_start: datetime | None  # usage and adjustments: the slice of the period rated ...
+    slice_end: datetime | None
+    plan_version: int | None  # ... by this version of ``plan_code``
 
 
 @dataclass(frozen=True)
@@ -340,10 +343,8 @@ class Draft:
     loaded: Loaded
     index: int
     invoice: InvoiceDraft
-    adjustment_plans: tuple[str, ...]  # plan code of each leading usage_adjustment line, in order
 
     def lines(self) -> list[DraftLine]:
-        plans = iter(self.adjustment_plans)
         return [
             DraftLine(
                 kind=line.kind.value,
@@ -354,10 +355,13 @@ class Draft:
                 period_start=line.period.start if line.period else None,
                 period_end=line.period.end if line.period else None,
                 meter_code=line.meter_code,
-                plan_code=next(plans) if line.kind is LineKind.usage_adjustment else line.plan_code,
+                plan_code=line.plan_code,
                 promo_code=line.promo_code,
                 days=line.days,
                 period_days=line.period_days,
+                slice_start=line.usage_slice.start if line.usage_slice else None,
+                slice_end=line.usage_slice.end if line.usage_slice else None,
+                plan_version=line.plan_version,
             )
             for line in self.invoice.lines
         ]
@@ -365,18 +369,17 @@ class Draft:
 
 async def draft(session: AsyncSession, loaded: Loaded, index: int, until: datetime | None = None) -> Draft:
     """The invoice at boundary ``index`` of a loaded subscription, counting usage before ``until``. Reads only."""
-    zone = loaded.tenant.timezone
-    lates = [(late, plan) for late, plan in await _late_usage(session, loaded, index) if adjustment_line(late, zone)]
+    late_usage = await _late_usage(session, loaded, index)
     usage = await _slice_usage(session, loaded, index - 1, until) if index > 0 else {}
     invoice = build_invoice(
         loaded.timeline,
         index,
         usage,
         promos=loaded.promos,
-        late_usage=[late for late, _ in lates],
+        late_usage=late_usage,
         credit_balance=loaded.row.credit_balance,
     )
-    return Draft(loaded, index, invoice, tuple(plan for _, plan in lates))
+    return Draft(loaded, index, invoice)
 
 
 async def upcoming_invoice(session: AsyncSession, subscription_id: uuid.UUID, as_of: datetime) -> Draft:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities import drafting
+from activities import drafting, usage_fence
 from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
@@ -123,6 +123,7 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         raise OutOfOrderError(
             f"subscription {sub.id}: boundary {data.boundary_index} asked, next to invoice is {sub.next_invoice_index}"
         )
+    watermark = await usage_fence.settle(session, sub.tenant_id)  # before any usage is read
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
     seq = (await execute_sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
@@ -141,6 +142,7 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         subtotal=charges,
         total=draft.total,
         credit_carried_forward=draft.credit_carried_forward,
+        usage_watermark=watermark,
         workflow_id=data.workflow_id,
     )
     session.add(invoice)

@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from activities import usage_fence
 from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult
 from schema.db import execute_sql
 from schema.models import UsageSource
@@ -143,6 +144,7 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
     if not batch:
         return
 
+    await usage_fence.hold_for_ingestion(session, (e.tenant_id for _, e in batch))
     inserted = await execute_sql(
         session,
         _INSERT,

@@ -221,6 +221,8 @@ class UsageEvent(SQLModel, table=True):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_usage_tenant_key"),
         CheckConstraint("quantity >= 0", name="ck_usage_quantity"),
         Index("ix_usage_tenant_meter_time", "tenant_id", "meter_id", "occurred_at"),
+        # Late usage: a tenant's events numbered above an invoice's watermark (activities.usage_fence).
+        Index("ix_usage_tenant_seq", "tenant_id", "id"),
     )
 
     id: int | None = Field(default=None, sa_column_args=[Identity(always=True)], sa_type=BigInteger, primary_key=True)
@@ -259,6 +261,9 @@ class Invoice(SQLModel, table=True):
     settled_start: datetime | None = _ts(nullable=True, default=None)
     settled_end: datetime | None = _ts(nullable=True, default=None)
     credit_carried_forward: int = Field(default=0, sa_type=BigInteger)
+    # The highest usage-event number when this invoice was written: every event of the tenant at or
+    # below it was seen, every later one is numbered above it (activities.usage_fence).
+    usage_watermark: int = Field(default=0, sa_type=BigInteger)
     workflow_id: str = Field(max_length=200)
     created_at: datetime = _ts(default_factory=utcnow)
     finalized_at: datetime | None = _ts(nullable=True, default=None)
@@ -283,6 +288,10 @@ class InvoiceLine(SQLModel, table=True):
     promo_code: str | None = Field(default=None, max_length=64)
     days: int | None = None
     period_days: int | None = None
+    # Usage and late-usage adjustments: the slice of the period rated, by this version of plan_code.
+    slice_start: datetime | None = _ts(nullable=True, default=None)
+    slice_end: datetime | None = _ts(nullable=True, default=None)
+    plan_version: int | None = None
 
 
 class PromoCode(SQLModel, table=True):

@@ -184,8 +184,12 @@ def test_invalid_promos_name_the_field(example):
 
 
 def _late(raw: dict[str, Any], sub: Subscription) -> LateUsage:
-    charge = next(c for c in PLANS[raw["plan"]].charges if c.meter.code == raw["meter"])
-    return LateUsage(sub.period(raw["period_index"]), charge, _dec(raw["quantity"]), raw["invoiced_amount"])
+    """A slice (``slice``, default 0: the first) of an invoiced period with its re-aggregated quantity."""
+    index = raw["period_index"]
+    s = sub.usage_slices(index)[raw.get("slice", 0)]
+    assert s.plan.code == raw["plan"], f"slice {raw.get('slice', 0)} of period {index} is rated by {s.plan.code}"
+    charge = next(c for c in s.plan.charges if c.meter.code == raw["meter"])
+    return LateUsage(sub.period(index), s, charge, _dec(raw["quantity"]), raw["invoiced_amount"])
 
 
 def _observed(line: Line, expected: dict[str, Any], sub: Subscription) -> dict[str, Any]:

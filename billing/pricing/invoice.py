@@ -64,6 +64,10 @@ class Line:
     days: int | None = None  # prorations: days charged or credited ...
     period_days: int | None = None  # ... of this many
     allocations: tuple[int, ...] = ()  # discounts: minor units taken off each line before the discounts
+    # Usage and late-usage adjustments: the slice of ``period`` the line rates, and the plan version
+    # in force in it. Late usage is re-rated and compared per slice (see ``LateUsage``).
+    usage_slice: Period | None = None
+    plan_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,13 +91,18 @@ class InvoiceDraft:
 
 @dataclass(frozen=True)
 class LateUsage:
-    """A meter's usage of an already invoiced period, re-aggregated with events that arrived late."""
+    """One metered charge of one slice of an already invoiced period, re-aggregated with the events
+    that arrived after it was invoiced.
+
+    Compared per slice (the part of the period in which one plan version was in force), never per
+    period: a period with a move has two slices, and each is settled on its own.
+    """
 
     period: Period  # the original period
-    charge: MeteredCharge  # as priced by the plan in force then
-    quantity: Decimal  # the period's (or slice's) aggregate including the late events
-    invoiced_amount: int  # what the original invoice charged for it (0 if it had no line)
-    minimum_share: Fraction = Fraction(1)  # the share of the charge's minimum that applied
+    slice: UsageSlice  # the part of it that ``slice.plan`` rated
+    charge: MeteredCharge  # a charge of ``slice.plan``
+    quantity: Decimal  # the slice's aggregate including the late events
+    invoiced_amount: int  # what invoices charged so far for this slice and meter (usage and adjustments)
 
 
 def _figures(quantity: Decimal, exact: Fraction) -> tuple[Decimal, Decimal, int]:
@@ -150,6 +159,11 @@ def _charge_exact(charge: MeteredCharge, quantity: Decimal, minimum_share: Fract
     return (minimum, True) if minimum > cost else (cost, False)
 
 
+def slice_share(s: UsageSlice, p: Period, timezone: str) -> Fraction:
+    """The share of period ``p`` that slice ``s`` covers, by local days: the share of a minimum it owes."""
+    return day_share(day_span(s.start, s.end, timezone).days, period_days(p, timezone).days)
+
+
 def _usage_line(charge: MeteredCharge, quantity: Decimal, s: UsageSlice, share: Fraction, p: Period) -> Line | None:
     exact, by_minimum = _charge_exact(charge, quantity, share)
     if exact == 0 and quantity == 0:
@@ -157,13 +171,21 @@ def _usage_line(charge: MeteredCharge, quantity: Decimal, s: UsageSlice, share: 
     meter = charge.meter
     description = f"{meter.code} ({meter.unit}), {label(s.plan, s.room)}" + (" (minimum)" if by_minimum else "")
     figures = _figures(quantity, exact)
-    return Line(LineKind.usage, description, *figures, period=p, meter_code=meter.code, plan_code=s.plan.code)
+    return Line(
+        LineKind.usage,
+        description,
+        *figures,
+        period=p,
+        meter_code=meter.code,
+        plan_code=s.plan.code,
+        usage_slice=Period(s.start, s.end),
+        plan_version=s.plan.version,
+    )
 
 
 def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     """Usage of period ``index`` in arrears, per slice and per metered charge of the slice's plan."""
     p = sub.period(index)
-    span = period_days(p, sub.timezone)
     slices = sub.usage_slices(index)
     unknown = set(usage) - {s.start for s in slices}
     if unknown:
@@ -171,7 +193,7 @@ def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     lines: list[Line] = []
     for s in slices:
         quantities = usage.get(s.start, {})
-        share = day_share(day_span(s.start, s.end, sub.timezone).days, span.days)
+        share = slice_share(s, p, sub.timezone)
         for charge in sorted(s.plan.charges, key=lambda c: c.meter.code):
             line = _usage_line(charge, quantities.get(charge.meter.code, Decimal(0)), s, share, p)
             if line is not None:
@@ -180,16 +202,30 @@ def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
 
 
 def adjustment_line(late: LateUsage, timezone: str) -> Line | None:
-    """The period re-rated with its late usage, minus what was invoiced for it; None if nothing changes."""
-    exact, _ = _charge_exact(late.charge, late.quantity, late.minimum_share)
+    """The slice re-rated with its late usage, minus what was invoiced for it; None if nothing changes."""
+    s = late.slice
+    exact, _ = _charge_exact(late.charge, late.quantity, slice_share(s, late.period, timezone))
     amount = round_exact(exact) - late.invoiced_amount
     if amount == 0:
         return None
     meter = late.charge.meter
     span = period_days(late.period, timezone)
-    description = f"Late usage of {meter.code} for {span.text()}, re-rated at {plain(late.quantity)} {meter.unit}"
+    part = day_span(s.start, s.end, timezone)
+    where = label(s.plan, s.room) + ("" if part == span else f" {part.text()}")
+    description = (
+        f"Late usage of {meter.code} for {span.text()}, {where}, re-rated at {plain(late.quantity)} {meter.unit}"
+    )
     figures = _figures(Decimal(1), Fraction(amount))
-    return Line(LineKind.usage_adjustment, description, *figures, period=late.period, meter_code=meter.code)
+    return Line(
+        LineKind.usage_adjustment,
+        description,
+        *figures,
+        period=late.period,
+        meter_code=meter.code,
+        plan_code=s.plan.code,
+        usage_slice=Period(s.start, s.end),
+        plan_version=s.plan.version,
+    )
 
 
 def advance_line(sub: Subscription, index: int) -> Line | None:

@@ -32,6 +32,7 @@ class Plan:
     base_fee: int  # minor units per period, billed in advance
     trial_days: int = 0
     charges: tuple[MeteredCharge, ...] = ()
+    version: int = 1  # plans are versioned by code; a stored line names the version that rated it
 
     def __post_init__(self) -> None:
         try:
