@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 from pypdf import PdfReader
-from sqlmodel import col, func, select
+from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
@@ -90,7 +90,7 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
         ("usage", "water", Decimal("1.5"), 615),
         ("base_fee", None, Decimal(1), 65000),
     ]
-    assert second.total == sum(line.amount for line in lines) == 66181
+    assert second.total == 66181  # 566 + 615 + 65000, worked by hand
     assert advanced is not None and advanced.next_invoice_index == 2
     assert advanced.next_invoice_at == datetime(2026, 3, 10, tzinfo=UTC)
     assert advanced.current_period_start == FEB_10
@@ -181,7 +181,9 @@ async def test_worker_stopped_mid_run_and_restarted_leaves_no_duplicate_and_no_g
     assert progress.failed == 0
 
 
-async def test_invoice_lines_always_add_up_to_the_total(temporal_env, sessions, activities, settings):
+async def test_each_line_is_rounded_once_and_the_stored_total_is_their_sum(
+    temporal_env, sessions, activities, settings
+):
     cat = await factories.catalog(sessions, base_fee=9999)
     sub = await factories.subscriber(sessions, cat, START)
     await factories.usage(sessions, sub, cat.kwh, ["0.333", "0.333", "0.334", "11.0175"], START + timedelta(days=2))
@@ -189,5 +191,9 @@ async def test_invoice_lines_always_add_up_to_the_total(temporal_env, sessions, 
         await (await start_run(temporal_env, settings)).result()
     async with sessions() as s:
         invoice = (await s.exec(select(Invoice).where(Invoice.boundary_index == 1))).one()
-        total = (await s.exec(select(func.sum(InvoiceLine.amount)).where(InvoiceLine.invoice_id == invoice.id))).one()
-    assert total == invoice.total == 342 + 9999  # 12.0175 kWh x 28.5 = 342.49875 -> 342, then the next fee
+        query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id).order_by(col(InvoiceLine.position))
+        lines = [(line.kind, line.quantity, line.amount) for line in (await s.exec(query)).all()]
+    # 0.333 + 0.333 + 0.334 + 11.0175 = 12.0175 kWh, summed exactly; x 28.5 = 342.49875, rounded
+    # once -> 342; then February's fee in advance, 9999. Total 342 + 9999 = 10341.
+    assert lines == [("usage", Decimal("12.0175"), 342), ("base_fee", Decimal(1), 9999)]
+    assert invoice.total == 10341
