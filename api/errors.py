@@ -2,7 +2,9 @@
 
 - 422 with ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`` (FastAPI's own shape) when a
   body field is wrong, including an id in the body that names nothing;
-- 404 / 409 with ``{"detail": "<field>: <message>"}``.
+- 404 / 409 with ``{"detail": "<field>: <message>"}``;
+- 503 with ``Retry-After`` when the database or Temporal cannot be reached, 500 otherwise, both
+  with ``Connection: close`` so a keep-alive client is not left with a dropped connection.
 """
 
 from __future__ import annotations
@@ -10,15 +12,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fastapi import HTTPException, status
+import structlog
+from fastapi import HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import IntegrityError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.service import RPCError, RPCStatusCode
 
 UNIQUE_VIOLATION = "23505"
+
+log = structlog.stdlib.get_logger("api")
 
 Loc = tuple[str | int, ...]
 Row = TypeVar("Row", bound=SQLModel)
@@ -75,3 +83,67 @@ async def conflict_on_unique(session: AsyncSession, field: str, message: str) ->
         if is_unique_violation(exc):
             raise conflict(field, message) from None
         raise
+
+
+# --- Handlers: every error leaves as JSON the client can decode, never as a dropped connection ---
+
+RETRY_AFTER_SECONDS = 5
+
+
+def _text(value: object) -> str:
+    """``value`` as text that encodes as UTF-8 JSON: a lone surrogate becomes its escape."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _loc_part(part: object) -> str | int:
+    return part if isinstance(part, int) and not isinstance(part, bool) else _text(part)
+
+
+def public_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Location, message and type of each error; never the input, which may not be encodable
+    (NaN, a lone surrogate) and need not be echoed to the client that sent it."""
+    return [
+        {
+            "loc": [_loc_part(part) for part in error.get("loc", ())],
+            "msg": _text(error.get("msg", "")),
+            "type": _text(error.get("type", "value_error")),
+        }
+        for error in errors
+    ]
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": public_errors(exc.errors())}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+# Errors that may mean a dependency (the database, Temporal) cannot be reached right now.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    SQLAlchemyTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    RPCError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A dependency that cannot be reached right now: worth a retry."""
+    if isinstance(exc, RPCError):
+        return exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+    return isinstance(exc, OUTAGE_ERRORS)
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After for an outage, else 500; either way the connection is closed cleanly."""
+    headers = {"Connection": "close"}
+    if is_outage(exc):
+        log.warning("dependency unavailable", error=_text(exc)[:500], error_type=type(exc).__name__)
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        body = {"detail": "service temporarily unavailable; retry later"}
+        return JSONResponse(body, status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse(
+        {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, headers=headers
+    )

@@ -13,13 +13,15 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities import usage_fence
-from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult
+from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult, check_pg_text
 from schema.db import execute_sql
 from schema.models import UsageSource
 
@@ -42,6 +44,16 @@ _INSERT = text(
     ) AS batch
     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
     RETURNING tenant_id, idempotency_key
+    """
+)
+
+# The events already stored under keys the insert found taken, to tell a duplicate from a conflict.
+_STORED = text(
+    """
+    SELECT u.tenant_id, u.idempotency_key, u.meter_id, m.code AS meter, u.quantity, u.occurred_at, u.properties
+    FROM usage_events u JOIN meters m ON m.id = u.meter_id
+    JOIN unnest(CAST(:tenant_ids AS uuid[]), CAST(:keys AS text[])) AS k(tenant_id, idempotency_key)
+      ON u.tenant_id = k.tenant_id AND u.idempotency_key = k.idempotency_key
     """
 )
 
@@ -70,6 +82,11 @@ class RowOutcome:
         self.problems.append(FieldProblem(loc, message, kind))
         self.status = RowStatus.rejected
 
+    def settle_repeat(self, problems: list[FieldProblem]) -> None:
+        """A key seen before: a duplicate when the payload is the same, else a conflict naming the differences."""
+        self.problems.extend(problems)
+        self.status = RowStatus.conflict if problems else RowStatus.duplicate
+
     def result(self) -> UsageRowResult:
         return UsageRowResult(
             index=self.index,
@@ -92,8 +109,41 @@ def parse_row(index: int, raw: object) -> RowOutcome:
 
 
 def _raw_key(raw: object) -> str | None:
+    """The posted key, for the row's result, when it is text that can be echoed (not "\ud800")."""
     key = raw.get("idempotency_key") if isinstance(raw, Mapping) else None
-    return key.strip() if isinstance(key, str) else None
+    if not isinstance(key, str) or len(key) > 200:
+        return None
+    try:
+        return check_pg_text(key.strip())
+    except ValueError:
+        return None
+
+
+def _differences(posted: UsageEventIn, meter_id: uuid.UUID, stored: Mapping[str, object]) -> list[FieldProblem]:
+    """How ``posted`` differs from the event already stored (or posted first) under its key."""
+    pairs = [
+        ("meter", meter_id, stored["meter_id"], stored["meter"]),
+        ("quantity", posted.quantity, stored["quantity"], stored["quantity"]),
+        ("occurred_at", posted.occurred_at, stored["occurred_at"], stored["occurred_at"]),
+        ("properties", posted.properties, stored["properties"], stored["properties"]),
+    ]
+    return [
+        FieldProblem(
+            (name,),
+            f"idempotency key {posted.idempotency_key!r} is already used with {name} {_shown(shown)}",
+            "idempotency_conflict",
+        )
+        for name, mine, theirs, shown in pairs
+        if mine != theirs
+    ]
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
 async def ingest(
@@ -106,6 +156,7 @@ async def ingest(
     return UsageBatchResult(
         accepted=sum(r.status is RowStatus.accepted for r in results),
         duplicates=sum(r.status is RowStatus.duplicate for r in results),
+        conflicts=sum(r.status is RowStatus.conflict for r in results),
         rejected=sum(r.status is RowStatus.rejected for r in results),
         results=results,
     )
@@ -126,7 +177,7 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
     known_meters = await execute_sql(session, _KNOWN_METERS, {"codes": codes})
     meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in known_meters}
 
-    keys_in_batch: set[tuple[uuid.UUID, str]] = set()
+    first_in_batch: dict[tuple[uuid.UUID, str], UsageEventIn] = {}
     batch: list[tuple[RowOutcome, UsageEventIn]] = []
     for outcome, event in valid:
         if event.tenant_id not in known_tenants:
@@ -136,10 +187,12 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
         if outcome.status is RowStatus.rejected:
             continue
         key = (event.tenant_id, event.idempotency_key)
-        if key in keys_in_batch:
-            outcome.status = RowStatus.duplicate
+        if (first := first_in_batch.get(key)) is not None:
+            shown = {"meter_id": meter_ids[first.meter], "meter": first.meter, "quantity": first.quantity,
+                     "occurred_at": first.occurred_at, "properties": first.properties}  # fmt: skip
+            outcome.settle_repeat(_differences(event, meter_ids[event.meter], shown))
             continue
-        keys_in_batch.add(key)
+        first_in_batch[key] = event
         batch.append((outcome, event))
     if not batch:
         return
@@ -159,9 +212,18 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
         },
     )
     stored = {(row.tenant_id, row.idempotency_key) for row in inserted}
-    for outcome, event in batch:
-        if (event.tenant_id, event.idempotency_key) not in stored:
-            outcome.status = RowStatus.duplicate
+    repeats = [(o, e) for o, e in batch if (e.tenant_id, e.idempotency_key) not in stored]
+    if repeats:
+        earlier = await execute_sql(
+            session,
+            _STORED,
+            {"tenant_ids": [e.tenant_id for _, e in repeats], "keys": [e.idempotency_key for _, e in repeats]},
+        )
+        by_key = {(row.tenant_id, row.idempotency_key): dict(row._mapping) for row in earlier}
+        for outcome, event in repeats:
+            outcome.settle_repeat(
+                _differences(event, meter_ids[event.meter], by_key[(event.tenant_id, event.idempotency_key)])
+            )
     await session.commit()
 
 

@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from temporalio.client import Client
 
 from activities.storage import LocalDocumentStore
-from api.middleware import RequestContextMiddleware
+from api.errors import OUTAGE_ERRORS, unexpected_error_handler, validation_error_handler
+from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from api.routers import health_router, v1_router
 from core.observability import configure_logging, configure_tracing
 from core.settings import Settings, get_settings
@@ -54,6 +56,11 @@ def create_app(settings: Settings | None = None, *, temporal_client: Client | No
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for outage in OUTAGE_ERRORS:  # answered here, not re-raised: an outage is not a bug
+        app.add_exception_handler(outage, unexpected_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(v1_router)

@@ -6,7 +6,9 @@ numbers wider than the column), so a bad value is a 422 naming its field, never 
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,6 +20,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -63,8 +66,15 @@ def _plain_decimal(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def _json_value(value: Any) -> Any:
+# Event properties: small, shallow JSON objects (they are stored with every event).
+MAX_PROPERTIES_DEPTH = 8
+MAX_PROPERTIES_BYTES = 4096
+
+
+def _json_value(value: Any, depth: int = 0) -> Any:
     """A JSON-encodable copy of ``value``: Decimals become int or float, anything else is refused."""
+    if depth > MAX_PROPERTIES_DEPTH:
+        raise ValueError(f"must not be nested deeper than {MAX_PROPERTIES_DEPTH} levels")
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, str):
@@ -75,15 +85,44 @@ def _json_value(value: Any) -> Any:
             raise ValueError("numbers must be finite")
         return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else number
     if isinstance(value, list):
-        return [_json_value(item) for item in value]
+        return [_json_value(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {check_pg_text(str(key)): _json_value(item) for key, item in value.items()}
+        return {check_pg_text(str(key)): _json_value(item, depth + 1) for key, item in value.items()}
     raise ValueError(f"{type(value).__name__} is not a JSON value")
 
 
 def json_object(value: dict[str, Any]) -> dict[str, Any]:
     copy: dict[str, Any] = _json_value(value)
+    if len(json.dumps(copy, ensure_ascii=False).encode("utf-8")) > MAX_PROPERTIES_BYTES:
+        raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes of JSON")
     return copy
+
+
+# Numbers as text: ASCII digits, one optional point and exponent; no underscores, no other scripts'
+# digits (Decimal("1_000") and Decimal("١٢٣") would be accepted as 1000 and 123).
+_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+# RFC 3339 with a zone, at most microseconds (more digits would be cut off silently).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?([Zz]|[+-][0-9]{2}:[0-9]{2})", re.ASCII
+)
+
+
+def strict_decimal(value: Any) -> Any:
+    """A JSON number, or a string of ASCII decimal digits; never a boolean."""
+    if isinstance(value, bool):
+        raise ValueError("must be a decimal number, not a boolean")
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
+        raise ValueError("must be a decimal number written with ASCII digits, e.g. 12.5")
+    return value
+
+
+def strict_datetime(value: Any) -> Any:
+    """An RFC 3339 date-time string with a time zone (or a datetime from Python); never a number."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _RFC3339.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError("must be an RFC 3339 date-time with a time zone and at most 6 decimals, e.g. 2026-01-31T00:00:00Z")
 
 
 def _stripped(max_length: int, *, pattern: str | None = None) -> Any:
@@ -97,12 +136,16 @@ MeterCode = Annotated[str, _stripped(64, pattern=r"^[a-z0-9_-]{1,64}$")]
 Email = Annotated[str, _stripped(320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), PgText]
 Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(check_currency)]
 Timezone = Annotated[str, _stripped(64), PgText, AfterValidator(check_timezone)]
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(strict_datetime), AfterValidator(to_utc)]
 MinorUnits = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
 # Numeric(24, 9): at most 15 digits before the point and 9 after; refused rather than rounded.
-ExactDecimal = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=9)]
+ExactDecimal = Annotated[
+    Decimal, BeforeValidator(strict_decimal), Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=9)
+]
 # The same column, sign left to the pricing engine, whose rules (and messages) are the reference.
-PriceDecimal = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=24, decimal_places=9)]
+PriceDecimal = Annotated[
+    Decimal, BeforeValidator(strict_decimal), Field(allow_inf_nan=False, max_digits=24, decimal_places=9)
+]
 PgInt = Annotated[int, Field(strict=True, ge=-MAX_INT - 1, le=MAX_INT)]
 PgBigint = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
 DecimalOut = Annotated[Decimal, PlainSerializer(_plain_decimal, return_type=str, when_used="json")]
@@ -351,7 +394,8 @@ class UsageEventIn(BaseModel):
 
 class RowStatus(StrEnum):
     accepted = "accepted"
-    duplicate = "duplicate"
+    duplicate = "duplicate"  # the key was used before with the same event: nothing stored again
+    conflict = "conflict"  # the key was used before with another event: refused, errors name the stored values
     rejected = "rejected"
 
 
@@ -370,6 +414,7 @@ class UsageRowResult(BaseModel):
 class UsageBatchResult(BaseModel):
     accepted: int
     duplicates: int
+    conflicts: int = 0
     rejected: int
     results: list[UsageRowResult]
 

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
 
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto

@@ -79,7 +79,7 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
     response = await api.post("/v1/usage", json={"events": batch})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 1, 12)
+    assert (body["accepted"], body["duplicates"], body["conflicts"], body["rejected"]) == (2, 0, 1, 12)
     outcomes = [(r["index"], r["status"], [e["field"] for e in r["errors"]]) for r in body["results"]]
     assert outcomes == [
         (0, "accepted", []),
@@ -90,7 +90,7 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
         (5, "rejected", ["quantity"]),
         (6, "rejected", ["idempotency_key"]),
         (7, "rejected", ["occurred_at"]),
-        (8, "duplicate", []),
+        (8, "conflict", ["quantity"]),  # k-0 again, with another quantity than the first
         (9, "accepted", []),
         (10, "rejected", ["event"]),
         (11, "rejected", ["tenant_id", "meter"]),
@@ -102,6 +102,7 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
         "k-0", "k-1", "k-2", "k-3", "k-4", "k-5", None, "k-7", "k-0", "k-9",
     ]  # fmt: skip
     assert all(e["message"] for r in body["results"] for e in r["errors"])
+    assert body["results"][8]["errors"][0]["message"] == "idempotency key 'k-0' is already used with quantity 1.5"
     expected = [
         ("k-0", "electricity", Decimal("1.5"), "api", {}),
         ("k-9", "water", Decimal("2"), "api", {"reading": 12.5, "note": "ok"}),
@@ -109,8 +110,9 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
     assert await stored(sessions) == expected
 
     again = (await api.post("/v1/usage", json={"events": batch})).json()
-    assert (again["accepted"], again["duplicates"], again["rejected"]) == (0, 3, 12)
-    assert [r["index"] for r in again["results"] if r["status"] == "duplicate"] == [0, 8, 9]
+    assert (again["accepted"], again["duplicates"], again["conflicts"], again["rejected"]) == (0, 2, 1, 12)
+    assert [r["index"] for r in again["results"] if r["status"] == "duplicate"] == [0, 9]
+    assert [r["index"] for r in again["results"] if r["status"] == "conflict"] == [8]
     assert await stored(sessions) == expected
 
 
@@ -143,25 +145,27 @@ async def test_bad_envelope_is_refused_whole(api, sessions, content, loc):
 
 async def test_csv_upload(api, sessions, tenant_id):
     csv = (
-        "\ufefftenant_id, meter ,quantity,occurred_at,idempotency_key,comment\r\n"
-        f"{tenant_id},electricity,0.1,{AT},c-1,first\r\n"
-        f"{tenant_id},electricity,abc,{AT},c-2,bad quantity\r\n"
+        "\ufefftenant_id, meter ,quantity,occurred_at,idempotency_key\r\n"
+        f"{tenant_id},electricity,0.1,{AT},c-1\r\n"
+        f"{tenant_id},electricity,abc,{AT},c-2\r\n"
         "\r\n"
-        f'{tenant_id},water,"0.2",2026-01-05T11:00:00+01:00,c-3,"quoted, with comma"\r\n'
-        f"{tenant_id},water,1\r\n"
-        f"{tenant_id},electricity,5,{AT},c-1,duplicate\r\n"
+        f'{tenant_id},water,"0.2",2026-01-05T11:00:00+01:00,"c-3"\r\n'
+        f"{tenant_id},water,1,2026-01-05,c-4\r\n"
+        f"{tenant_id},electricity,0.10,{AT},c-1\r\n"
+        f"{tenant_id},electricity,5,{AT},c-3\r\n"
     )
     response = await api.post("/v1/usage/csv", files={"file": ("usage.csv", csv.encode(), "text/csv")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 1, 2)
+    assert (body["accepted"], body["duplicates"], body["conflicts"], body["rejected"]) == (2, 1, 1, 2)
     outcomes = [(r["index"], r["status"], [e["field"] for e in r["errors"]]) for r in body["results"]]
     assert outcomes == [
         (1, "accepted", []),
         (2, "rejected", ["quantity"]),
         (3, "accepted", []),
-        (4, "rejected", ["occurred_at", "idempotency_key"]),
-        (5, "duplicate", []),
+        (4, "rejected", ["occurred_at"]),
+        (5, "duplicate", []),  # 0.10 is 0.1
+        (6, "conflict", ["meter", "quantity"]),  # c-3 was water, 0.2 (11:00+01:00 is the same instant)
     ]
     assert await stored(sessions) == [
         ("c-1", "electricity", Decimal("0.1"), "csv", {}),
@@ -173,12 +177,25 @@ async def test_csv_envelope_errors(api, sessions, tenant_id):
     async def upload(content: bytes):
         return await api.post("/v1/usage/csv", files={"file": ("usage.csv", content, "text/csv")})
 
+    header = "tenant_id,meter,quantity,occurred_at,idempotency_key\n"
+    good = f"{tenant_id},electricity,1,{AT},k-1\n"
     no_key = f"tenant_id,meter,quantity,occurred_at\n{tenant_id},electricity,1,{AT}\n".encode()
     assert error_locs(await upload(no_key)) == [["body", "file", "idempotency_key"]]
     assert len(error_locs(await upload(b""))) == 5
-    assert error_locs(await upload(b"tenant_id,meter,quantity,occurred_at,idempotency_key\n")) == [["body", "file"]]
+    assert error_locs(await upload(header.encode())) == [["body", "file"]]
     assert error_locs(await upload("tenant_id,meter\n\xe9".encode("latin-1"))) == [["body", "file"]]
     assert error_locs(await api.post("/v1/usage/csv")) == [["body", "file"]]
+    # Strict structure, refused whole, naming the line or the column:
+    unterminated = header + f'{tenant_id},electricity,"1,{AT},k-1\n' + good.replace("k-1", "k-2")
+    assert error_locs(await upload(unterminated.encode())) == [["body", "file", "line 3"]]
+    duplicate_column = header.replace("\n", ",quantity\n") + good.replace("\n", ",7\n")
+    assert error_locs(await upload(duplicate_column.encode())) == [["body", "file", "quantity"]]
+    unknown_column = header.replace("\n", ",comment\n") + good.replace("\n", ",hi\n")
+    assert error_locs(await upload(unknown_column.encode())) == [["body", "file", "comment"]]
+    extra_cells = header + good + good.replace("k-1\n", "k-2,surplus\n")
+    assert error_locs(await upload(extra_cells.encode())) == [["body", "file", "line 3"]]
+    short_row = header + f"{tenant_id},electricity,1\n" + good
+    assert error_locs(await upload(short_row.encode())) == [["body", "file", "line 2"]]
     assert await stored(sessions) == []
 
 
@@ -193,8 +210,14 @@ async def test_single_event(api, sessions, tenant_id):
         "occurred_at": "2026-01-05T10:00:00Z",
         "idempotency_key": "m-1",
     }
-    repeat = await api.post("/v1/usage/events", json=event(tenant_id, "m-1", "7"))
+    repeat = await api.post("/v1/usage/events", json=event(tenant_id, "m-1", "0.1", properties={"by": "ops"}))
     assert repeat.status_code == 200 and repeat.json()["status"] == "duplicate"
+    other = await api.post("/v1/usage/events", json=event(tenant_id, "m-1", "7"))
+    assert other.status_code == 409
+    assert other.json()["detail"] == (
+        "idempotency_key: idempotency key 'm-1' is already used with quantity 0.1; "
+        'idempotency key \'m-1\' is already used with properties {"by": "ops"}'
+    )
     assert error_locs(await api.post("/v1/usage/events", json=event(tenant_id, "m-2", meter="gas"))) == [
         ["body", "meter"]
     ]
@@ -285,11 +308,11 @@ async def test_every_row_gets_exactly_one_outcome(known_catalog, rows):
     assert [r.index for r in result.results] == list(range(len(rows)))
     for row in result.results:
         assert row.status in set(RowStatus)
-        if row.status is RowStatus.rejected:
+        if row.status in (RowStatus.rejected, RowStatus.conflict):
             assert row.errors and all(e.field and e.message for e in row.errors)
         else:
             assert row.errors == []
-    assert result.accepted + result.duplicates + result.rejected == len(rows)
+    assert result.accepted + result.duplicates + result.conflicts + result.rejected == len(rows)
     assert after - before == result.accepted
     for r in result.results:
         hypothesis_event(f"{r.status.value} {[e.field for e in r.errors]}")

@@ -76,7 +76,7 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
 
         # The preview of the next invoice (boundary 0, the start): what the run will write, line for line.
         preview = await api.get(
-            f"/v1/subscriptions/{sub['id']}/upcoming-invoice", params={"as_of": "2026-03-01T12:00Z"}
+            f"/v1/subscriptions/{sub['id']}/upcoming-invoice", params={"as_of": "2026-03-01T12:00:00Z"}
         )
         assert preview.status_code == 200, preview.text
         previewed = [(line["kind"], line["description"], line["amount"]) for line in preview.json()["lines"]]

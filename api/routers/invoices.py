@@ -12,7 +12,7 @@ from api.deps import DocumentStoreDep, SessionDep
 from api.errors import conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
-from api.schemas import InvoiceDetail, InvoiceLinePublic, InvoicePublic
+from api.schemas import MAX_BIGINT, InvoiceDetail, InvoiceLinePublic, InvoicePublic
 from schema.models import Invoice, InvoiceLine, InvoiceStatus
 
 router = APIRouter(prefix="/invoices", tags=["invoices"], route_class=DecimalJSONRoute)
@@ -32,7 +32,7 @@ async def list_invoices(
     tenant_id: uuid.UUID | None = None,
     invoice_status: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> list[InvoicePublic]:
     query = select(Invoice)
     if tenant_id is not None:

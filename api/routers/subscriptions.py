@@ -26,6 +26,7 @@ from api.pricing import plan_of
 from api.redemptions import redeem
 from api.routing import DecimalJSONRoute
 from api.schemas import (
+    MAX_BIGINT,
     MoveRoom,
     PromoRedeem,
     SubscriptionCreate,
@@ -131,7 +132,7 @@ async def list_subscriptions(
     session: SessionDep,
     tenant_id: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> list[SubscriptionPublic]:
     query = select(Subscription)
     if tenant_id is not None:

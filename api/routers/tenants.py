@@ -12,7 +12,7 @@ from api.deps import SessionDep
 from api.errors import get_or_404
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
-from api.schemas import TenantCreate, TenantPublic
+from api.schemas import MAX_BIGINT, TenantCreate, TenantPublic
 from schema.models import Tenant
 
 router = APIRouter(prefix="/tenants", tags=["tenants"], route_class=DecimalJSONRoute)
@@ -31,7 +31,7 @@ async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantPublic
 async def list_tenants(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> list[TenantPublic]:
     query = select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id)).offset(offset).limit(limit)
     return [TenantPublic.model_validate(t) for t in await session.exec(query)]

@@ -14,7 +14,7 @@ import structlog
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from api.deps import SessionDep
-from api.errors import body_error, body_errors
+from api.errors import Loc, body_error, body_errors, conflict
 from api.ingest import ingest, ingest_event
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute, loads_decimal
@@ -26,7 +26,7 @@ log = structlog.stdlib.get_logger("api")
 
 MAX_BATCH = 10_000
 CSV_COLUMNS = ("tenant_id", "meter", "quantity", "occurred_at", "idempotency_key")
-MAX_CSV_BYTES = 16 * 1024 * 1024
+MAX_CSV_BYTES = 8 * 1024 * 1024
 
 _BATCH_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -53,6 +53,7 @@ def _log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResul
         source=source.value,
         accepted=result.accepted,
         duplicates=result.duplicates,
+        conflicts=result.conflicts,
         rejected=result.rejected,
     )
     return result
@@ -75,6 +76,37 @@ async def ingest_batch(request: Request, session: SessionDep) -> UsageBatchResul
     return _log_batch(UsageSource.api, await ingest(session, events, UsageSource.api))
 
 
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    """The data rows of a strict CSV upload: the header names each required column once and no
+    other; every row has exactly one cell per column; quoting is well formed. Anything else is
+    refused whole, naming the line and column, since a row cut short or run together is a
+    reading nobody can trust."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        records = [(reader.line_num, record) for record in reader if record]
+    except csv.Error as exc:
+        raise body_error(("file", f"line {reader.line_num}"), f"is not valid CSV: {exc}", "csv_invalid") from None
+    if not records:
+        raise body_errors([(("file", c), f"missing required CSV column {c!r}", "missing") for c in CSV_COLUMNS])
+    header = [name.strip() for name in records[0][1]]
+    problems: list[tuple[Loc, str, str]] = []
+    for name in sorted({n for n in header if header.count(n) > 1}):
+        problems.append((("file", name), f"CSV column {name!r} appears more than once", "csv_duplicate_column"))
+    for name in sorted(set(header) - set(CSV_COLUMNS)):
+        message = f"unknown CSV column {name!r}; the columns are {', '.join(CSV_COLUMNS)}"
+        problems.append((("file", name), message, "csv_unknown_column"))
+    for name in CSV_COLUMNS:
+        if name not in header:
+            problems.append((("file", name), f"missing required CSV column {name!r}", "missing"))
+    for line, record in records[1:]:
+        if len(record) != len(header):
+            message = f"has {len(record)} cells; the header has {len(header)}"
+            problems.append((("file", f"line {line}"), message, "csv_cell_count"))
+    if problems:
+        raise body_errors(problems)
+    return [dict(zip(header, record, strict=True)) for _, record in records[1:]]
+
+
 @router.post("/csv")
 async def ingest_csv(
     file: Annotated[UploadFile, File(description="CSV, header: " + ",".join(CSV_COLUMNS))],
@@ -85,21 +117,10 @@ async def ingest_csv(
     if len(data) > MAX_CSV_BYTES:
         raise body_error(("file",), f"must be at most {MAX_CSV_BYTES} bytes", "too_large")
     try:
-        records = [record for record in csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")) if record]
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise body_error(("file",), "must be UTF-8 text", "unicode_decode") from None
-    except csv.Error as exc:
-        raise body_error(("file",), f"is not valid CSV: {exc}", "csv_invalid") from None
-    header = [name.strip() for name in records[0]] if records else []
-    missing = [column for column in CSV_COLUMNS if column not in header]
-    if missing:
-        raise body_errors(
-            [(("file", column), f"missing required CSV column {column!r}", "missing") for column in missing]
-        )
-    rows = [
-        {name: value for name, value in zip(header, record, strict=False) if name in CSV_COLUMNS}
-        for record in records[1:]
-    ]
+    rows = _csv_rows(text)
     _check_batch_size(len(rows), "file")
     return _log_batch(UsageSource.csv, await ingest(session, rows, UsageSource.csv, first_index=1))
 
@@ -107,7 +128,10 @@ async def ingest_csv(
 @router.post(
     "/events",
     status_code=status.HTTP_201_CREATED,
-    responses={status.HTTP_200_OK: {"model": UsageEventResult, "description": "Duplicate: already stored"}},
+    responses={
+        status.HTTP_200_OK: {"model": UsageEventResult, "description": "Duplicate: already stored"},
+        status.HTTP_409_CONFLICT: {"description": "The idempotency key is already used with another event"},
+    },
 )
 async def ingest_single_event(event: UsageEventIn, session: SessionDep, response: Response) -> UsageEventResult:
     """Store one event: 201 when new, 200 when its idempotency key was seen before, 422 when invalid."""
@@ -115,6 +139,8 @@ async def ingest_single_event(event: UsageEventIn, session: SessionDep, response
     outcome = await ingest_event(session, event, UsageSource.manual)
     if outcome.status is RowStatus.rejected:
         raise body_errors([(problem.loc, problem.message, problem.kind) for problem in outcome.problems])
+    if outcome.status is RowStatus.conflict:
+        raise conflict("idempotency_key", "; ".join(problem.message for problem in outcome.problems))
     if outcome.status is RowStatus.duplicate:
         response.status_code = status.HTTP_200_OK
     return UsageEventResult(
