@@ -16,6 +16,7 @@ from temporalio.client import Client
 
 from activities.storage import LocalDocumentStore
 from api.errors import OUTAGE_ERRORS, unexpected_error_handler, validation_error_handler
+from api.idempotency import IdempotencyMiddleware
 from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from api.routers import health_router, v1_router
 from core.observability import configure_logging, configure_tracing
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, *, temporal_client: Client | No
     for outage in OUTAGE_ERRORS:  # answered here, not re-raised: an outage is not a bug
         app.add_exception_handler(outage, unexpected_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)

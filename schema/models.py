@@ -13,7 +13,18 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Identity, Index, Numeric, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    LargeBinary,
+    Numeric,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
@@ -339,3 +350,29 @@ class SubscriptionPromo(SQLModel, table=True):
     redeemed_at: datetime = _ts()
     invoices_applied: int = Field(default=0)
     position: int = Field(default=1)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The first response to a POST sent with an ``Idempotency-Key`` header, replayed for 24 hours.
+
+    ``response_status`` is NULL while the first request is being handled; a record held longer
+    than the lease was left by a process that died and may be taken over.
+    """
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (
+        UniqueConstraint("scope", "key", name="uq_idempotency_scope_key"),
+        Index("ix_idempotency_created_at", "created_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    scope: str = Field(max_length=64)  # who sent it (a hash of the credentials), so keys never cross callers
+    key: str = Field(max_length=255)
+    fingerprint: str = Field(max_length=64)  # sha256 of method, path, query and body
+    method: str = Field(max_length=8)
+    path: str = Field(max_length=500)
+    response_status: int | None = None
+    response_headers: dict[str, str] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    response_body: bytes | None = Field(default=None, sa_type=LargeBinary)
+    created_at: datetime = _ts(default_factory=utcnow)
+    locked_at: datetime = _ts(default_factory=utcnow)
