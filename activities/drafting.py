@@ -26,6 +26,7 @@ from billing.pricing import (
     Graduated,
     InvoiceDraft,
     LateUsage,
+    Line,
     LineKind,
     Package,
     PerUnit,
@@ -317,6 +318,25 @@ async def _invoiced(session: AsyncSession, subscription_id: uuid.UUID, p: Period
 
 
 @dataclass(frozen=True)
+class DiscountAmount:
+    """What one promo took off one charge line, in minor units (Stripe's ``discount_amounts``)."""
+
+    promo_code: str
+    amount: int
+
+
+def discount_amounts(lines: Sequence[Line]) -> list[tuple[DiscountAmount, ...]]:
+    """Per line, each discount's share of it: the engine's ``allocations`` of every discount line
+    index the charge lines (all lines before the discounts, in order); other lines get none."""
+    discounts = [line for line in lines if line.kind is LineKind.discount]
+    charges = len(discounts[0].allocations) if discounts else 0
+    return [
+        tuple(DiscountAmount(d.promo_code or "", d.allocations[i]) for d in discounts) if i < charges else ()
+        for i in range(len(lines))
+    ]
+
+
+@dataclass(frozen=True)
 class DraftLine:
     """A line as it is stored and shown: the engine's line with its period flattened and the
     plan code of a late-usage adjustment filled in."""
@@ -333,6 +353,7 @@ class DraftLine:
     promo_code: str | None
     days: int | None
     period_days: int | None
+    discount_amounts: tuple[DiscountAmount, ...] = ()  # charge lines: what each promo took off this line
 
 
 @dataclass(frozen=True)
@@ -344,6 +365,7 @@ class Draft:
 
     def lines(self) -> list[DraftLine]:
         plans = iter(self.adjustment_plans)
+        shares = discount_amounts(self.invoice.lines)
         return [
             DraftLine(
                 kind=line.kind.value,
@@ -358,8 +380,9 @@ class Draft:
                 promo_code=line.promo_code,
                 days=line.days,
                 period_days=line.period_days,
+                discount_amounts=share,
             )
-            for line in self.invoice.lines
+            for line, share in zip(self.invoice.lines, shares, strict=True)
         ]
 
 

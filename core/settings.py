@@ -60,6 +60,19 @@ class Settings(BaseSettings):
         default=None, description="Where invoice PDFs are stored; default DATA_DIR/documents"
     )
 
+    # The issuer printed on every invoice (snapshotted on the invoice when it is finalized),
+    # the prefix of its gap-free invoice numbers (PREFIX-000001) and the payment terms.
+    issuer_name: str = Field(default="Roomly Rooms GmbH", min_length=1, max_length=200)
+    issuer_address: str = Field(
+        default="Musterstra\u00dfe 1, 10115 Berlin, Germany",
+        min_length=1,
+        max_length=500,
+        description="Printed as given; a newline (\\n) starts a new line",
+    )
+    issuer_tax_id: str = Field(default="DE123456789", min_length=1, max_length=64)
+    invoice_number_prefix: str = Field(default="INV", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+    payment_terms_days: int = Field(default=14, ge=0, le=365, description="Due date: issue date + this many local days")
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 
