@@ -147,10 +147,10 @@ def upgrade() -> None:
         sa.CheckConstraint("last_number >= 0", name="ck_invoice_number_counter"),
         sa.PrimaryKeyConstraint("prefix"),
     )
-    # Numbers given so far by the sequence continue in the counter of their prefix.
+    # Numbers of finalized invoices continue in the counter of their prefix (drafts give theirs up).
     op.execute(
         "INSERT INTO invoice_number_counters (prefix, last_number) "
-        "SELECT 'INV', max(substring(number FROM '^INV-([0-9]+)$')::bigint) FROM invoices "
+        "SELECT 'INV', max(substring(number FROM '^INV-([0-9]+)$')::bigint) FROM invoices WHERE status <> 'draft' "
         "HAVING max(substring(number FROM '^INV-([0-9]+)$')::bigint) IS NOT NULL"
     )
     op.drop_constraint("ck_invoicestatus", "invoices", type_="check")
