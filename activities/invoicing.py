@@ -188,7 +188,10 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
     """Everything the PDF shows, read in one place: the invoice's own snapshots, never today's rows."""
     row = (
         await session.exec(
-            select(Invoice, Tenant).join(Tenant, col(Tenant.id) == Invoice.tenant_id).where(Invoice.id == invoice_id)
+            select(Invoice, Tenant)
+            .join(Tenant, col(Tenant.id) == Invoice.tenant_id)
+            .where(Invoice.id == invoice_id)
+            .execution_options(populate_existing=True)  # as committed, even if this session read it before
         )
     ).first()
     if row is None:

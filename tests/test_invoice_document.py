@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from pypdf import PdfReader
 from sqlmodel import col, select
+from temporalio.testing import ActivityEnvironment
 
 from activities.billing import BillingActivities
 from activities.invoicing import InvoiceTerms
@@ -20,7 +21,7 @@ from tests import factories
 from tests.test_api_support import api_client
 from tests.test_billing_workflows import start_run
 from worker import build_worker
-from workflows.contracts import invoice_workflow_id
+from workflows.contracts import CreateInvoiceInput, FinalizeInvoiceInput, RenderInvoicePdfInput, invoice_workflow_id
 
 pytestmark = pytest.mark.db
 
@@ -96,3 +97,31 @@ async def test_the_document_shows_the_room_at_the_boundary_the_issuer_and_local_
 
     subscription = (await api.get(f"/v1/subscriptions/{sub.id}")).json()
     assert uuid.UUID(subscription["room_id"]) == suite.id  # the subscription's room today is the suite
+
+
+async def test_the_old_order_create_render_finalize_still_ends_with_a_numbered_open_invoice(
+    sessions, renderer, settings
+):
+    """What a workflow started before numbering at finalization still does after the deploy: it
+    renders a draft (the render finalizes it first), then calls finalize_invoice with the PDF."""
+    cat = await factories.catalog(sessions)
+    sub = await factories.subscriber(sessions, cat, START, name="Grace Hopper", timezone="Europe/Berlin")
+    store = LocalDocumentStore(settings.documents_root)
+    activities = BillingActivities(sessions, renderer, store, TERMS, clock=lambda: ISSUED)
+    env = ActivityEnvironment()
+
+    created = await env.run(
+        activities.create_invoice,
+        CreateInvoiceInput(sub.id, 0, datetime(2026, 1, 9, 23, tzinfo=UTC), "invoice:old-order"),
+    )
+    assert created.number is None and created.status == "draft"
+    pdf = await env.run(activities.render_invoice_pdf, RenderInvoicePdfInput(created.invoice_id))
+    await env.run(activities.finalize_invoice, FinalizeInvoiceInput(created.invoice_id, pdf.location))
+    await env.run(activities.finalize_invoice, FinalizeInvoiceInput(created.invoice_id, pdf.location))  # a retry
+
+    async with sessions() as s:
+        invoice = await s.get(Invoice, created.invoice_id)
+    assert invoice is not None and invoice.status == "open" and invoice.number == pdf.number == "RB-000001"
+    assert invoice.pdf_location == pdf.location and invoice.issued_at == ISSUED
+    text = pdf_text(await store.get(pdf.location))
+    assert "RB-000001" in text and "Roomly Rooms GmbH" in text and "Dates in Europe/Berlin" in text
