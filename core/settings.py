@@ -31,6 +31,9 @@ class TraceExporter(StrEnum):
     otlp = "otlp"
 
 
+_ISSUER_FIELDS = ("issuer_name", "issuer_address", "issuer_tax_id")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore")
 
@@ -88,6 +91,15 @@ class Settings(BaseSettings):
             missing = [n for n in ("database_url", "temporal_address") if getattr(self, n) is None]
             if missing:
                 raise ValueError(f"{', '.join(m.upper() for m in missing)} must be set when ENVIRONMENT=production")
+        return self
+
+    @model_validator(mode="after")
+    def _production_needs_a_real_issuer(self) -> Settings:
+        if self.environment is Environment.production:
+            demo = [n for n in _ISSUER_FIELDS if getattr(self, n) == type(self).model_fields[n].default]
+            if demo:
+                names = ", ".join(n.upper() for n in demo)
+                raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are a demo company)")
         return self
 
     @property

@@ -16,6 +16,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.billing import BillingActivities
 from activities.invoicing import InvoiceTerms
 from activities.storage import LocalDocumentStore
+from core.settings import Settings
 from schema.models import Invoice, Room
 from tests import factories
 from tests.test_api_support import api_client
@@ -125,3 +126,19 @@ async def test_the_old_order_create_render_finalize_still_ends_with_a_numbered_o
     assert invoice.pdf_location == pdf.location and invoice.issued_at == ISSUED
     text = pdf_text(await store.get(pdf.location))
     assert "RB-000001" in text and "Roomly Rooms GmbH" in text and "Dates in Europe/Berlin" in text
+
+
+def production(**issuer: str) -> Settings:
+    return Settings.model_validate(
+        {"environment": "production", "database_url": "postgresql://db/x", "temporal_address": "t:7233", **issuer}
+    )
+
+
+def test_production_refuses_the_demo_issuer():
+    with pytest.raises(ValueError, match="ISSUER_NAME, ISSUER_ADDRESS, ISSUER_TAX_ID must be set") as all_three:
+        production()
+    with pytest.raises(ValueError, match="ISSUER_TAX_ID must be set") as tax_id:
+        production(issuer_name="Roomly Rooms AG", issuer_address="Bahnhofstrasse 1, 8001 Zürich")
+    assert "ISSUER_NAME" in str(all_three.value) and "ISSUER_NAME" not in str(tax_id.value)
+    real = production(issuer_name="Roomly Rooms AG", issuer_address="Bahnhofstrasse 1", issuer_tax_id="CHE-123.456.789")
+    assert real.issuer_tax_id == "CHE-123.456.789"
