@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -22,18 +23,25 @@ from activities.invoice_document import render_invoice_html
 from activities.pdf import PdfRenderer
 from activities.storage import DocumentStore
 from billing.pricing import PricingError
+from core.settings import get_settings
 from workflows.contracts import (
+    ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,
     ACT_FINALIZE_INVOICE,
+    ACT_ISSUE_INVOICE,
     ACT_LIST_DUE_PERIODS,
     ACT_RENDER_INVOICE_PDF,
     ERR_EARLIER_INVOICE_PENDING,
+    ERR_INVOICE_NOT_FINALIZED,
     ERR_INVOICE_NOT_FOUND,
     ERR_PRICING,
     ERR_SUBSCRIPTION_NOT_FOUND,
+    AttachInvoicePdfInput,
     CreateInvoiceInput,
     CreateInvoiceResult,
     FinalizeInvoiceInput,
+    IssueInvoiceInput,
+    IssueInvoiceResult,
     ListDuePeriodsInput,
     ListDuePeriodsResult,
     RenderInvoicePdfInput,
@@ -43,17 +51,32 @@ from workflows.contracts import (
 log = structlog.get_logger(__name__)
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 class BillingActivities:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], renderer: PdfRenderer, store: DocumentStore) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        renderer: PdfRenderer,
+        store: DocumentStore,
+        terms: invoicing.InvoiceTerms | None = None,  # None: from the process settings
+        clock: Callable[[], datetime] = _utcnow,  # the issue date of a finalized invoice
+    ) -> None:
         self._sessions = sessions
         self._renderer = renderer
         self._store = store
+        self._terms = terms or invoicing.InvoiceTerms.from_settings(get_settings())
+        self._clock = clock
 
     def all(self) -> list[Callable[..., object]]:
         return [
             self.list_due_periods,
             self.create_invoice,
+            self.issue_invoice,
             self.render_invoice_pdf,
+            self.attach_invoice_pdf,
             self.finalize_invoice,
         ]
 
@@ -66,6 +89,8 @@ class BillingActivities:
                 raise ApplicationError(str(err), type=not_found_type, non_retryable=True) from err
             except PricingError as err:  # data the engine refuses: an operator must fix it, retrying won't
                 raise ApplicationError(str(err), type=ERR_PRICING, non_retryable=True) from err
+            except invoicing.DraftInvoiceError as err:  # a workflow out of order: retrying cannot help
+                raise ApplicationError(str(err), type=ERR_INVOICE_NOT_FINALIZED, non_retryable=True) from err
 
     @activity.defn(name=ACT_LIST_DUE_PERIODS)
     async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:
@@ -84,19 +109,38 @@ class BillingActivities:
         log.info("invoice written", invoice=result.number, created=result.created, total=result.total)
         return result
 
+    @activity.defn(name=ACT_ISSUE_INVOICE)
+    async def issue_invoice(self, data: IssueInvoiceInput) -> IssueInvoiceResult:
+        """Finalize: number, issuer, issue and due dates; a repeated call returns the same number."""
+        async with self._session(ERR_INVOICE_NOT_FOUND) as session:
+            done = await invoicing.finalize_invoice(session, data.invoice_id, self._terms, self._clock())
+        log.info("invoice finalized", invoice=done.number, first=done.first, due_at=done.due_at.isoformat())
+        return IssueInvoiceResult(done.number, done.issued_at, done.due_at)
+
     @activity.defn(name=ACT_RENDER_INVOICE_PDF)
     async def render_invoice_pdf(self, data: RenderInvoicePdfInput) -> RenderInvoicePdfResult:
         async with self._session(ERR_INVOICE_NOT_FOUND) as session:
-            invoice, document = await invoicing.invoice_document(session, data.invoice_id)
+            try:
+                invoice, document = await invoicing.invoice_document(session, data.invoice_id)
+            except invoicing.DraftInvoiceError:  # a workflow that renders before it finalizes (the old order)
+                await invoicing.finalize_invoice(session, data.invoice_id, self._terms, self._clock())
+                invoice, document = await invoicing.invoice_document(session, data.invoice_id)
         structlog.contextvars.bind_contextvars(tenant_id=str(invoice.tenant_id))
-        if invoice.pdf_location is not None:  # finalized earlier: the stored PDF is the invoice
-            return RenderInvoicePdfResult(location=invoice.pdf_location)
+        if invoice.pdf_location is not None:  # attached earlier: the stored PDF is the invoice
+            return RenderInvoicePdfResult(location=invoice.pdf_location, number=invoice.number)
         pdf = await self._renderer.render(render_invoice_html(document))
         location = await self._store.put(invoicing.pdf_key(invoice), pdf)
         log.info("invoice pdf stored", invoice=invoice.number, location=location, size=len(pdf))
-        return RenderInvoicePdfResult(location=location)
+        return RenderInvoicePdfResult(location=location, number=invoice.number)
+
+    @activity.defn(name=ACT_ATTACH_INVOICE_PDF)
+    async def attach_invoice_pdf(self, data: AttachInvoicePdfInput) -> None:
+        async with self._session(ERR_INVOICE_NOT_FOUND) as session:
+            await invoicing.attach_pdf(session, data.invoice_id, data.pdf_location)
 
     @activity.defn(name=ACT_FINALIZE_INVOICE)
     async def finalize_invoice(self, data: FinalizeInvoiceInput) -> None:
+        """The last step of the old order (create -> render -> finalize): finalized by the render already."""
         async with self._session(ERR_INVOICE_NOT_FOUND) as session:
-            await invoicing.finalize_invoice(session, data.invoice_id, data.pdf_location)
+            await invoicing.finalize_invoice(session, data.invoice_id, self._terms, self._clock())
+            await invoicing.attach_pdf(session, data.invoice_id, data.pdf_location)

@@ -26,6 +26,8 @@ from billing.pricing import (
     Graduated,
     InvoiceDraft,
     LateUsage,
+    Line,
+    LineKind,
     Package,
     PerUnit,
     Price,
@@ -317,6 +319,25 @@ async def _late_usage(session: AsyncSession, loaded: Loaded, before_index: int) 
 
 
 @dataclass(frozen=True)
+class DiscountAmount:
+    """What one promo took off one charge line, in minor units (Stripe's ``discount_amounts``)."""
+
+    promo_code: str
+    amount: int
+
+
+def discount_amounts(lines: Sequence[Line]) -> list[tuple[DiscountAmount, ...]]:
+    """Per line, each discount's share of it: the engine's ``allocations`` of every discount line
+    index the charge lines (all lines before the discounts, in order); other lines get none."""
+    discounts = [line for line in lines if line.kind is LineKind.discount]
+    charges = len(discounts[0].allocations) if discounts else 0
+    return [
+        tuple(DiscountAmount(d.promo_code or "", d.allocations[i]) for d in discounts) if i < charges else ()
+        for i in range(len(lines))
+    ]
+
+
+@dataclass(frozen=True)
 class DraftLine:
     """A line as it is stored and shown: the engine's line with its period flattened and the
     plan code of a late-usage adjustment filled in."""
@@ -336,6 +357,7 @@ class DraftLine:
     slice_start: datetime | None  # usage and adjustments: the slice of the period rated ...
     slice_end: datetime | None
     plan_version: int | None  # ... by this version of ``plan_code``
+    discount_amounts: tuple[DiscountAmount, ...] = ()  # charge lines: what each promo took off this line
 
 
 @dataclass(frozen=True)
@@ -345,6 +367,7 @@ class Draft:
     invoice: InvoiceDraft
 
     def lines(self) -> list[DraftLine]:
+        shares = discount_amounts(self.invoice.lines)
         return [
             DraftLine(
                 kind=line.kind.value,
@@ -362,8 +385,9 @@ class Draft:
                 slice_start=line.usage_slice.start if line.usage_slice else None,
                 slice_end=line.usage_slice.end if line.usage_slice else None,
                 plan_version=line.plan_version,
+                discount_amounts=share,
             )
-            for line in self.invoice.lines
+            for line, share in zip(self.invoice.lines, shares, strict=True)
         ]
 
 

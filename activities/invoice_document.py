@@ -53,7 +53,9 @@ class InvoiceDocument:
     plan_name: str
     lines: tuple[InvoiceDocumentLine, ...]
     total: int  # minor units
-    seller_name: str = "Roomly Billing"
+    issuer_name: str = "Roomly Billing"
+    issuer_address: str = ""  # a newline starts a new line
+    issuer_tax_id: str = ""
     due_at: datetime | None = None
     usage_start: datetime | None = None  # the period whose usage is billed in arrears, if any
     usage_end: datetime | None = None
@@ -129,11 +131,15 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         for line in doc.lines
         if line.reduction
     ]
+    issued_day = _local_date(doc.issued_at, zone)
+    due_day = _local_date(doc.due_at, zone) if doc.due_at is not None else None
     return _env.get_template(_TEMPLATE).render(
         doc=doc,
         currency=check_currency(doc.currency),
-        issued_on=_show_date(_local_date(doc.issued_at, zone)),
-        due_on=_show_date(_local_date(doc.due_at, zone)) if doc.due_at is not None else None,
+        issuer_address=[part.strip() for part in doc.issuer_address.splitlines() if part.strip()],
+        issued_on=_show_date(issued_day),
+        due_on=_show_date(due_day) if due_day is not None else None,
+        net_days=(due_day - issued_day).days if due_day is not None else None,
         period_from=_show_date(_local_date(doc.period_start, zone)),
         period_to=_show_date(last_day),
         usage_period=_span_text(doc.usage_start, doc.usage_end, zone),

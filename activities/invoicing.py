@@ -8,8 +8,9 @@ database's unique constraints and by "already done?" checks.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
 from sqlmodel import col, select
@@ -20,13 +21,13 @@ from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
 from billing.pricing import LineKind
+from core.settings import Settings
 from schema.db import execute_sql
 from schema.models import (
     Invoice,
     InvoiceLine,
     InvoiceStatus,
     Plan,
-    Room,
     Subscription,
     SubscriptionStatus,
     Tenant,
@@ -38,7 +39,16 @@ from workflows.contracts import (
     ListDuePeriodsResult,
 )
 
-__all__ = ["NotFoundError", "create_invoice", "finalize_invoice", "list_due_periods", "upcoming_invoice"]
+__all__ = [
+    "DraftInvoiceError",
+    "InvoiceTerms",
+    "NotFoundError",
+    "attach_pdf",
+    "create_invoice",
+    "finalize_invoice",
+    "list_due_periods",
+    "upcoming_invoice",
+]
 
 # A subscription further behind than this is billed over several runs, not in one page.
 MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
@@ -126,10 +136,9 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     watermark = await usage_fence.settle(session, sub.tenant_id)  # before any usage is read
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
-    seq = (await execute_sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
     charges = sum(line.amount for line in draft.lines if line.kind not in _REDUCTIONS)
+    plan, room = loaded.timeline.holding_at(draft.period.start)  # in force at the boundary, not today
     invoice = Invoice(
-        number=f"INV-{seq:06d}",
         tenant_id=sub.tenant_id,
         subscription_id=sub.id,
         boundary_index=data.boundary_index,
@@ -144,6 +153,9 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         credit_carried_forward=draft.credit_carried_forward,
         usage_watermark=watermark,
         workflow_id=data.workflow_id,
+        timezone=loaded.tenant.timezone,
+        room_name=room or None,
+        plan_name=plan.name,
     )
     session.add(invoice)
     await session.flush()
@@ -170,21 +182,25 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
 _REDUCTIONS = {LineKind.discount, LineKind.credit_applied}
 
 
+class DraftInvoiceError(RuntimeError):
+    """The invoice is still a draft: it has no number, so no document yet."""
+
+
 async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tuple[Invoice, InvoiceDocument]:
-    """Everything the PDF shows, read in one place."""
+    """Everything the PDF shows, read in one place: the invoice's own snapshots, never today's rows."""
     row = (
         await session.exec(
-            select(Invoice, Tenant, Room, Plan)
+            select(Invoice, Tenant)
             .join(Tenant, col(Tenant.id) == Invoice.tenant_id)
-            .join(Subscription, col(Subscription.id) == Invoice.subscription_id)
-            .join(Room, col(Room.id) == Subscription.room_id)
-            .join(Plan, col(Plan.id) == Subscription.plan_id)
             .where(Invoice.id == invoice_id)
+            .execution_options(populate_existing=True)  # as committed, even if this session read it before
         )
     ).first()
     if row is None:
         raise NotFoundError(f"invoice {invoice_id} not found")
-    invoice, tenant, room, plan = row
+    invoice, tenant = row
+    if invoice.number is None or invoice.issued_at is None:
+        raise DraftInvoiceError(f"invoice {invoice_id} is a draft: finalize it first")
     lines = (
         await session.exec(
             select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(col(InvoiceLine.position))
@@ -192,15 +208,15 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
     ).all()
     doc = InvoiceDocument(
         number=invoice.number,
-        issued_at=invoice.created_at,
+        issued_at=invoice.issued_at,
         period_start=invoice.period_start,
         period_end=invoice.period_end,
-        timezone=tenant.timezone,
+        timezone=invoice.timezone or tenant.timezone,
         currency=invoice.currency,
         tenant_name=tenant.name,
         tenant_email=tenant.email,
-        room_name=room.name,
-        plan_name=plan.name,
+        room_name=invoice.room_name or "",
+        plan_name=invoice.plan_name or "",
         lines=tuple(
             InvoiceDocumentLine(
                 description=line.description,
@@ -212,6 +228,10 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
             for line in lines
         ),
         total=invoice.total,
+        issuer_name=invoice.issuer_name or "",
+        issuer_address=invoice.issuer_address or "",
+        issuer_tax_id=invoice.issuer_tax_id or "",
+        due_at=invoice.due_at,
         usage_start=invoice.settled_start,
         usage_end=invoice.settled_end,
     )
@@ -222,16 +242,130 @@ def pdf_key(invoice: Invoice) -> str:
     return f"invoices/{invoice.tenant_id}/{invoice.number}.pdf"
 
 
-async def finalize_invoice(session: AsyncSession, invoice_id: uuid.UUID, pdf_location: str) -> None:
-    """draft -> ready with its PDF; an invoice already ready is left exactly as it is."""
+@dataclass(frozen=True)
+class InvoiceTerms:
+    """What finalization writes on an invoice: the issuer, the prefix of its number, the payment terms."""
+
+    issuer_name: str
+    issuer_address: str
+    issuer_tax_id: str
+    number_prefix: str = "INV"
+    payment_terms_days: int = 14
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InvoiceTerms:
+        return cls(
+            issuer_name=settings.issuer_name,
+            issuer_address=settings.issuer_address,
+            issuer_tax_id=settings.issuer_tax_id,
+            number_prefix=settings.invoice_number_prefix,
+            payment_terms_days=settings.payment_terms_days,
+        )
+
+
+def format_number(prefix: str, n: int) -> str:
+    return f"{prefix}-{n:06d}"
+
+
+def due_at(issued_at: datetime, timezone: str, days: int) -> datetime:
+    """``days`` calendar days after ``issued_at`` in the tenant's zone, at the same local time.
+
+    Net 14 is counted in local days: a DST change in between neither moves the due date nor
+    (as adding 14 x 24 hours would, near midnight) shifts it by a day.
+    """
+    zone = ZoneInfo(timezone)
+    local = issued_at.astimezone(zone).replace(tzinfo=None) + timedelta(days=days)
+    return local.replace(tzinfo=zone).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Finalized:
+    number: str
+    issued_at: datetime
+    due_at: datetime
+    first: bool  # False: it was finalized before (a repeated call)
+
+
+# The counter row of the prefix is created on first use and then locked by this statement
+# until the finalizing transaction ends: numbers are given one at a time, and a rollback
+# gives the number back (a sequence would leave a gap).
+_NEXT_NUMBER = text(
+    """
+    INSERT INTO invoice_number_counters AS c (prefix, last_number) VALUES (:prefix, 1)
+    ON CONFLICT (prefix) DO UPDATE SET last_number = c.last_number + 1
+    RETURNING c.last_number
+    """
+)
+
+_LOCK_INVOICE = text(
+    """
+    SELECT i.status, i.number, i.issued_at, i.due_at, COALESCE(i.timezone, t.timezone) AS timezone
+    FROM invoices i JOIN tenants t ON t.id = i.tenant_id
+    WHERE i.id = :id FOR UPDATE OF i
+    """
+)
+
+_FINALIZE = text(
+    """
+    UPDATE invoices SET status = 'open', number = :number, issued_at = :now, finalized_at = :now, due_at = :due,
+           issuer_name = :issuer_name, issuer_address = :issuer_address, issuer_tax_id = :issuer_tax_id
+    WHERE id = :id AND status = 'draft'
+    """
+)
+
+
+async def finalize_in_transaction(
+    session: AsyncSession, invoice_id: uuid.UUID, terms: InvoiceTerms, now: datetime
+) -> Finalized:
+    """draft -> open in the session's transaction, which the caller commits (or rolls back: no gap).
+
+    Locks the invoice, then takes the next number of the prefix; the issuer is snapshotted, the
+    issue date is ``now`` and the due date ``now`` + the payment terms in the invoice's time
+    zone. An invoice finalized before is left as it is and its number returned.
+    """
+    row = (await execute_sql(session, _LOCK_INVOICE, {"id": invoice_id})).first()
+    if row is None:
+        raise NotFoundError(f"invoice {invoice_id} not found")
+    if row.status != InvoiceStatus.draft:
+        return Finalized(row.number, row.issued_at, row.due_at, first=False)
+    n = (await execute_sql(session, _NEXT_NUMBER, {"prefix": terms.number_prefix})).scalar_one()
+    number, due = format_number(terms.number_prefix, n), due_at(now, row.timezone, terms.payment_terms_days)
+    await execute_sql(
+        session,
+        _FINALIZE,
+        {
+            "id": invoice_id,
+            "number": number,
+            "now": now,
+            "due": due,
+            "issuer_name": terms.issuer_name,
+            "issuer_address": terms.issuer_address,
+            "issuer_tax_id": terms.issuer_tax_id,
+        },
+    )
+    return Finalized(number, now, due, first=True)
+
+
+async def finalize_invoice(
+    session: AsyncSession, invoice_id: uuid.UUID, terms: InvoiceTerms, now: datetime
+) -> Finalized:
+    """Give the draft its number, issue and due dates and issuer, and open it; a no-op when already final."""
+    done = await finalize_in_transaction(session, invoice_id, terms, now)
+    await session.commit()
+    return done
+
+
+async def attach_pdf(session: AsyncSession, invoice_id: uuid.UUID, location: str) -> None:
+    """Record where the finalized invoice's PDF is stored, once; a repeated call changes nothing."""
     result = await execute_sql(
         session,
-        text(
-            "UPDATE invoices SET status = 'ready', pdf_location = :loc, finalized_at = :now "
-            "WHERE id = :id AND status = 'draft'"
-        ),
-        {"id": invoice_id, "loc": pdf_location, "now": datetime.now(UTC)},
+        text("UPDATE invoices SET pdf_location = :loc WHERE id = :id AND status <> 'draft' AND pdf_location IS NULL"),
+        {"id": invoice_id, "loc": location},
     )
     await session.commit()
-    if result.rowcount == 0 and await session.get(Invoice, invoice_id) is None:
-        raise NotFoundError(f"invoice {invoice_id} not found")
+    if result.rowcount == 0:
+        invoice = await session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise NotFoundError(f"invoice {invoice_id} not found")
+        if invoice.status is InvoiceStatus.draft:
+            raise DraftInvoiceError(f"invoice {invoice_id} is a draft: finalize it before attaching its PDF")

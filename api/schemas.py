@@ -309,6 +309,15 @@ class MoveRoom(BaseModel):
     effective_at: UtcDatetime = Field(description="From this instant the subscription is in the new room")
 
 
+class DiscountAmountPublic(BaseModel):
+    """What one promo took off one charge line (Stripe's ``discount_amounts``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    promo_code: str
+    amount: int = Field(description="Minor units taken off this line by the promo")
+
+
 class UpcomingLine(BaseModel):
     kind: str
     description: str
@@ -322,6 +331,9 @@ class UpcomingLine(BaseModel):
     promo_code: str | None
     days: int | None
     period_days: int | None
+    discount_amounts: list[DiscountAmountPublic] = Field(
+        default_factory=list, description="Charge lines: what each promo of the invoice took off this line"
+    )
 
 
 class UpcomingInvoice(BaseModel):
@@ -453,7 +465,7 @@ class BillingRunStatus(BaseModel):
 
 class InvoicePublic(Public):
     id: uuid.UUID
-    number: str
+    number: str | None = Field(description="Given at finalization, gap-free per prefix; null on a draft")
     tenant_id: uuid.UUID
     subscription_id: uuid.UUID
     period_start: datetime = Field(description="The period billed in advance (it starts at this invoice)")
@@ -468,6 +480,17 @@ class InvoicePublic(Public):
     pdf_url: str | None
     created_at: datetime
     finalized_at: datetime | None
+    issued_at: datetime | None = Field(description="The issue date: finalization; null on a draft")
+    due_at: datetime | None = Field(description="Issue date + the payment terms, in local days")
+    timezone: str | None = Field(description="The tenant's IANA zone: the document shows every date in it")
+    room_name: str | None = Field(description="The room in force at period_start")
+    plan_name: str | None = Field(description="The plan in force at period_start")
+    issuer_name: str | None = Field(description="Snapshotted at finalization")
+    issuer_address: str | None
+    issuer_tax_id: str | None
+    paid_at: datetime | None
+    voided_at: datetime | None
+    marked_uncollectible_at: datetime | None
 
 
 class InvoiceLinePublic(Public):
@@ -484,6 +507,9 @@ class InvoiceLinePublic(Public):
     promo_code: str | None
     days: int | None
     period_days: int | None
+    discount_amounts: list[DiscountAmountPublic] = Field(
+        description="Charge lines: what each promo of the invoice took off this line"
+    )
 
 
 class InvoiceDetail(InvoicePublic):

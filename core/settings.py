@@ -31,6 +31,9 @@ class TraceExporter(StrEnum):
     otlp = "otlp"
 
 
+_ISSUER_FIELDS = ("issuer_name", "issuer_address", "issuer_tax_id")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore")
 
@@ -60,6 +63,19 @@ class Settings(BaseSettings):
         default=None, description="Where invoice PDFs are stored; default DATA_DIR/documents"
     )
 
+    # The issuer printed on every invoice (snapshotted on the invoice when it is finalized),
+    # the prefix of its gap-free invoice numbers (PREFIX-000001) and the payment terms.
+    issuer_name: str = Field(default="Roomly Rooms GmbH", min_length=1, max_length=200)
+    issuer_address: str = Field(
+        default="Musterstra\u00dfe 1, 10115 Berlin, Germany",
+        min_length=1,
+        max_length=500,
+        description="Printed as given; a newline (\\n) starts a new line",
+    )
+    issuer_tax_id: str = Field(default="DE123456789", min_length=1, max_length=64)
+    invoice_number_prefix: str = Field(default="INV", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+    payment_terms_days: int = Field(default=14, ge=0, le=365, description="Due date: issue date + this many local days")
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
@@ -76,6 +92,15 @@ class Settings(BaseSettings):
             missing = [n for n in ("database_url", "temporal_address") if getattr(self, n) is None]
             if missing:
                 raise ValueError(f"{', '.join(m.upper() for m in missing)} must be set when ENVIRONMENT=production")
+        return self
+
+    @model_validator(mode="after")
+    def _production_needs_a_real_issuer(self) -> Settings:
+        if self.environment is Environment.production:
+            demo = [n for n in _ISSUER_FIELDS if getattr(self, n) == type(self).model_fields[n].default]
+            if demo:
+                names = ", ".join(n.upper() for n in demo)
+                raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are a demo company)")
         return self
 
     @property

@@ -447,7 +447,7 @@ def invoice_table(invoices: Sequence[dict[str, Any]], tenant_names: dict[str, st
     header = ("Number", "Tenant", "Period (UTC)", "Total", "Status")
     rows = [
         (
-            str(inv["number"]),
+            str(inv["number"] or "(draft)"),  # a draft has no number yet
             tenant_names.get(str(inv["tenant_id"]), str(inv["tenant_id"])[:8]),
             f"{_day(inv['period_start'])} .. {_day(inv['period_end'])}",
             format_money(int(inv["total"]), str(inv["currency"])),

@@ -3,6 +3,9 @@
 - one invoice per (subscription, period start): ``uq_invoice_subscription_period``
 - one usage event per (tenant, idempotency key): ``uq_usage_tenant_key``
 - plan versions are immutable: a trigger refuses UPDATE (see the first migration)
+- a finalized invoice and its lines are immutable but for the status transitions payments make
+  and attaching its PDF once: triggers (migration 0004, ``docs/invoices.md``)
+- invoice numbers are gap-free per prefix: ``invoice_number_counters``, taken at finalization
 """
 
 from __future__ import annotations
@@ -87,8 +90,13 @@ class SubscriptionStatus(StrEnum):
 
 
 class InvoiceStatus(StrEnum):
-    draft = "draft"  # lines written, PDF not yet rendered
-    ready = "ready"  # finalized: PDF stored, never changed again
+    """Stripe's lifecycle. Only a draft can change; a finalized invoice only moves on by status."""
+
+    draft = "draft"  # lines written, no number yet
+    open = "open"  # finalized: numbered, issued, due; the document never changes again
+    paid = "paid"
+    void = "void"
+    uncollectible = "uncollectible"
 
 
 class UsageSource(StrEnum):
@@ -254,10 +262,21 @@ class Invoice(SQLModel, table=True):
         CheckConstraint("total >= 0", name="ck_invoice_total"),
         CheckConstraint("period_end > period_start", name="ck_invoice_period"),
         Index("ix_invoice_tenant_status", "tenant_id", "status"),
+        # A draft has no number; a finalized invoice has its number, issue and due dates.
+        CheckConstraint(
+            "(status = 'draft') = (number IS NULL) AND (status = 'draft') = (issued_at IS NULL) "
+            "AND (status = 'draft') = (due_at IS NULL)",
+            name="ck_invoice_finalized",
+        ),
+        CheckConstraint(
+            "(status <> 'paid' OR paid_at IS NOT NULL) AND (status <> 'void' OR voided_at IS NOT NULL) "
+            "AND (status <> 'uncollectible' OR marked_uncollectible_at IS NOT NULL)",
+            name="ck_invoice_status_time",
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    number: str = Field(max_length=32, unique=True)
+    number: str | None = Field(default=None, max_length=32, unique=True)  # given at finalization
     tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
     subscription_id: uuid.UUID = Field(foreign_key="subscriptions.id")
     period_start: datetime = _ts()
@@ -278,6 +297,30 @@ class Invoice(SQLModel, table=True):
     workflow_id: str = Field(max_length=200)
     created_at: datetime = _ts(default_factory=utcnow)
     finalized_at: datetime | None = _ts(nullable=True, default=None)
+    # Snapshots, so the document never changes: the room and plan in force at the boundary and
+    # the tenant's time zone (written with the draft); the issuer (written at finalization).
+    timezone: str | None = Field(default=None, max_length=64)
+    room_name: str | None = Field(default=None, max_length=200)
+    plan_name: str | None = Field(default=None, max_length=200)
+    issuer_name: str | None = Field(default=None, max_length=200)
+    issuer_address: str | None = Field(default=None, max_length=500)
+    issuer_tax_id: str | None = Field(default=None, max_length=64)
+    issued_at: datetime | None = _ts(nullable=True, default=None)  # finalization
+    due_at: datetime | None = _ts(nullable=True, default=None)  # issue date + payment terms, in local days
+    paid_at: datetime | None = _ts(nullable=True, default=None)
+    voided_at: datetime | None = _ts(nullable=True, default=None)
+    marked_uncollectible_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class InvoiceNumberCounter(SQLModel, table=True):
+    """The last number given per prefix; taken with ``UPDATE ... RETURNING`` in the finalizing
+    transaction, so a rolled-back finalization gives its number back (no gap)."""
+
+    __tablename__ = "invoice_number_counters"
+    __table_args__ = (CheckConstraint("last_number >= 0", name="ck_invoice_number_counter"),)
+
+    prefix: str = Field(max_length=16, primary_key=True)
+    last_number: int = Field(default=0, sa_type=BigInteger)
 
 
 class InvoiceLine(SQLModel, table=True):
@@ -303,6 +346,11 @@ class InvoiceLine(SQLModel, table=True):
     slice_start: datetime | None = _ts(nullable=True, default=None)
     slice_end: datetime | None = _ts(nullable=True, default=None)
     plan_version: int | None = None
+    # Charge lines: what each promo of the invoice took off this line, in minor units
+    # ([{"promo_code": "WELCOME10", "amount": 120}]), like Stripe's discount_amounts.
+    discount_amounts: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    )
 
 
 class PromoCode(SQLModel, table=True):

@@ -102,18 +102,15 @@ async def _invoice(sessions, api, *, pdf_location: str | None = None) -> Invoice
     r = await room(api, (await plan(api))["id"])
     sub = await created(api, "/v1/subscriptions", {"tenant_id": t["id"], "room_id": r["id"]})
     invoice = Invoice(
-        number=f"INV-{uuid.uuid4().hex[:8]}",
         tenant_id=uuid.UUID(t["id"]),
         subscription_id=uuid.UUID(sub["id"]),
         period_start=datetime(2026, 1, 1, tzinfo=UTC),
         period_end=datetime(2026, 2, 1, tzinfo=UTC),
-        status=InvoiceStatus.ready if pdf_location else InvoiceStatus.draft,
+        status=InvoiceStatus.draft,
         currency="USD",
         subtotal=65286,
         total=65286,
-        pdf_location=pdf_location,
         workflow_id="invoice:test",
-        finalized_at=datetime(2026, 2, 1, 0, 5, tzinfo=UTC) if pdf_location else None,
     )
     async with sessions() as s:
         s.add(invoice)
@@ -128,6 +125,21 @@ async def _invoice(sessions, api, *, pdf_location: str | None = None) -> Invoice
             ]
         )  # fmt: skip
         await s.commit()
+    if pdf_location is not None:  # finalized (lines first: a finalized invoice's lines cannot change)
+        finalized_at = datetime(2026, 2, 1, 0, 5, tzinfo=UTC)
+        async with sessions() as s:
+            invoice.sqlmodel_update(
+                {
+                    "status": InvoiceStatus.open,
+                    "number": f"INV-{uuid.uuid4().hex[:8]}",
+                    "finalized_at": finalized_at,
+                    "issued_at": finalized_at,
+                    "due_at": finalized_at + timedelta(days=14),
+                    "pdf_location": pdf_location,
+                }
+            )
+            s.add(invoice)
+            await s.commit()
     return invoice
 
 
@@ -136,20 +148,21 @@ async def test_invoices_list_and_detail(api, sessions):
     listed = (await api.get("/v1/invoices")).json()
     assert [i["id"] for i in listed] == [str(draft.id)]
     assert listed[0]["status"] == "draft" and listed[0]["pdf_url"] is None and listed[0]["total"] == 65286
-    assert (await api.get("/v1/invoices", params={"status": "ready"})).json() == []
+    assert (await api.get("/v1/invoices", params={"status": "open"})).json() == []
     assert (await api.get("/v1/invoices", params={"tenant_id": str(uuid.uuid4())})).json() == []
     assert len((await api.get("/v1/invoices", params={"tenant_id": str(draft.tenant_id), "status": "draft"})).json())
-    assert error_locs(await api.get("/v1/invoices", params={"status": "paid"})) == [["query", "status"]]
+    assert error_locs(await api.get("/v1/invoices", params={"status": "ready"})) == [["query", "status"]]
 
     detail = (await api.get(f"/v1/invoices/{draft.id}")).json()
     assert {k: v for k, v in detail.items() if k != "lines"} == listed[0]
-    no_period = {
+    no_period: dict[str, object] = {
         "period_start": None,
         "period_end": None,
         "plan_code": None,
         "promo_code": None,
         "days": None,
         "period_days": None,
+        "discount_amounts": [],
     }
     assert detail["lines"] == [
         {"position": 1, "kind": "base_fee", "description": "Rent", "meter_code": None, "quantity": "1",

@@ -233,7 +233,7 @@ def test_invoice_table_formats_money():
         "period_end": "2026-03-17T14:00:00+00:00",
         "total": 1234567,
         "currency": "USD",
-        "status": "ready",
+        "status": "open",
     }
     table = demo.invoice_table([invoice], {"t1": "Lena Hoffmann"})
     assert "INV-000001" in table and "Lena Hoffmann" in table and "$12,345.67" in table

@@ -85,7 +85,7 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         progress = await billing_run(api, "2026-04-02T00:00:00Z")
         assert progress["progress"]["invoices_created"] == 2 and progress["progress"]["done"]
 
-        listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "ready"})).json()
+        listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "open"})).json()
         assert [i["total"] for i in sorted(listed, key=lambda i: i["period_start"])] == [65000, 66120]
         first = (await api.get(f"/v1/invoices/{min(listed, key=lambda i: i['period_start'])['id']}")).json()
         assert [(line["kind"], line["description"], line["amount"]) for line in first["lines"]] == previewed

@@ -232,3 +232,28 @@ def test_discounts_are_shown_under_the_subtotal_of_the_charges() -> None:
     charges_table, totals = html.split('class="totals"')
     assert "WELCOME10" not in charges_table and "WELCOME10" in totals
     assert totals.index("$1,200.00") < totals.index("-$120.00") < totals.index("$1,080.00")  # subtotal, promo, total
+
+
+@pytest.mark.asyncio
+async def test_pdf_shows_the_issuer_the_due_date_and_the_zone_of_its_dates(renderer: ChromiumPdfRenderer) -> None:
+    doc = dataclasses.replace(
+        usd_invoice(),
+        issuer_name="Roomly Rooms LLC",
+        issuer_address="350 Fifth Avenue\nNew York, NY 10118",
+        issuer_tax_id="EIN 12-3456789",
+        issued_at=datetime(2025, 4, 1, 3, 30, tzinfo=UTC),  # Mar 31, 23:30 in New York
+        due_at=datetime(2025, 4, 15, 3, 30, tzinfo=UTC),  # Apr 14, 23:30 in New York
+    )
+
+    text = pdf_text(await renderer.render(render_invoice_html(doc)))
+
+    assert "Roomly Rooms LLC" in text and "350 Fifth Avenue" in text and "New York, NY 10118" in text
+    assert "EIN 12-3456789" in text
+    assert "Mar 31, 2025" in text and "Apr 14, 2025 (net 14)" in text  # local dates, not UTC's Apr 1 / Apr 15
+    assert "Dates in America/New_York" in text
+    assert "Room 4B" in text
+
+
+def test_an_issuer_without_tax_id_prints_no_tax_id_line() -> None:
+    html = render_invoice_html(dataclasses.replace(usd_invoice(), issuer_tax_id=""))
+    assert "Tax ID" not in html

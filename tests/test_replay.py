@@ -10,6 +10,7 @@ ones when a deliberate, ``workflow.patched``-gated change lands, and keep the ol
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from workflows.contracts import (
     InvoiceCycleInput,
     InvoiceCycleResult,
 )
-from workflows.invoice_cycle import InvoiceCycleWorkflow
+from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -84,3 +85,32 @@ async def test_a_nondeterministic_change_fails_replay():
     history = load(next(p for p in HISTORIES if p.stem == "invoice_cycle"))
     with pytest.raises(NondeterminismError):
         await replayer(InvoiceCycleSkippingThePdf).replay_workflow(history)
+
+
+def _activities(path: Path) -> list[str]:
+    events = json.loads(path.read_text())["events"]
+    return [
+        e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+        for e in events
+        if e["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"
+    ]
+
+
+def _patches(path: Path) -> list[str]:
+    events = json.loads(path.read_text())["events"]
+    markers = [e["markerRecordedEventAttributes"] for e in events if e["eventType"] == "EVENT_TYPE_MARKER_RECORDED"]
+    return [
+        json.loads(base64.b64decode(m["details"]["patch-data"]["payloads"][0]["data"]))["id"]
+        for m in markers
+        if m["markerName"] == "core_patch"
+    ]
+
+
+def test_both_orders_of_the_invoice_cycle_are_replayed():
+    """The committed histories cover both sides of ``invoice-number-at-finalization``."""
+    by_name = {p.stem: p for p in HISTORIES}
+    before, after = by_name["invoice_cycle"], by_name["invoice_cycle_number_at_finalization"]
+    assert _activities(before) == ["create_invoice", "render_invoice_pdf", "finalize_invoice"]
+    assert _patches(before) == []
+    assert _activities(after) == ["create_invoice", "issue_invoice", "render_invoice_pdf", "attach_invoice_pdf"]
+    assert _patches(after) == [NUMBER_AT_FINALIZATION]

@@ -12,7 +12,18 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from schema.db import alembic_config
-from schema.models import Interval, Invoice, Meter, Plan, Room, Subscription, Tenant, UsageEvent, UsageSource
+from schema.models import (
+    Interval,
+    Invoice,
+    InvoiceStatus,
+    Meter,
+    Plan,
+    Room,
+    Subscription,
+    Tenant,
+    UsageEvent,
+    UsageSource,
+)
 
 pytestmark = pytest.mark.db
 
@@ -45,9 +56,8 @@ async def _seed(sessions):
         return tenant, meter, plan, sub
 
 
-def _invoice(tenant, sub, number):
+def _invoice(tenant, sub, workflow_id="wf"):
     return Invoice(
-        number=number,
         tenant_id=tenant.id,
         subscription_id=sub.id,
         period_start=T0,
@@ -55,19 +65,47 @@ def _invoice(tenant, sub, number):
         currency="USD",
         subtotal=100,
         total=100,
-        workflow_id="wf",
+        workflow_id=workflow_id,
     )
 
 
 async def test_one_invoice_per_subscription_and_period(sessions):
     tenant, _, _, sub = await _seed(sessions)
     async with sessions() as s:
-        s.add(_invoice(tenant, sub, "INV-1"))
+        s.add(_invoice(tenant, sub, "wf-1"))
         await s.commit()
     async with sessions() as s:
-        s.add(_invoice(tenant, sub, "INV-2"))
+        s.add(_invoice(tenant, sub, "wf-2"))
         with pytest.raises(IntegrityError, match="uq_invoice_subscription_period"):
             await s.commit()
+
+
+async def test_a_draft_has_no_number_and_a_finalized_invoice_has_one(sessions):
+    tenant, _, _, sub = await _seed(sessions)
+    async with sessions() as s:
+        numbered_draft = _invoice(tenant, sub)
+        numbered_draft.number = "INV-000001"
+        s.add(numbered_draft)
+        with pytest.raises(IntegrityError, match="ck_invoice_finalized"):
+            await s.commit()
+    async with sessions() as s:
+        unnumbered_open = _invoice(tenant, sub)
+        unnumbered_open.status = InvoiceStatus.open
+        s.add(unnumbered_open)
+        with pytest.raises(IntegrityError, match="ck_invoice_finalized"):
+            await s.commit()
+
+
+async def test_invoice_statuses_are_stripes(sessions):
+    tenant, _, _, sub = await _seed(sessions)
+    async with sessions() as s:
+        s.add(_invoice(tenant, sub))
+        await s.commit()
+    async with sessions() as s:
+        with pytest.raises(IntegrityError, match="ck_invoicestatus"):
+            await (await s.connection()).execute(
+                text("UPDATE invoices SET status = 'ready', number = 'X-1', issued_at = now(), due_at = now()")
+            )
 
 
 async def test_one_usage_event_per_tenant_and_key(sessions):

@@ -33,6 +33,7 @@ def billing_run_workflow_id(as_of: datetime) -> str:
 # Error types that callers match on (ApplicationError.type).
 ERR_SUBSCRIPTION_NOT_FOUND = "SubscriptionNotFound"
 ERR_INVOICE_NOT_FOUND = "InvoiceNotFound"
+ERR_INVOICE_NOT_FINALIZED = "InvoiceNotFinalized"  # non-retryable: a draft has no number, so no document
 ERR_PRICING = "PricingError"  # non-retryable: the engine refuses the stored data
 ERR_EARLIER_INVOICE_PENDING = "EarlierInvoicePending"  # retryable: boundaries are invoiced in order
 
@@ -101,7 +102,7 @@ class InvoiceCycleInput:
 @dataclass
 class InvoiceCycleResult:
     invoice_id: uuid.UUID
-    number: str
+    number: str | None  # given at finalization
     total: int
     currency: str
     created: bool  # False: the invoice already existed (a re-run)
@@ -122,7 +123,7 @@ class CreateInvoiceInput:
 @dataclass
 class CreateInvoiceResult:
     invoice_id: uuid.UUID
-    number: str
+    number: str | None  # None: a draft has no number (histories from before numbering at finalization carry one)
     total: int
     currency: str
     created: bool  # False: it existed already (a re-run)
@@ -138,6 +139,7 @@ class RenderInvoicePdfInput:
 @dataclass
 class RenderInvoicePdfResult:
     location: str
+    number: str | None = None  # the invoice's number (workflows that render before they finalize read it here)
 
 
 @dataclass
@@ -147,8 +149,33 @@ class FinalizeInvoiceInput:
     tenant_id: uuid.UUID | None = None  # for log context
 
 
+@dataclass
+class IssueInvoiceInput:
+    """Finalize: the draft gets its number, issuer, issue and due dates, and is open (immutable) from then on."""
+
+    invoice_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None  # for log context
+
+
+@dataclass
+class IssueInvoiceResult:
+    number: str
+    issued_at: datetime
+    due_at: datetime
+
+
+@dataclass
+class AttachInvoicePdfInput:
+    invoice_id: uuid.UUID
+    pdf_location: str
+    tenant_id: uuid.UUID | None = None  # for log context
+
+
 # Activity names: workflows refer to activities by these names only.
 ACT_LIST_DUE_PERIODS = "list_due_periods"
 ACT_CREATE_INVOICE = "create_invoice"
 ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
+# The last step of workflows started before numbers were given at finalization (create -> render -> finalize).
 ACT_FINALIZE_INVOICE = "finalize_invoice"
+ACT_ISSUE_INVOICE = "issue_invoice"
+ACT_ATTACH_INVOICE_PDF = "attach_invoice_pdf"

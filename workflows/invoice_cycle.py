@@ -1,7 +1,13 @@
-"""The invoice at one boundary of a subscription: create (draft + write) -> render the PDF -> finalize."""
+"""The invoice at one boundary of a subscription: create the draft -> finalize it (number, issue and
+due dates; immutable from here) -> render the PDF -> attach the PDF's location.
+
+Workflows started before numbers were given at finalization (no ``invoice-number-at-finalization``
+marker in their history) keep their order: create -> render -> finalize; the render activity
+finalizes a draft it is given, so they end the same way."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 from temporalio import workflow
@@ -9,18 +15,25 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
+        ACT_ATTACH_INVOICE_PDF,
         ACT_CREATE_INVOICE,
         ACT_FINALIZE_INVOICE,
+        ACT_ISSUE_INVOICE,
         ACT_RENDER_INVOICE_PDF,
         INVOICE_WORKFLOW,
+        AttachInvoicePdfInput,
         CreateInvoiceInput,
         CreateInvoiceResult,
         FinalizeInvoiceInput,
         InvoiceCycleInput,
         InvoiceCycleResult,
+        IssueInvoiceInput,
+        IssueInvoiceResult,
         RenderInvoicePdfInput,
         RenderInvoicePdfResult,
     )
+
+NUMBER_AT_FINALIZATION = "invoice-number-at-finalization"
 
 # Database work: short, retried with backoff until it works (a database outage heals).
 DB_TIMEOUT = timedelta(seconds=30)
@@ -48,25 +61,47 @@ class InvoiceCycleWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        pdf = await workflow.execute_activity(
+        if workflow.patched(NUMBER_AT_FINALIZATION):
+            issued = await workflow.execute_activity(
+                ACT_ISSUE_INVOICE,
+                IssueInvoiceInput(invoice.invoice_id, tenant_id=tenant),
+                result_type=IssueInvoiceResult,
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+            pdf = await self._render(invoice, tenant)
+            await workflow.execute_activity(
+                ACT_ATTACH_INVOICE_PDF,
+                AttachInvoicePdfInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+            number: str | None = issued.number
+        else:
+            pdf = await self._render(invoice, tenant)
+            await workflow.execute_activity(
+                ACT_FINALIZE_INVOICE,
+                FinalizeInvoiceInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+            number = pdf.number or invoice.number
+        workflow.logger.info("invoice %s open, total %s %s", number, invoice.total, invoice.currency)
+        return InvoiceCycleResult(
+            invoice_id=invoice.invoice_id,
+            number=number,
+            total=invoice.total,
+            currency=invoice.currency,
+            created=invoice.created,
+            pdf_location=pdf.location,
+        )
+
+    async def _render(self, invoice: CreateInvoiceResult, tenant: uuid.UUID | None) -> RenderInvoicePdfResult:
+        pdf: RenderInvoicePdfResult = await workflow.execute_activity(
             ACT_RENDER_INVOICE_PDF,
             RenderInvoicePdfInput(invoice.invoice_id, tenant_id=tenant),
             result_type=RenderInvoicePdfResult,
             start_to_close_timeout=PDF_TIMEOUT,
             retry_policy=PDF_RETRY,
         )
-        await workflow.execute_activity(
-            ACT_FINALIZE_INVOICE,
-            FinalizeInvoiceInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
-        workflow.logger.info("invoice %s ready, total %s %s", invoice.number, invoice.total, invoice.currency)
-        return InvoiceCycleResult(
-            invoice_id=invoice.invoice_id,
-            number=invoice.number,
-            total=invoice.total,
-            currency=invoice.currency,
-            created=invoice.created,
-            pdf_location=pdf.location,
-        )
+        return pdf

@@ -6,13 +6,14 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from sqlmodel import col, select
 
 from api.deps import DocumentStoreDep, SessionDep
 from api.errors import conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute
-from api.schemas import MAX_BIGINT, InvoiceDetail, InvoiceLinePublic, InvoicePublic
+from api.schemas import MAX_BIGINT, InvoiceDetail, InvoiceLinePublic, InvoicePublic, UtcDatetime
 from schema.models import Invoice, InvoiceLine, InvoiceStatus
 
 router = APIRouter(prefix="/invoices", tags=["invoices"], route_class=DecimalJSONRoute)
@@ -30,16 +31,33 @@ def _pdf_url(invoice: Invoice) -> str | None:
 async def list_invoices(
     session: SessionDep,
     tenant_id: uuid.UUID | None = None,
+    subscription_id: uuid.UUID | None = None,
     invoice_status: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
+    period_start: Annotated[UtcDatetime | None, Query(description="The invoice's boundary, exactly")] = None,
+    period_start_from: Annotated[UtcDatetime | None, Query(description="period_start at or after this")] = None,
+    period_start_to: Annotated[UtcDatetime | None, Query(description="period_start before this (exclusive)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> list[InvoicePublic]:
+    """Invoices, oldest first, filtered by tenant, subscription, status and period start."""
+    if period_start_from is not None and period_start_to is not None and period_start_to <= period_start_from:
+        raise RequestValidationError(
+            [{"loc": ("query", "period_start_to"), "msg": "must be after period_start_from", "type": "value_error"}]
+        )
     query = select(Invoice)
     if tenant_id is not None:
         bind_tenant(tenant_id)
         query = query.where(col(Invoice.tenant_id) == tenant_id)
+    if subscription_id is not None:
+        query = query.where(col(Invoice.subscription_id) == subscription_id)
     if invoice_status is not None:
         query = query.where(col(Invoice.status) == invoice_status)
+    if period_start is not None:
+        query = query.where(col(Invoice.period_start) == period_start)
+    if period_start_from is not None:
+        query = query.where(col(Invoice.period_start) >= period_start_from)
+    if period_start_to is not None:
+        query = query.where(col(Invoice.period_start) < period_start_to)
     query = query.order_by(col(Invoice.created_at), col(Invoice.id)).offset(offset).limit(limit)
     return [_public(invoice) for invoice in await session.exec(query)]
 
@@ -69,7 +87,7 @@ async def get_invoice_pdf(invoice_id: uuid.UUID, session: SessionDep, documents:
     invoice = await get_or_404(session, Invoice, invoice_id, "invoice")
     bind_tenant(invoice.tenant_id)
     if invoice.pdf_location is None:
-        raise conflict("pdf", f"invoice {invoice.number} has no rendered PDF yet (status {invoice.status.value})")
+        raise conflict("pdf", f"invoice {invoice.id} has no rendered PDF yet (status {invoice.status.value})")
     if not await documents.exists(invoice.pdf_location):
         raise not_found("document", invoice.pdf_location, field="pdf")
     return Response(
