@@ -80,8 +80,8 @@ METERS = {
 }
 
 PLANS = {
-    code: Plan(
-        code=code,
+    key: Plan(
+        code=p.get("code", key),  # a new version of a plan shares its code
         name=p["name"],
         currency=p["currency"],
         interval=Interval(p["interval"]),
@@ -91,7 +91,7 @@ PLANS = {
             MeteredCharge(METERS[c["meter"]], make_price(c), c.get("minimum", 0)) for c in p.get("charges", [])
         ),
     )
-    for code, p in EXAMPLES["plans"].items()
+    for key, p in EXAMPLES["plans"].items()
 }
 
 
@@ -144,7 +144,12 @@ def test_aggregations(example):
 def _subscription(example: dict[str, Any]) -> Subscription:
     moves = tuple(Move(m["effective_at"], PLANS[m["plan"]], m.get("room", "")) for m in example.get("moves", []))
     return Subscription(
-        example["anchor"], example["timezone"], PLANS[example["plan"]], moves=moves, room=example.get("room", "")
+        example["anchor"],
+        example["timezone"],
+        PLANS[example["plan"]],
+        moves=moves,
+        room=example.get("room", ""),
+        ends_at=example.get("ends_at"),
     )
 
 
@@ -224,3 +229,11 @@ def test_invoices(example):
     if "promos_applied" in example:
         assert list(invoice.promos_applied) == example["promos_applied"]
     assert invoice.credit_carried_forward == example.get("credit_carried_forward", 0)
+
+
+@pytest.mark.parametrize("example", _ids("final_boundary"))
+def test_final_boundary(example):
+    sub = _subscription(example)
+    assert sub.final_index == example["index"]
+    assert sub.issued_at(example["index"]) == example["issued_at"]
+    assert sub.issued_at(example["index"] - 1) == sub.period(example["index"] - 1).start < example["ends_at"]
