@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from billing.periods import Interval
+from billing.periods import Interval, ZoneChange
 from billing.pricing import (
     Aggregation,
     FieldError,
@@ -36,6 +36,7 @@ from billing.pricing import (
     build_invoice,
     check_move,
     check_redeemable,
+    period_days,
     price_cost,
     round_exact,
     slice_usage,
@@ -150,6 +151,7 @@ def _subscription(example: dict[str, Any]) -> Subscription:
         moves=moves,
         room=example.get("room", ""),
         ends_at=example.get("ends_at"),
+        zone_changes=tuple(ZoneChange(z["from_index"], z["timezone"]) for z in example.get("zone_changes", [])),
     )
 
 
@@ -237,3 +239,11 @@ def test_final_boundary(example):
     assert sub.final_index == example["index"]
     assert sub.issued_at(example["index"]) == example["issued_at"]
     assert sub.issued_at(example["index"] - 1) == sub.period(example["index"] - 1).start < example["ends_at"]
+
+
+@pytest.mark.parametrize("example", _ids("zone_period"))
+def test_periods_after_a_time_zone_change(example):
+    sub = _subscription(example)
+    p = sub.period(example["index"])
+    assert (p.start, p.end) == (example["start"], example["end"])
+    assert period_days(p, sub.zone_of(example["index"])).days == example["days"]

@@ -132,7 +132,7 @@ def _proration_line(holding: tuple[Plan, str], credit: bool, day: date, span: Da
 def proration_lines(sub: Subscription, index: int) -> list[Line]:
     """Corrections of the base fee billed in advance for period ``index``: trial end and moves, by local day."""
     p = sub.period(index)
-    span = period_days(p, sub.timezone)
+    span = period_days(p, sub.zone_of(index))
     state = sub.billed_in_advance(index)
     lines: list[Line] = []
     for day in sub.change_days(span.first, span.end):
@@ -168,7 +168,8 @@ def _usage_line(charge: MeteredCharge, quantity: Decimal, s: UsageSlice, share: 
 def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     """Usage of period ``index`` in arrears, per slice and per metered charge of the slice's plan."""
     p = sub.settled_period(index)
-    span = period_days(sub.period(index), sub.timezone)  # a minimum's share is of the whole period
+    zone = sub.zone_of(index)
+    span = period_days(sub.period(index), zone)  # a minimum's share is of the whole period
     slices = sub.usage_slices(index)
     unknown = set(usage) - {s.start for s in slices}
     if unknown:
@@ -176,7 +177,7 @@ def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     lines: list[Line] = []
     for s in slices:
         quantities = usage.get(s.start, {})
-        share = day_share(day_span(s.start, s.end, sub.timezone).days, span.days)
+        share = day_share(day_span(s.start, s.end, zone).days, span.days)
         for charge in sorted(s.plan.charges, key=lambda c: c.meter.code):
             line = _usage_line(charge, quantities.get(charge.meter.code, Decimal(0)), s, share, p)
             if line is not None:
@@ -204,7 +205,7 @@ def advance_line(sub: Subscription, index: int) -> Line | None:
         return None
     plan, room = holding
     p = sub.period(index)
-    span = period_days(p, sub.timezone)
+    span = period_days(p, sub.zone_of(index))
     description = f"{label(plan, room)} base fee, {span.text()}"
     figures = _figures(Decimal(1), Fraction(plan.base_fee))
     return Line(LineKind.base_fee, description, *figures, period=p, plan_code=plan.code)

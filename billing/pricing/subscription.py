@@ -15,14 +15,14 @@ same day rule as a move), and nothing is billed in advance or after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from billing.periods import Interval, Period, boundary, period
+from billing.periods import Interval, Period, ZoneChange, boundary, period, zone_of_period
 from billing.pricing.days import billing_day
 from billing.pricing.errors import FieldError, IncompatibleMoveError
 from billing.pricing.plans import Plan, check_move
@@ -59,7 +59,9 @@ _LONGEST = {
 }
 
 
-def final_boundary(anchor: datetime, timezone: str, interval: Interval, ends_at: datetime) -> int:
+def final_boundary(
+    anchor: datetime, timezone: str, interval: Interval, ends_at: datetime, changes: Sequence[ZoneChange] = ()
+) -> int:
     """The index of the first boundary at or after ``ends_at`` (at least 1): the final invoice's boundary.
 
     Boundaries ``1 .. n-1`` are ordinary invoices; the final one is issued at ``ends_at`` itself,
@@ -68,11 +70,18 @@ def final_boundary(anchor: datetime, timezone: str, interval: Interval, ends_at:
     if ends_at <= anchor:
         raise FieldError("ends_at", "must be after the start")
     index = max(1, (ends_at - anchor) // _LONGEST[interval])
-    while index > 1 and boundary(anchor, timezone, interval, index - 1) >= ends_at:
+    while index > 1 and boundary(anchor, timezone, interval, index - 1, changes) >= ends_at:
         index -= 1
-    while boundary(anchor, timezone, interval, index) < ends_at:
+    while boundary(anchor, timezone, interval, index, changes) < ends_at:
         index += 1
     return index
+
+
+def _check_zone(name: str, field: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise FieldError(field, f"unknown IANA time zone {name!r}") from exc
 
 
 def _local_days_later(instant: datetime, timezone: str, days: int) -> datetime:
@@ -84,19 +93,23 @@ def _local_days_later(instant: datetime, timezone: str, days: int) -> datetime:
 @dataclass(frozen=True)
 class Subscription:
     anchor: datetime  # the start, an aware instant (local midnight in practice); boundary 0
-    timezone: str  # the tenant's IANA zone
+    timezone: str  # the tenant's IANA zone at the start: the calendar of the boundaries
     plan: Plan  # the plan at the start; its trial_days give the trial
     moves: tuple[Move, ...] = ()  # strictly after the anchor, in order of effective_at
     room: str = ""
     ends_at: datetime | None = None  # canceled: the end, after the anchor and every move; the final boundary
+    zone_changes: tuple[ZoneChange, ...] = ()  # the tenant's zone changes, by strictly ascending from_index
 
     def __post_init__(self) -> None:
         if self.anchor.tzinfo is None:
             raise FieldError("anchor", "must be timezone-aware")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise FieldError("timezone", f"unknown IANA time zone {self.timezone!r}") from exc
+        _check_zone(self.timezone, "timezone")
+        after = -1
+        for i, change in enumerate(self.zone_changes):
+            _check_zone(change.timezone, f"zone_changes[{i}].timezone")
+            if change.from_index <= after:
+                raise FieldError(f"zone_changes[{i}].from_index", "must be ascending and not negative")
+            after = change.from_index
         previous = self.anchor
         for i, move in enumerate(self.moves):
             if move.effective_at.tzinfo is None or move.effective_at <= previous:
@@ -119,14 +132,25 @@ class Subscription:
 
     def period(self, index: int) -> Period:
         """Period ``index`` as anchored (whole, even the one an end cuts: its days are what a share is of)."""
-        return period(self.anchor, self.timezone, self.interval, index)
+        return period(self.anchor, self.timezone, self.interval, index, self.zone_changes)
+
+    def zone_of(self, index: int) -> str:
+        """The zone the days of period ``index`` are counted in."""
+        return zone_of_period(self.timezone, self.zone_changes, index)
+
+    def zone_at(self, instant: datetime) -> str:
+        """The zone of the period that holds ``instant``."""
+        for change in reversed(self.zone_changes):
+            if instant >= self.period(change.from_index).start:
+                return change.timezone
+        return self.timezone
 
     @cached_property
     def final_index(self) -> int | None:
         """The boundary of the final invoice, issued at ``ends_at``; None while the subscription has no end."""
         if self.ends_at is None:
             return None
-        return final_boundary(self.anchor, self.timezone, self.interval, self.ends_at)
+        return final_boundary(self.anchor, self.timezone, self.interval, self.ends_at, self.zone_changes)
 
     def is_final(self, index: int) -> bool:
         return index == self.final_index
@@ -155,7 +179,9 @@ class Subscription:
     @property
     def end_day(self) -> date | None:
         """The first local day no longer paid for after the end (the day rule of a move), or None."""
-        return None if self.ends_at is None else self.day(self.ends_at)
+        if self.ends_at is None or self.final_index is None:
+            return None
+        return billing_day(self.ends_at, self.zone_of(self.final_index - 1))  # a day of the period it cuts
 
     @property
     def trial_end(self) -> datetime | None:
@@ -165,7 +191,8 @@ class Subscription:
         return _local_days_later(self.anchor, self.timezone, self.plan.trial_days)
 
     def day(self, instant: datetime) -> date:
-        return billing_day(instant, self.timezone)
+        """The billing day of a change at ``instant``, in the zone of its period."""
+        return billing_day(instant, self.zone_at(instant))
 
     def in_trial_on(self, day: date) -> bool:
         trial_end = self.trial_end
