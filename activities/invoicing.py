@@ -57,7 +57,8 @@ async def list_due_periods(
         select(Subscription, Tenant.timezone, Plan.interval)
         .join(Tenant, col(Tenant.id) == Subscription.tenant_id)
         .join(Plan, col(Plan.id) == Subscription.plan_id)
-        .where(Subscription.status == SubscriptionStatus.active, Subscription.next_invoice_at <= as_of)
+        # Active ones, and canceled ones until their final invoice is written (then never again).
+        .where(col(Subscription.final_invoiced).is_(False), Subscription.next_invoice_at <= as_of)
         .order_by(col(Subscription.id))
         .limit(limit)
     )
@@ -65,10 +66,15 @@ async def list_due_periods(
         query = query.where(col(Subscription.id) > after)
     rows = (await session.exec(query)).all()
     periods: list[DuePeriod] = []
-    for sub, timezone, interval in rows:
+    for sub, tenant_timezone, interval in rows:
         index = sub.next_invoice_index
+        timezone, zone_changes = drafting.calendar(sub, tenant_timezone)
         for _ in range(MAX_PERIODS_PER_SUBSCRIPTION_PAGE):
-            p = period(sub.anchor_at, timezone, Interval(interval), index)
+            p = period(sub.anchor_at, timezone, Interval(interval), index, zone_changes)
+            if sub.ends_at is not None and p.start >= sub.ends_at:  # the final boundary, at the end instant
+                if sub.ends_at <= as_of:
+                    periods.append(DuePeriod(sub.id, index, sub.ends_at, sub.ends_at, tenant_id=sub.tenant_id))
+                break
             if p.start > as_of:
                 break
             periods.append(DuePeriod(sub.id, index, p.start, p.end, tenant_id=sub.tenant_id))
@@ -152,13 +158,15 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         if redemption.promo.code in draft.promos_applied:
             row.invoices_applied += 1
             session.add(row)
-    following = loaded.timeline.period(data.boundary_index + 1)
     sub.credit_balance = draft.credit_carried_forward
     sub.next_invoice_index = data.boundary_index + 1
-    sub.next_invoice_at = following.start
-    sub.current_period_index = data.boundary_index
-    sub.current_period_start = draft.period.start
-    sub.current_period_end = draft.period.end
+    if draft.final:  # the subscription's last invoice: canceled, never billed again
+        sub.status, sub.final_invoiced = SubscriptionStatus.canceled, True
+    else:
+        sub.next_invoice_at = loaded.timeline.issued_at(data.boundary_index + 1)
+        sub.current_period_index = data.boundary_index
+        sub.current_period_start = draft.period.start
+        sub.current_period_end = draft.period.end
     session.add(sub)
     await session.commit()
     return CreateInvoiceResult(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
