@@ -19,7 +19,7 @@ from activities import drafting
 from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
-from billing.pricing import LineKind
+from billing.pricing import FieldError, LineKind
 from schema.db import execute_sql
 from schema.models import (
     Invoice,
@@ -125,10 +125,12 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     loaded = await drafting.load(session, data.subscription_id)
     sub = loaded.row
     if sub.next_invoice_index != data.boundary_index:
-        await session.rollback()
-        raise OutOfOrderError(
-            f"subscription {sub.id}: boundary {data.boundary_index} asked, next to invoice is {sub.next_invoice_index}"
-        )
+        message = f"subscription {sub.id}: boundary {data.boundary_index} asked, next is {sub.next_invoice_index}"
+        await session.rollback()  # (expires the row: read it before)
+        raise OutOfOrderError(message)
+    if (issued_at := loaded.timeline.issued_at(data.boundary_index)) != data.period_start:
+        await session.rollback()  # canceled or zone changed since the run listed it: the next run lists it right
+        raise FieldError("period_start", f"boundary {data.boundary_index} is now issued at {issued_at.isoformat()}")
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
     seq = (await execute_sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()

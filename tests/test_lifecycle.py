@@ -29,7 +29,7 @@ from tests.test_api_pricing import subscription
 from tests.test_api_support import api_client, created, error_locs, meter, plan, room, tenant
 from tests.test_billing_workflows import start_run
 from worker import build_worker
-from workflows.contracts import InvoiceCycleResult
+from workflows.contracts import CreateInvoiceInput, InvoiceCycleResult
 
 START = "2026-01-10T10:00:00+00:00"  # anchor 2026-01-10T00:00Z (tenant in UTC); monthly, 65000 a month
 
@@ -425,3 +425,49 @@ async def test_a_canceled_subscription_gets_exactly_its_final_invoice_and_nothin
     pdf = await LocalDocumentStore(settings.documents_root).get(final.pdf_location or "")
     text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
     assert final.number in text and "$41.06" in text
+
+
+@pytest.mark.db
+async def test_a_boundary_listed_before_a_cancel_is_refused_and_the_final_one_is_written_once(api, sessions):
+    r = await room(api, (await plan(api))["id"])
+    sub = await subscription(api, r["id"])  # anchored 2026-01-10T00:00Z, 65000 a month
+    sub_id = uuid.UUID(sub["id"])
+    anchor, feb_10, end = datetime(2026, 1, 10, tzinfo=UTC), datetime(2026, 2, 10, tzinfo=UTC), ts("2026-01-20T09:00Z")
+    async with sessions() as s:
+        due = await invoicing.list_due_periods(s, datetime(2026, 2, 11, tzinfo=UTC), None, 10)
+    assert [(d.period_index, d.period_start) for d in due.periods] == [(0, anchor), (1, feb_10)]
+    # Canceled after the run listed boundary 1 at Feb 10: the end (Jan 20) is now the final boundary.
+    canceled = await api.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"cancel_at": end.isoformat()})
+    assert canceled.status_code == 200 and canceled.json()["final_invoice_workflow_id"] is None
+
+    def create(index: int, start: datetime) -> CreateInvoiceInput:
+        return CreateInvoiceInput(sub_id, index, start, workflow_id=f"test:{index}:{start.isoformat()}")
+
+    async with sessions() as s:
+        assert (await invoicing.create_invoice(s, create(0, anchor))).created
+    async with sessions() as s:
+        with pytest.raises(FieldError) as raised:
+            await invoicing.create_invoice(s, create(1, feb_10))
+    assert raised.value.field == "period_start" and "2026-01-20T09:00:00+00:00" in raised.value.message
+    async with sessions() as s:
+        with pytest.raises(invoicing.OutOfOrderError):
+            await invoicing.create_invoice(s, create(2, end))
+    async with sessions() as s:
+        due = await invoicing.list_due_periods(s, datetime(2026, 2, 11, tzinfo=UTC), None, 10)
+    assert [(d.period_index, d.period_start, d.period_end) for d in due.periods] == [(1, end, end)]
+    for _ in range(2):  # twice: the second call returns the invoice written by the first
+        async with sessions() as s:
+            result = await invoicing.create_invoice(s, create(1, end))
+    assert not result.created
+    async with sessions() as s:
+        final = (await s.exec(select(Invoice).where(Invoice.boundary_index == 1))).one()
+        row = await s.get(SubscriptionRow, sub_id)
+        due = await invoicing.list_due_periods(s, datetime(2027, 1, 1, tzinfo=UTC), None, 10)
+    # Jan 20 09:00 is before noon: Jan 20 .. Feb 9 = 21 of 31 days unused.
+    # Credit 65000 x 21/31 = 1365000/31; 31 x 44032 = 1364992, remainder 8 -> 44032.26 -> -44032.
+    assert final.total == 0 and final.credit_carried_forward == 44032
+    assert row is not None and row.status is SubscriptionStatus.canceled and row.final_invoiced
+    assert row.credit_balance == 44032  # the credit stays on the canceled subscription
+    assert due.periods == []
+    refused = await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice")
+    assert refused.status_code == 409 and refused.json()["detail"].startswith("status: ")
