@@ -9,20 +9,38 @@ from __future__ import annotations
 
 import io
 import uuid
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import hypothesis
 import pytest
 import pytest_asyncio
 from dateutil.relativedelta import relativedelta
+from hypothesis import given
+from hypothesis import strategies as st
 from pypdf import PdfReader
 from sqlmodel import col, select
 
 from activities import invoicing
 from activities.storage import LocalDocumentStore
 from billing.periods import Interval
-from billing.pricing import FieldError, Move, Plan, Subscription, build_invoice
+from billing.pricing import (
+    Aggregation,
+    FieldError,
+    LineKind,
+    Meter,
+    MeteredCharge,
+    Move,
+    PerUnit,
+    Plan,
+    Subscription,
+    UsageEvent,
+    build_invoice,
+    slice_usage,
+)
 from schema.models import Invoice, InvoiceLine, InvoiceStatus, RoomAssignment, SubscriptionStatus, Tenant
 from schema.models import Subscription as SubscriptionRow
 from tests.test_api_pricing import subscription
@@ -471,3 +489,50 @@ async def test_a_boundary_listed_before_a_cancel_is_refused_and_the_final_one_is
     assert due.periods == []
     refused = await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice")
     assert refused.status_code == 409 and refused.json()["detail"].startswith("status: ")
+
+
+# Properties of an end, over drawn zones, cadences and boundaries
+
+
+MODEST = hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago"]
+KWH = Meter("kwh", "kWh", Aggregation.sum)
+
+
+@st.composite
+def timelines(draw: st.DrawFn) -> tuple[Subscription, int]:
+    zone = draw(st.sampled_from(ZONES))
+    day = draw(st.dates(min_value=date(2020, 1, 1), max_value=date(2030, 12, 31)))
+    anchor = datetime.combine(day, time(0), tzinfo=ZoneInfo(zone)).astimezone(UTC)
+    interval = draw(st.sampled_from(list(Interval)))
+    charge = MeteredCharge(KWH, PerUnit(Decimal(draw(st.integers(0, 500)))), draw(st.integers(0, 10_000)))
+    plan = Plan("p", "P", "EUR", interval, draw(st.integers(0, 10_000_000)), charges=(charge,))
+    return Subscription(anchor, zone, plan), draw(st.integers(min_value=1, max_value=30))
+
+
+@MODEST
+@given(timelines(), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 10_000)), max_size=5))
+def test_a_cancel_at_a_period_end_is_that_boundary_without_its_base_fee(case, readings):
+    sub, k = case
+    settled = sub.period(k - 1)
+    span = settled.end - settled.start
+    events = [
+        UsageEvent("kwh", Decimal(q), settled.start + span * f, f"e{i}") for i, (f, q) in enumerate(readings) if f < 1
+    ]
+    ended = replace(sub, ends_at=settled.end)
+    assert ended.final_index == k
+    ordinary = build_invoice(sub, k, slice_usage(sub, k, events))
+    final = build_invoice(ended, k, slice_usage(ended, k, events))
+    assert final.final and final.lines == tuple(line for line in ordinary.lines if line.kind is not LineKind.base_fee)
+
+
+@MODEST
+@given(timelines())
+def test_an_end_on_the_first_day_credits_the_whole_fee_billed_in_advance(case):
+    sub, k = case
+    ended = replace(sub, ends_at=sub.period(k - 1).start + timedelta(seconds=1))  # before local noon
+    assert ended.final_index == k
+    credits = [line for line in build_invoice(ended, k).lines if line.kind is LineKind.proration]
+    fee = sub.plan.base_fee
+    assert [(c.amount, c.days) for c in credits] == ([(-fee, c.period_days) for c in credits] if fee else [])
+    assert len(credits) == (1 if fee else 0)
