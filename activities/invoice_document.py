@@ -129,6 +129,11 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         for line in doc.lines
         if line.reduction
     ]
+    final = doc.period_end == doc.period_start  # the subscription ended at period_start: nothing billed in advance
+    ended_at = format_datetime(doc.period_start.astimezone(zone), format="medium", locale=_LOCALE) if final else None
+    usage_period = _span_text(doc.usage_start, doc.usage_end, zone)
+    if final and doc.usage_start is not None:  # usage up to the end instant, not to a midnight
+        usage_period = f"{_show_date(_local_date(doc.usage_start, zone))} \u2013 {ended_at}"
     return _env.get_template(_TEMPLATE).render(
         doc=doc,
         currency=check_currency(doc.currency),
@@ -136,11 +141,8 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         due_on=_show_date(_local_date(doc.due_at, zone)) if doc.due_at is not None else None,
         period_from=_show_date(_local_date(doc.period_start, zone)),
         period_to=_show_date(last_day),
-        # A final invoice (the subscription ended at period_start) bills no period in advance.
-        ended_at=format_datetime(doc.period_start.astimezone(zone), format="medium", locale=_LOCALE)
-        if doc.period_end == doc.period_start
-        else None,
-        usage_period=_span_text(doc.usage_start, doc.usage_end, zone),
+        ended_at=ended_at,
+        usage_period=usage_period,
         lines=lines,
         reductions=reductions,
         subtotal=format_money(sum(line.amount for line in doc.lines if not line.reduction), doc.currency),

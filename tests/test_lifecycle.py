@@ -443,6 +443,8 @@ async def test_a_canceled_subscription_gets_exactly_its_final_invoice_and_nothin
     pdf = await LocalDocumentStore(settings.documents_root).get(final.pdf_location or "")
     text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
     assert final.number in text and "$41.06" in text
+    assert "Final invoice" in text and "subscription ended Feb 20, 2026, 3:00:00" in text
+    assert "Billing period" not in text  # nothing is billed in advance
 
 
 @pytest.mark.db
