@@ -161,7 +161,7 @@ async def test_cancel_at_period_end_keeps_it_active_until_its_final_boundary(api
     assert "scheduled to end" in new.json()["detail"]
     async with sessions() as s:
         [assignment] = (await s.exec(select(RoomAssignment))).all()
-    assert assignment.effective_to == period_end
+    assert assignment.effective_to is None  # the room in force up to the end (and at the final boundary)
 
 
 @pytest.mark.db

@@ -429,8 +429,8 @@ async def cancel_subscription(
     subscription.next_invoice_at = min(subscription.next_invoice_at, ends_at)
     if ends_at <= now:
         subscription.status = SubscriptionStatus.canceled
-    open_assignment.effective_to = ends_at
-    session.add_all([subscription, open_assignment])
+    # The room assignment stays open: it is the room in force up to the end, and at the final boundary.
+    session.add(subscription)
     await session.commit()
 
     workflow_id = None
