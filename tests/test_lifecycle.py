@@ -475,6 +475,12 @@ async def test_a_boundary_listed_before_a_cancel_is_refused_and_the_final_one_is
     async with sessions() as s:
         due = await invoicing.list_due_periods(s, datetime(2026, 2, 11, tzinfo=UTC), None, 10)
     assert [(d.period_index, d.period_start, d.period_end) for d in due.periods] == [(1, end, end)]
+    preview = (await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice")).json()
+    assert ts(preview["issued_at"]) == ts(preview["period_start"]) == ts(preview["period_end"]) == end
+    assert [(line["kind"], line["amount"]) for line in preview["lines"]] == [
+        ("proration", -44032),
+        ("credit_carried", 44032),
+    ]
     for _ in range(2):  # twice: the second call returns the invoice written by the first
         async with sessions() as s:
             result = await invoicing.create_invoice(s, create(1, end))
