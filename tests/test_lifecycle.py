@@ -163,6 +163,18 @@ async def test_cancel_at_period_end_keeps_it_active_until_its_final_boundary(api
         [assignment] = (await s.exec(select(RoomAssignment))).all()
     assert assignment.effective_to is None  # the room in force up to the end (and at the final boundary)
 
+    # Withdrawn before the end: active again, as before the cancel; a second withdrawal is a 409.
+    withdrawn = await api.delete(f"/v1/subscriptions/{sub['id']}/cancel")
+    assert withdrawn.status_code == 200, withdrawn.text
+    shown = (await api.get(f"/v1/subscriptions/{sub['id']}")).json()
+    assert withdrawn.json() == shown
+    assert {k: shown[k] for k in ("status", "ends_at", "canceled_at", "cancel_at_period_end", "next_invoice_at")} == {
+        "status": "active", "ends_at": None, "canceled_at": None, "cancel_at_period_end": False,
+        "next_invoice_at": sub["next_invoice_at"],
+    }  # fmt: skip
+    again = await api.delete(f"/v1/subscriptions/{sub['id']}/cancel")
+    assert again.status_code == 409 and again.json()["detail"].startswith("ends_at: ")
+
 
 @pytest.mark.db
 async def test_cancel_now_cancels_at_once_and_a_new_subscription_may_start_the_next_day(api, sessions):
@@ -182,6 +194,8 @@ async def test_cancel_now_cancels_at_once_and_a_new_subscription_may_start_the_n
     assert again.status_code == 409 and again.json()["detail"].startswith("status: ")
     assert "already canceled" in again.json()["detail"]
     await _refused_while_ending(api, sub, second["id"], "status")
+    withdrawn = await api.delete(f"/v1/subscriptions/{sub['id']}/cancel")
+    assert withdrawn.status_code == 409 and withdrawn.json()["detail"].startswith("status: ")
 
     # Usage up to the end is the old subscription's: a new one is anchored at local midnight of its
     # start day, so it may start only on a later day.

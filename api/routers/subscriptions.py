@@ -447,6 +447,30 @@ async def cancel_subscription(
     )
 
 
+@router.delete(
+    "/{subscription_id}/cancel",
+    responses={
+        **NOT_FOUND,
+        status.HTTP_409_CONFLICT: {"description": "No cancel scheduled, or its end has been reached"},
+    },
+)
+async def withdraw_cancel(subscription_id: uuid.UUID, session: SessionDep) -> SubscriptionPublic:
+    """Withdraw a scheduled cancel whose end is still to come (Stripe: ``cancel_at_period_end=false``)."""
+    subscription, plan, tenant = await _locked(session, subscription_id)
+    if subscription.status is SubscriptionStatus.canceled:
+        raise conflict("status", f"subscription {subscription.id} is canceled")
+    if subscription.ends_at is None:
+        raise conflict("ends_at", f"subscription {subscription.id} has no cancel scheduled")
+    if subscription.ends_at <= utcnow():
+        raise conflict("ends_at", f"subscription {subscription.id} ended at {subscription.ends_at.isoformat()}")
+    subscription.ends_at = subscription.canceled_at = None
+    subscription.cancel_at_period_end = False
+    subscription.next_invoice_at = _boundary(subscription, tenant, plan, subscription.next_invoice_index)
+    session.add(subscription)
+    await session.commit()
+    return SubscriptionPublic.model_validate(subscription)
+
+
 async def _start_final_invoice(
     client: TemporalClientDep, task_queue: str, subscription: Subscription, final: int
 ) -> str | None:
