@@ -26,7 +26,7 @@ from sqlmodel import col, select
 
 from activities import invoicing
 from activities.storage import LocalDocumentStore
-from billing.periods import Interval
+from billing.periods import Interval, ZoneChange
 from billing.pricing import (
     Aggregation,
     FieldError,
@@ -558,3 +558,18 @@ def test_an_end_on_the_first_day_credits_the_whole_fee_billed_in_advance(case):
     fee = sub.plan.base_fee
     assert [(c.amount, c.days) for c in credits] == ([(-fee, c.period_days) for c in credits] if fee else [])
     assert len(credits) == (1 if fee else 0)
+
+
+@MODEST
+@given(timelines(), st.sampled_from(ZONES), st.integers(min_value=0, max_value=12))
+def test_a_time_zone_change_moves_no_boundary_up_to_its_own_and_puts_later_ones_at_local_midnight(case, zone, offset):
+    sub, k = case
+    changed = replace(sub, zone_changes=(ZoneChange(k, zone),))
+    for n in range(k + 1):
+        assert changed.period(n).start == sub.period(n).start
+    for n in range(k + 1, k + 2 + offset):
+        local = changed.period(n).start.astimezone(ZoneInfo(zone))
+        calendar_date = sub.period(n).start.astimezone(ZoneInfo(sub.timezone)).date()  # the anchor's calendar
+        # Local midnight of the same date, or the first instant after it where midnight does not exist.
+        assert local.date() == calendar_date and local.hour <= 1 and local.minute in (0, 30) and local.second == 0
+        assert changed.zone_of(n) == zone and changed.zone_of(k - 1) == sub.timezone
