@@ -322,6 +322,10 @@ async def test_update_a_tenant(api, sessions):
     assert updated["timezone"] == "UTC" and updated["currency"] == "USD"
     assert (await api.get(path)).json() == updated
     assert (await api.patch(path, json={"address": None})).json()["address"] is None
+    with_address = await created(api, "/v1/tenants", {"name": "B", "email": "b@example.com", "currency": "EUR",
+                                                      "timezone": "UTC", "address": {"city": "Porto"}})  # fmt: skip
+    assert with_address["address"] == {"line1": None, "line2": None, "city": "Porto", "postal_code": None,
+                                       "state": None, "country": None}  # fmt: skip
 
     for body, field in (
         ({"currency": "EUR"}, "currency"),
