@@ -21,7 +21,7 @@ from sqlalchemy.types import DateTime, String
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.periods import Interval
+from billing.periods import Interval, ZoneChange
 from billing.pricing import (
     Graduated,
     InvoiceDraft,
@@ -163,6 +163,12 @@ def promo_of(terms: PromoTerms) -> Promo:
     )
 
 
+def calendar(sub: Subscription, tenant_timezone: str) -> tuple[str, tuple[ZoneChange, ...]]:
+    """The zone a subscription's periods are anchored in, and its time-zone changes (docs/pricing.md)."""
+    changes = tuple(ZoneChange(int(c["from_index"]), str(c["timezone"])) for c in sub.timezone_changes)
+    return sub.timezone or tenant_timezone, changes
+
+
 async def load(session: AsyncSession, subscription_id: uuid.UUID) -> Loaded:
     sub = await session.get(Subscription, subscription_id)
     if sub is None:
@@ -188,7 +194,16 @@ async def load(session: AsyncSession, subscription_id: uuid.UUID) -> Loaded:
         first, first_room_row = assignments[0]
         first_plan, first_room = plans[first.plan_id], first_room_row.name
         moves = tuple(Move(a.effective_from, plans[a.plan_id], room.name) for a, room in assignments[1:])
-    timeline = Timeline(anchor=sub.anchor_at, timezone=tenant.timezone, plan=first_plan, moves=moves, room=first_room)
+    timezone, zone_changes = calendar(sub, tenant.timezone)
+    timeline = Timeline(
+        anchor=sub.anchor_at,
+        timezone=timezone,
+        zone_changes=zone_changes,
+        plan=first_plan,
+        moves=moves,
+        room=first_room,
+        ends_at=sub.ends_at,  # canceled: the end is the final boundary
+    )
     promo_rows = (
         await session.exec(
             select(SubscriptionPromo, PromoCode)

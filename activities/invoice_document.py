@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from babel.dates import format_date
+from babel.dates import format_date, format_datetime
 from babel.numbers import format_currency
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -44,7 +44,7 @@ class InvoiceDocument:
     number: str
     issued_at: datetime
     period_start: datetime  # inclusive
-    period_end: datetime  # exclusive
+    period_end: datetime  # exclusive; equal to the start on a final invoice (nothing billed in advance)
     timezone: str  # IANA name; every date on the document is shown in it
     currency: str
     tenant_name: str
@@ -65,8 +65,8 @@ class InvoiceDocument:
         instants = (self.issued_at, self.period_start, self.period_end, self.due_at, self.usage_start, self.usage_end)
         if any(i is not None and i.tzinfo is None for i in instants):
             raise ValueError("invoice datetimes must be timezone-aware")
-        if self.period_end <= self.period_start:
-            raise ValueError("period_end must be after period_start")
+        if self.period_end < self.period_start:
+            raise ValueError("period_end must not be before period_start")
         line_sum = sum(line.amount for line in self.lines)
         if line_sum != self.total:
             raise ValueError(f"invoice {self.number}: lines add up to {line_sum}, total is {self.total}")
@@ -133,6 +133,11 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
     ]
     issued_day = _local_date(doc.issued_at, zone)
     due_day = _local_date(doc.due_at, zone) if doc.due_at is not None else None
+    final = doc.period_end == doc.period_start  # the subscription ended at period_start: nothing billed in advance
+    ended_at = format_datetime(doc.period_start.astimezone(zone), format="medium", locale=_LOCALE) if final else None
+    usage_period = _span_text(doc.usage_start, doc.usage_end, zone)
+    if final and doc.usage_start is not None:  # usage up to the end instant, not to a midnight
+        usage_period = f"{_show_date(_local_date(doc.usage_start, zone))} \u2013 {ended_at}"
     return _env.get_template(_TEMPLATE).render(
         doc=doc,
         currency=check_currency(doc.currency),
@@ -142,7 +147,8 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         net_days=(due_day - issued_day).days if due_day is not None else None,
         period_from=_show_date(_local_date(doc.period_start, zone)),
         period_to=_show_date(last_day),
-        usage_period=_span_text(doc.usage_start, doc.usage_end, zone),
+        ended_at=ended_at,
+        usage_period=usage_period,
         lines=lines,
         reductions=reductions,
         subtotal=format_money(sum(line.amount for line in doc.lines if not line.reduction), doc.currency),

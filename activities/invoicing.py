@@ -20,7 +20,7 @@ from activities import drafting, usage_fence
 from activities.drafting import NotFoundError, upcoming_invoice
 from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
-from billing.pricing import LineKind
+from billing.pricing import FieldError, LineKind
 from core.settings import Settings
 from schema.db import execute_sql
 from schema.models import (
@@ -67,7 +67,8 @@ async def list_due_periods(
         select(Subscription, Tenant.timezone, Plan.interval)
         .join(Tenant, col(Tenant.id) == Subscription.tenant_id)
         .join(Plan, col(Plan.id) == Subscription.plan_id)
-        .where(Subscription.status == SubscriptionStatus.active, Subscription.next_invoice_at <= as_of)
+        # Active ones, and canceled ones until their final invoice is written (then never again).
+        .where(col(Subscription.final_invoiced).is_(False), Subscription.next_invoice_at <= as_of)
         .order_by(col(Subscription.id))
         .limit(limit)
     )
@@ -75,10 +76,15 @@ async def list_due_periods(
         query = query.where(col(Subscription.id) > after)
     rows = (await session.exec(query)).all()
     periods: list[DuePeriod] = []
-    for sub, timezone, interval in rows:
+    for sub, tenant_timezone, interval in rows:
         index = sub.next_invoice_index
+        timezone, zone_changes = drafting.calendar(sub, tenant_timezone)
         for _ in range(MAX_PERIODS_PER_SUBSCRIPTION_PAGE):
-            p = period(sub.anchor_at, timezone, Interval(interval), index)
+            p = period(sub.anchor_at, timezone, Interval(interval), index, zone_changes)
+            if sub.ends_at is not None and p.start >= sub.ends_at:  # the final boundary, at the end instant
+                if sub.ends_at <= as_of:
+                    periods.append(DuePeriod(sub.id, index, sub.ends_at, sub.ends_at, tenant_id=sub.tenant_id))
+                break
             if p.start > as_of:
                 break
             periods.append(DuePeriod(sub.id, index, p.start, p.end, tenant_id=sub.tenant_id))
@@ -129,10 +135,12 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     loaded = await drafting.load(session, data.subscription_id)
     sub = loaded.row
     if sub.next_invoice_index != data.boundary_index:
-        await session.rollback()
-        raise OutOfOrderError(
-            f"subscription {sub.id}: boundary {data.boundary_index} asked, next to invoice is {sub.next_invoice_index}"
-        )
+        message = f"subscription {sub.id}: boundary {data.boundary_index} asked, next is {sub.next_invoice_index}"
+        await session.rollback()  # (expires the row: read it before)
+        raise OutOfOrderError(message)
+    if (issued_at := loaded.timeline.issued_at(data.boundary_index)) != data.period_start:
+        await session.rollback()  # canceled or zone changed since the run listed it: the next run lists it right
+        raise FieldError("period_start", f"boundary {data.boundary_index} is now issued at {issued_at.isoformat()}")
     watermark = await usage_fence.settle(session, sub.tenant_id)  # before any usage is read
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
@@ -166,13 +174,15 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         if redemption.promo.code in draft.promos_applied:
             row.invoices_applied += 1
             session.add(row)
-    following = loaded.timeline.period(data.boundary_index + 1)
     sub.credit_balance = draft.credit_carried_forward
     sub.next_invoice_index = data.boundary_index + 1
-    sub.next_invoice_at = following.start
-    sub.current_period_index = data.boundary_index
-    sub.current_period_start = draft.period.start
-    sub.current_period_end = draft.period.end
+    if draft.final:  # the subscription's last invoice: canceled, never billed again
+        sub.status, sub.final_invoiced = SubscriptionStatus.canceled, True
+    else:
+        sub.next_invoice_at = loaded.timeline.issued_at(data.boundary_index + 1)
+        sub.current_period_index = data.boundary_index
+        sub.current_period_start = draft.period.start
+        sub.current_period_end = draft.period.end
     session.add(sub)
     await session.commit()
     return CreateInvoiceResult(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)

@@ -160,11 +160,38 @@ class Public(BaseModel):
 # Tenants
 
 
+class Address(BaseModel):
+    """A billing address (Stripe's address fields); every part optional."""
+
+    line1: Annotated[str, _stripped(200), PgText] | None = None
+    line2: Annotated[str, _stripped(200), PgText] | None = None
+    city: Annotated[str, _stripped(200), PgText] | None = None
+    postal_code: Annotated[str, _stripped(32), PgText] | None = None
+    state: Annotated[str, _stripped(200), PgText] | None = None
+    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = Field(
+        default=None, description="ISO 3166-1 alpha-2, e.g. DE"
+    )
+
+
 class TenantCreate(BaseModel):
     name: Name
     email: Email
     currency: Currency = Field(description="ISO 4217 code the product bills in, e.g. USD")
     timezone: Timezone = Field(description="IANA time zone, e.g. Europe/Berlin")
+    address: Address | None = None
+
+
+class TenantUpdate(BaseModel):
+    """Only the fields sent change. ``currency`` cannot change (422); a time zone change takes
+    effect for billing from the next boundary not yet invoiced (``timezone_effective_at``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    email: Email | None = None
+    address: Address | None = Field(default=None, description="Replaces the whole address; null clears it")
+    timezone: Timezone | None = None
+    currency: str | None = Field(default=None, description="Refused: a tenant's currency never changes")
 
 
 class TenantPublic(Public):
@@ -172,7 +199,12 @@ class TenantPublic(Public):
     name: str
     email: str
     currency: str
-    timezone: str
+    timezone: str = Field(description="The tenant's IANA zone (new subscriptions are anchored in it)")
+    address: Address | None
+    timezone_effective_at: datetime | None = Field(
+        description="When the last time-zone change took effect, or takes effect, for billing: the next "
+        "boundary not yet invoiced at the time of the change (null: never changed)"
+    )
     created_at: datetime
 
 
@@ -302,6 +334,10 @@ class SubscriptionPublic(Public):
     current_period_start: datetime
     current_period_end: datetime
     created_at: datetime
+    ends_at: datetime | None = Field(description="When it ends (scheduled or past); its final invoice is issued then")
+    cancel_at_period_end: bool
+    canceled_at: datetime | None = Field(description="When the cancel was asked for")
+    final_invoiced: bool = Field(description="The final invoice is written: the subscription is never billed again")
 
 
 class MoveRoom(BaseModel):
@@ -316,6 +352,35 @@ class DiscountAmountPublic(BaseModel):
 
     promo_code: str
     amount: int = Field(description="Minor units taken off this line by the promo")
+
+
+class PlanChange(BaseModel):
+    plan_id: uuid.UUID = Field(description="A plan (version) of the same currency and cadence; the room stays")
+    effective_at: UtcDatetime = Field(description="From this instant the subscription is billed by the new plan")
+
+
+class CancelAt(StrEnum):
+    period_end = "period_end"
+    now = "now"
+
+
+class SubscriptionCancel(BaseModel):
+    """Exactly one of ``at`` and ``cancel_at``."""
+
+    at: CancelAt | None = Field(
+        default=None, description="period_end: at the end of the current period; now: immediately"
+    )
+    cancel_at: UtcDatetime | None = Field(
+        default=None,
+        description="An explicit end: after the last invoiced boundary and not after the end of the current period",
+    )
+
+
+class SubscriptionCanceled(SubscriptionPublic):
+    final_invoice_at: datetime = Field(description="When the final invoice is issued: the end")
+    final_invoice_workflow_id: str | None = Field(
+        description="The invoice workflow started for an end already past; null: the next billing run issues it"
+    )
 
 
 class UpcomingLine(BaseModel):

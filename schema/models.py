@@ -116,6 +116,15 @@ class Tenant(SQLModel, table=True):
     currency: str = Field(max_length=3)
     timezone: str = Field(max_length=64)
     created_at: datetime = _ts(default_factory=utcnow)
+    # Billing address (Stripe's address fields); all optional.
+    address_line1: str | None = Field(default=None, max_length=200)
+    address_line2: str | None = Field(default=None, max_length=200)
+    address_city: str | None = Field(default=None, max_length=200)
+    address_postal_code: str | None = Field(default=None, max_length=32)
+    address_state: str | None = Field(default=None, max_length=200)
+    address_country: str | None = Field(default=None, max_length=2)  # ISO 3166-1 alpha-2
+    # When the last time-zone change takes effect for billing (docs/pricing.md "Time-zone change").
+    timezone_effective_at: datetime | None = _ts(nullable=True, default=None)
 
 
 class Meter(SQLModel, table=True):
@@ -201,6 +210,11 @@ class Subscription(SQLModel, table=True):
         # Usage events belong to a tenant, so a tenant has one active subscription at a time:
         # two would bill the same usage twice. Room changes are moves within the subscription.
         Index("uq_subscription_active_tenant", "tenant_id", unique=True, postgresql_where=text("status = 'active'")),
+        # What billing runs look at: every subscription whose final invoice is not written yet.
+        Index("ix_subscription_billable", "next_invoice_at", postgresql_where=text("NOT final_invoiced")),
+        CheckConstraint(
+            "ends_at IS NOT NULL OR (NOT cancel_at_period_end AND NOT final_invoiced)", name="ck_subscription_end"
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -218,6 +232,17 @@ class Subscription(SQLModel, table=True):
     current_period_start: datetime = _ts()
     current_period_end: datetime = _ts()
     created_at: datetime = _ts(default_factory=utcnow)
+    # Cancel (docs/pricing.md "Cancel and plan change"): the end is the final boundary, its invoice the last.
+    ends_at: datetime | None = _ts(nullable=True, default=None)  # when it ends (scheduled or past)
+    cancel_at_period_end: bool = Field(default=False)  # the end is the end of a period
+    canceled_at: datetime | None = _ts(nullable=True, default=None)  # when the cancel was asked for
+    final_invoiced: bool = Field(default=False)  # the final invoice is written: never billed again
+    # The billing calendar's zone: null = the tenant's; set to the tenant's old zone when it first
+    # changes. ``timezone_changes``: [{"from_index": boundary, "timezone": zone}], ascending.
+    timezone: str | None = Field(default=None, max_length=64)
+    timezone_changes: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    )
 
 
 class RoomAssignment(SQLModel, table=True):
@@ -260,7 +285,8 @@ class Invoice(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("subscription_id", "period_start", name="uq_invoice_subscription_period"),
         CheckConstraint("total >= 0", name="ck_invoice_total"),
-        CheckConstraint("period_end > period_start", name="ck_invoice_period"),
+        # The final invoice of a canceled subscription bills no period in advance: start = end = the end instant.
+        CheckConstraint("period_end >= period_start", name="ck_invoice_period"),
         Index("ix_invoice_tenant_status", "tenant_id", "status"),
         # A draft has no number; a finalized invoice has its number, issue and due dates.
         CheckConstraint(

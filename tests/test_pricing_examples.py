@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from billing.periods import Interval
+from billing.periods import Interval, ZoneChange
 from billing.pricing import (
     Aggregation,
     FieldError,
@@ -36,6 +36,7 @@ from billing.pricing import (
     build_invoice,
     check_move,
     check_redeemable,
+    period_days,
     price_cost,
     round_exact,
     slice_usage,
@@ -80,8 +81,8 @@ METERS = {
 }
 
 PLANS = {
-    code: Plan(
-        code=code,
+    key: Plan(
+        code=p.get("code", key),  # a new version of a plan shares its code
         name=p["name"],
         currency=p["currency"],
         interval=Interval(p["interval"]),
@@ -91,7 +92,7 @@ PLANS = {
             MeteredCharge(METERS[c["meter"]], make_price(c), c.get("minimum", 0)) for c in p.get("charges", [])
         ),
     )
-    for code, p in EXAMPLES["plans"].items()
+    for key, p in EXAMPLES["plans"].items()
 }
 
 
@@ -144,7 +145,13 @@ def test_aggregations(example):
 def _subscription(example: dict[str, Any]) -> Subscription:
     moves = tuple(Move(m["effective_at"], PLANS[m["plan"]], m.get("room", "")) for m in example.get("moves", []))
     return Subscription(
-        example["anchor"], example["timezone"], PLANS[example["plan"]], moves=moves, room=example.get("room", "")
+        example["anchor"],
+        example["timezone"],
+        PLANS[example["plan"]],
+        moves=moves,
+        room=example.get("room", ""),
+        ends_at=example.get("ends_at"),
+        zone_changes=tuple(ZoneChange(z["from_index"], z["timezone"]) for z in example.get("zone_changes", [])),
     )
 
 
@@ -228,3 +235,19 @@ def test_invoices(example):
     if "promos_applied" in example:
         assert list(invoice.promos_applied) == example["promos_applied"]
     assert invoice.credit_carried_forward == example.get("credit_carried_forward", 0)
+
+
+@pytest.mark.parametrize("example", _ids("final_boundary"))
+def test_final_boundary(example):
+    sub = _subscription(example)
+    assert sub.final_index == example["index"]
+    assert sub.issued_at(example["index"]) == example["issued_at"]
+    assert sub.issued_at(example["index"] - 1) == sub.period(example["index"] - 1).start < example["ends_at"]
+
+
+@pytest.mark.parametrize("example", _ids("zone_period"))
+def test_periods_after_a_time_zone_change(example):
+    sub = _subscription(example)
+    p = sub.period(example["index"])
+    assert (p.start, p.end) == (example["start"], example["end"])
+    assert period_days(p, sub.zone_of(example["index"])).days == example["days"]

@@ -15,6 +15,10 @@ The invoice at boundary ``k`` (the start of period ``k``) holds, in this order:
 
 Every line is computed exactly and rounded once (:func:`billing.pricing.exact.round_exact`);
 the total is the sum of the rounded lines. The full rule book is ``docs/pricing.md``.
+
+A subscription that ends (``Subscription.ends_at``) gets a *final* invoice at the end instant,
+at its final boundary: items 1, 2, 4 and 5 for the period holding the end, cut at it (the days
+from the end's day are credited like a move's), and no base fee in advance.
 """
 
 from __future__ import annotations
@@ -73,12 +77,13 @@ class Line:
 @dataclass(frozen=True)
 class InvoiceDraft:
     currency: str
-    issued_at: datetime  # the boundary
-    period: Period  # the period that starts (base fee in advance)
-    settled: Period | None  # the period that ended (prorations, usage in arrears)
+    issued_at: datetime  # the boundary (the end instant for the final invoice)
+    period: Period  # the period that starts (base fee in advance); empty (start = end) on the final invoice
+    settled: Period | None  # the period that ended (prorations, usage in arrears), cut at a subscription's end
     lines: tuple[Line, ...]
     promos_applied: tuple[str, ...]  # codes that took something off: each counts this invoice
     credit_carried_forward: int = 0  # credit balance left for the next invoice
+    final: bool = False  # the subscription's last invoice: nothing is billed after it
 
     @property
     def total(self) -> int:
@@ -136,14 +141,14 @@ def _proration_line(holding: tuple[Plan, str], credit: bool, day: date, span: Da
 def proration_lines(sub: Subscription, index: int) -> list[Line]:
     """Corrections of the base fee billed in advance for period ``index``: trial end and moves, by local day."""
     p = sub.period(index)
-    span = period_days(p, sub.timezone)
+    span = period_days(p, sub.zone_of(index))
     state = sub.billed_in_advance(index)
     lines: list[Line] = []
     for day in sub.change_days(span.first, span.end):
         new = sub.paying_plan_on(day)
         if _plan_of(new) == _plan_of(state):  # same plan, or trial on both sides: nothing to correct
             continue
-        why = ", after the trial" if state is None else ""
+        why = ", after the trial" if state is None else ", after the end" if new is None else ""
         if state is not None and state[0].base_fee:
             lines.append(_proration_line(state, True, day, span, p, why))
         if new is not None and new[0].base_fee:
@@ -185,7 +190,8 @@ def _usage_line(charge: MeteredCharge, quantity: Decimal, s: UsageSlice, share: 
 
 def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     """Usage of period ``index`` in arrears, per slice and per metered charge of the slice's plan."""
-    p = sub.period(index)
+    p = sub.settled_period(index)  # cut at the end on the final invoice
+    zone = sub.zone_of(index)
     slices = sub.usage_slices(index)
     unknown = set(usage) - {s.start for s in slices}
     if unknown:
@@ -193,7 +199,7 @@ def usage_lines(sub: Subscription, index: int, usage: SliceUsage) -> list[Line]:
     lines: list[Line] = []
     for s in slices:
         quantities = usage.get(s.start, {})
-        share = slice_share(s, p, sub.timezone)
+        share = slice_share(s, sub.period(index), zone)  # a minimum's share is of the whole period
         for charge in sorted(s.plan.charges, key=lambda c: c.meter.code):
             line = _usage_line(charge, quantities.get(charge.meter.code, Decimal(0)), s, share, p)
             if line is not None:
@@ -235,7 +241,7 @@ def advance_line(sub: Subscription, index: int) -> Line | None:
         return None
     plan, room = holding
     p = sub.period(index)
-    span = period_days(p, sub.timezone)
+    span = period_days(p, sub.zone_of(index))
     description = f"{label(plan, room)} base fee, {span.text()}"
     figures = _figures(Decimal(1), Fraction(plan.base_fee))
     return Line(LineKind.base_fee, description, *figures, period=p, plan_code=plan.code)
@@ -289,28 +295,32 @@ def build_invoice(
     credit_balance: int = 0,
 ) -> InvoiceDraft:
     """The invoice issued at boundary ``index``; ``usage`` is keyed by :meth:`Subscription.usage_slices` starts."""
-    if index < 0:
-        raise FieldError("index", "must not be negative")
+    sub.check_index(index)
     usage = usage or {}
     if index == 0 and usage:
         raise FieldError("usage", "the first invoice has no period in arrears")
-    charges: list[Line] = [line for late in late_usage if (line := adjustment_line(late, sub.timezone)) is not None]
+    charges: list[Line] = [
+        line for late in late_usage if (line := adjustment_line(late, sub.zone_at(late.period.start))) is not None
+    ]
     if index > 0:
         charges += proration_lines(sub, index - 1)
         charges += usage_lines(sub, index - 1, usage)
     if (advance := advance_line(sub, index)) is not None:
         charges.append(advance)
-    discounts, applied = discount_lines(charges, promos, sub.period(index).start, sub.currency)
+    issued_at = sub.issued_at(index)
+    discounts, applied = discount_lines(charges, promos, issued_at, sub.currency)
     lines = charges + discounts
     balance, carried = balance_lines(sum(line.amount for line in lines), credit_balance)
+    final = sub.is_final(index)
     return InvoiceDraft(
         currency=sub.currency,
-        issued_at=sub.period(index).start,
-        period=sub.period(index),
-        settled=sub.period(index - 1) if index > 0 else None,
+        issued_at=issued_at,
+        period=Period(issued_at, issued_at) if final else sub.period(index),
+        settled=sub.settled_period(index - 1) if index > 0 else None,
         lines=tuple(lines + balance),
         promos_applied=tuple(applied),
         credit_carried_forward=carried,
+        final=final,
     )
 
 
