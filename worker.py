@@ -30,7 +30,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.pdf import ChromiumPdfRenderer
 from activities.storage import LocalDocumentStore
-from core.observability import LogContextInterceptor, configure_logging, configure_tracing
+from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
@@ -93,6 +93,7 @@ async def run(settings: Settings) -> None:
     if settings.database_url is None:
         raise SystemExit("DATABASE_URL is not set (make up sets it for the embedded server)")
     engine = make_engine(settings.database_url, settings.database_pool_size)
+    instrument_engine(engine, provider)
     renderer = ChromiumPdfRenderer(settings.chromium_path, pages=settings.pdf_page_pool_size)
     await renderer.start()
     stop = asyncio.Event()

@@ -10,16 +10,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
 from temporalio.client import Client
 
 from activities.storage import LocalDocumentStore
 from api.errors import OUTAGE_ERRORS, unexpected_error_handler, validation_error_handler
 from api.idempotency import IdempotencyMiddleware
-from api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from api.middleware import (
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    is_sane_request_id,
+    new_request_id,
+)
 from api.routers import health_router, v1_router
-from core.observability import configure_logging, configure_tracing
+from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
@@ -27,8 +36,14 @@ from schema.db import make_engine, make_sessionmaker
 log = structlog.stdlib.get_logger("api")
 
 
-def create_app(settings: Settings | None = None, *, temporal_client: Client | None = None) -> FastAPI:
-    """The app for ``settings`` (default: the environment); ``temporal_client`` skips connecting."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    temporal_client: Client | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The app for ``settings`` (default: the environment); ``temporal_client`` skips connecting;
+    ``tracer_provider`` (default: the global one the lifespan configures) receives the spans."""
     settings = settings or get_settings()
     configure_logging(settings)
 
@@ -36,19 +51,23 @@ def create_app(settings: Settings | None = None, *, temporal_client: Client | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.database_url is None:
             raise RuntimeError("DATABASE_URL must be set to run the API (e.g. postgresql://user@host:5432/billing)")
-        tracer_provider = configure_tracing(settings, "api")
+        configured = configure_tracing(settings, "api") if tracer_provider is None else None
+        provider = tracer_provider or configured
         engine = make_engine(settings.database_url, settings.database_pool_size)
+        instrument_engine(engine, provider)
+        instrument_http_clients(provider)
         try:
             app.state.engine = engine
             app.state.sessionmaker = make_sessionmaker(engine)
-            app.state.temporal_client = temporal_client or await connect(settings)
+            tracer = provider.get_tracer("billing.api") if provider is not None else None
+            app.state.temporal_client = temporal_client or await connect(settings, tracer)
             app.state.documents = LocalDocumentStore(settings.documents_root)
             log.info("api started", temporal=settings.temporal_target, task_queue=settings.task_queue)
             yield
         finally:
             await engine.dispose()
-            if tracer_provider is not None:
-                tracer_provider.shutdown()
+            if configured is not None:
+                configured.shutdown()
 
     app = FastAPI(
         title="Billing API",
@@ -64,6 +83,10 @@ def create_app(settings: Settings | None = None, *, temporal_client: Client | No
     app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(
+        CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=is_sane_request_id, generator=new_request_id
+    )
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz")
     app.include_router(health_router)
     app.include_router(v1_router)
     return app

@@ -8,13 +8,23 @@ import time
 import uuid
 
 import structlog
-from starlette.datastructures import Headers, MutableHeaders
+from asgi_correlation_id import correlation_id
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 log = structlog.stdlib.get_logger("api")
+
+
+def is_sane_request_id(offered: str) -> bool:
+    """A caller's request id is kept when it is short and plain; otherwise a new one is made."""
+    return _CLIENT_REQUEST_ID.fullmatch(offered) is not None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 def bind_tenant(tenant_id: uuid.UUID) -> None:
@@ -23,8 +33,8 @@ def bind_tenant(tenant_id: uuid.UUID) -> None:
 
 
 class RequestContextMiddleware:
-    """Binds a request id (the caller's ``X-Request-ID`` when sane, else a new one), echoes it
-    in the response, and logs one line per request with status and duration.
+    """Binds the request id (set by ``asgi_correlation_id``'s middleware, which also echoes it in
+    the response) to the log context, and logs one line per request with status and duration.
 
     A plain ASGI middleware, so handlers run in the same context and what they bind (the
     tenant) is still bound when the request line is logged.
@@ -37,22 +47,19 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        structlog.contextvars.bind_contextvars(request_id=correlation_id.get() or new_request_id())
         status = 500
         started = time.perf_counter()
 
-        async def send_with_request_id(message: Message) -> None:
+        async def send_with_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_request_id)
+            await self.app(scope, receive, send_with_status)
         finally:
             log.info(
                 "request",

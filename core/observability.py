@@ -1,5 +1,9 @@
 """Structured logs (structlog) and traces (OpenTelemetry), configured once per process.
 
+Spans come from maintained instrumentations: FastAPI (each request), SQLAlchemy (each
+statement), httpx (outgoing calls) and Temporal's ``TracingInterceptor`` (start, workflows,
+activities), so one request is one trace from HTTP through the workflow to SQL.
+
 Logs are JSON unless stderr is a terminal (or ``LOG_FORMAT`` says otherwise). Standard
 library loggers (temporalio, uvicorn, workflow.logger) go through the same renderer, and
 every record carries the current OpenTelemetry trace and span ids plus whatever the
@@ -13,10 +17,13 @@ import sys
 from typing import Any, TextIO
 
 import structlog
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 from temporalio import workflow as temporal_workflow
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
@@ -79,6 +86,23 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+
+
+def instrument_engine(engine: AsyncEngine, tracer_provider: TracerProvider | None = None) -> EngineTracer:
+    """A span per SQL statement of this engine (the maintained SQLAlchemy instrumentation's engine
+    tracer), in the caller's trace. Per engine, not process-wide: a process may hold several."""
+    tracer = trace.get_tracer("opentelemetry.instrumentation.sqlalchemy", tracer_provider=tracer_provider)
+    connections = metrics.get_meter("opentelemetry.instrumentation.sqlalchemy").create_up_down_counter(
+        name="db.client.connections.usage", unit="connections", description="Connections in use or idle"
+    )
+    return EngineTracer(tracer, engine.sync_engine, connections)  # type: ignore[no-untyped-call]
+
+
+def instrument_http_clients(tracer_provider: TracerProvider | None = None) -> None:
+    """Spans for outgoing HTTP made with httpx (the PSP, webhooks), joined to the current trace."""
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=tracer_provider)
 
 
 def configure_tracing(settings: Settings, service: str) -> TracerProvider | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opentelemetry.trace import Tracer
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -9,7 +10,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from core.settings import Settings
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, tracer: Tracer | None = None) -> Client:
     """Connect to ``TEMPORAL_ADDRESS`` with the pydantic converter and the tracing interceptor.
 
     Workers built from this client inherit the interceptor, so activity and workflow spans
@@ -19,5 +20,5 @@ async def connect(settings: Settings) -> Client:
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
-        interceptors=[TracingInterceptor()],
+        interceptors=[TracingInterceptor(tracer)],
     )

@@ -7,15 +7,18 @@ import json
 import logging
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from opentelemetry import trace
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
-from core.observability import configure_logging
+from api.main import create_app
+from core.observability import configure_logging, instrument_engine
 from core.settings import LogFormat
 from tests import factories
 from worker import build_worker
@@ -70,3 +73,40 @@ async def test_activity_logs_carry_tenant_workflow_and_trace_ids(
     trace_ids = {span.context.trace_id for span in spans.get_finished_spans()}
     assert len(trace_ids) == 1  # one trace from the operator's request down to every activity
     assert format(trace_ids.pop(), "032x") == line["trace_id"]
+
+
+async def test_a_real_request_is_one_trace_from_http_through_the_workflow_to_sql(
+    temporal_env, sessions, activities, settings, engine
+):
+    """No hand-made root span: the FastAPI instrumentation starts the trace, Temporal's interceptor
+    carries it into the run, its invoice workflows and activities, and SQLAlchemy's adds the SQL."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    client = Client(
+        **{**temporal_env.client.config(), "interceptors": [TracingInterceptor(provider.get_tracer("test"))]}
+    )
+    instrument_engine(engine, provider)
+    cat = await factories.catalog(sessions)
+    await factories.subscriber(sessions, cat, datetime(2026, 1, 10, tzinfo=UTC))
+    app = create_app(settings, temporal_client=client, tracer_provider=provider)
+    try:
+        async with (
+            build_worker(client, settings, activities),
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+        ):
+            started = await api.post("/v1/billing-runs", json={"as_of": "2026-02-15T00:00:00Z"})
+            assert started.status_code == 202, started.text
+            await client.get_workflow_handle(started.json()["workflow_id"]).result()
+    finally:
+        EngineTracer.remove_all_event_listeners()
+
+    finished = spans.get_finished_spans()
+    [server] = [s for s in finished if s.name == "POST /v1/billing-runs"]
+    assert server.parent is None  # the request itself is the root
+    in_trace = [s for s in finished if s.context.trace_id == server.context.trace_id]
+    names = {s.name for s in in_trace}
+    assert {"StartWorkflow:BillingRun", "RunWorkflow:InvoiceCycle", "RunActivity:create_invoice"} <= names
+    sql = [s for s in in_trace if s.attributes and s.attributes.get("db.system") == "postgresql"]
+    assert any("usage_events" in str((s.attributes or {}).get("db.statement", "")) for s in sql)
