@@ -272,15 +272,16 @@ def _check(response: httpx.Response, expected: int) -> Any:
 
 
 async def _list_all(client: httpx.AsyncClient, path: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """GET a list endpoint, following limit/offset pages where the endpoint has them."""
+    """GET a list endpoint, following its cursor to the last page."""
     items: list[dict[str, Any]] = []
-    limit, offset = 50, 0
+    cursor: str | None = None
     while True:
-        page = _check(await client.get(path, params={**(params or {}), "limit": limit, "offset": offset}), 200)
-        items.extend(page)
-        if len(page) < limit:
+        query = {**(params or {}), "limit": 100, **({"cursor": cursor} if cursor else {})}
+        page = _check(await client.get(path, params=query), 200)
+        items.extend(page["data"])
+        if not page["has_more"]:
             return items
-        offset += limit
+        cursor = page["next_cursor"]
 
 
 def _bump(summary: DemoSummary, kind: str, created: bool) -> None:
@@ -293,7 +294,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
     """Create the demo meters, plans, rooms, tenants, subscriptions and usage unless present."""
     summary = DemoSummary()
 
-    meters = {m["code"]: m for m in _check(await client.get("/v1/meters"), 200)}
+    meters = {m["code"]: m for m in await _list_all(client, "/v1/meters")}
     for meter in METERS:
         exists = meter.code in meters
         if not exists:
@@ -307,7 +308,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
         _bump(summary, "meters", not exists)
 
     plans: dict[str, dict[str, Any]] = {}
-    for p in _check(await client.get("/v1/plans"), 200):
+    for p in await _list_all(client, "/v1/plans"):
         if p["code"] not in plans or p["version"] > plans[p["code"]]["version"]:
             plans[p["code"]] = p
     for plan in PLANS:
@@ -324,12 +325,12 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
             plans[plan.code] = _check(await client.post("/v1/plans", json=body), 201)
         _bump(summary, "plans", not exists)
 
-    promos = {p["code"] for p in _check(await client.get("/v1/promo-codes"), 200)}
+    promos = {p["code"] for p in await _list_all(client, "/v1/promo-codes")}
     if PROMO["code"] not in promos:
         _check(await client.post("/v1/promo-codes", json=PROMO), 201)
     _bump(summary, "promo codes", PROMO["code"] not in promos)
 
-    rooms = {r["code"]: r for r in _check(await client.get("/v1/rooms"), 200)}
+    rooms = {r["code"]: r for r in await _list_all(client, "/v1/rooms")}
     for room in ROOMS:
         exists = room.code in rooms
         if not exists:
@@ -350,7 +351,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
         tenant_ids[spec.room] = tenant["id"]
 
         room_id = rooms[spec.room]["id"]
-        subs = _check(await client.get("/v1/subscriptions", params={"tenant_id": tenant["id"]}), 200)
+        subs = await _list_all(client, "/v1/subscriptions", {"tenant_id": tenant["id"]})
         sub = next((s for s in subs if s["room_id"] == room_id), None)
         if sub is None:
             body = {

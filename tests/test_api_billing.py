@@ -145,12 +145,14 @@ async def _invoice(sessions, api, *, pdf_location: str | None = None) -> Invoice
 
 async def test_invoices_list_and_detail(api, sessions):
     draft = await _invoice(sessions, api)
-    listed = (await api.get("/v1/invoices")).json()
+    listed = (await api.get("/v1/invoices")).json()["data"]
     assert [i["id"] for i in listed] == [str(draft.id)]
     assert listed[0]["status"] == "draft" and listed[0]["pdf_url"] is None and listed[0]["total"] == 65286
-    assert (await api.get("/v1/invoices", params={"status": "open"})).json() == []
-    assert (await api.get("/v1/invoices", params={"tenant_id": str(uuid.uuid4())})).json() == []
-    assert len((await api.get("/v1/invoices", params={"tenant_id": str(draft.tenant_id), "status": "draft"})).json())
+    assert (await api.get("/v1/invoices", params={"status": "open"})).json()["data"] == []
+    assert (await api.get("/v1/invoices", params={"tenant_id": str(uuid.uuid4())})).json()["data"] == []
+    assert len(
+        (await api.get("/v1/invoices", params={"tenant_id": str(draft.tenant_id), "status": "draft"})).json()["data"]
+    )
     assert error_locs(await api.get("/v1/invoices", params={"status": "ready"})) == [["query", "status"]]
 
     detail = (await api.get(f"/v1/invoices/{draft.id}")).json()
@@ -181,7 +183,7 @@ async def test_invoice_pdf(api, sessions, settings):
 
     location = await LocalDocumentStore(settings.documents_root).put("invoices/t/INV-1.pdf", b"%PDF-1.7 test")
     ready = await _invoice(sessions, api, pdf_location=location)
-    listed = (await api.get("/v1/invoices", params={"tenant_id": str(ready.tenant_id)})).json()
+    listed = (await api.get("/v1/invoices", params={"tenant_id": str(ready.tenant_id)})).json()["data"]
     assert listed[0]["pdf_url"] == f"/v1/invoices/{ready.id}/pdf"
     pdf = await api.get(listed[0]["pdf_url"])
     assert pdf.status_code == 200 and pdf.content == b"%PDF-1.7 test"

@@ -56,8 +56,11 @@ async def test_tenants_create_read_list(api):
     assert datetime.fromisoformat(created["created_at"]).tzinfo is not None
     assert (await api.get(f"/v1/tenants/{created['id']}")).json() == created
     await tenant(api)
-    listed = (await api.get("/v1/tenants", params={"limit": 1, "offset": 1})).json()
-    assert len(listed) == 1 and listed[0]["id"] != created["id"]
+    first = (await api.get("/v1/tenants", params={"limit": 1})).json()
+    assert [t["id"] for t in first["data"]] == [created["id"]] and first["has_more"]
+    second = (await api.get("/v1/tenants", params={"limit": 1, "cursor": first["next_cursor"]})).json()
+    assert len(second["data"]) == 1 and second["data"][0]["id"] != created["id"]
+    assert not second["has_more"] and second["next_cursor"] is None
     missing = await api.get(f"/v1/tenants/{uuid.uuid4()}")
     assert missing.status_code == 404 and missing.json()["detail"].startswith("id:")
 
@@ -80,7 +83,7 @@ async def test_meters_create_conflict_and_validation(api):
     assert duplicate.status_code == 409 and duplicate.json()["detail"].startswith("code:")
     bad = await api.post("/v1/meters", json={"code": "Bad Code", "name": "x", "unit": "u", "aggregation": "avg"})
     assert error_locs(bad) == [["body", "code"], ["body", "aggregation"]]
-    assert [m["code"] for m in (await api.get("/v1/meters")).json()] == ["electricity"]
+    assert [m["code"] for m in (await api.get("/v1/meters")).json()["data"]] == ["electricity"]
     assert (await api.get(f"/v1/meters/{uuid.uuid4()}")).status_code == 404
 
 
@@ -107,7 +110,7 @@ async def test_plans_are_versioned_and_exact(api):
     assert second["version"] == 2 and second["id"] != first["id"]
     assert second["charges"] == [{"meter_code": "electricity", "unit_amount": "0.123456789", **per_unit}]
     assert (await api.get(f"/v1/plans/{first['id']}")).json() == first
-    assert [(p["code"], p["version"]) for p in (await api.get("/v1/plans")).json()] == [
+    assert [(p["code"], p["version"]) for p in (await api.get("/v1/plans")).json()["data"]] == [
         ("standard", 1),
         ("standard", 2),
     ]
@@ -144,7 +147,7 @@ async def test_rooms(api):
     created = await room(api, p["id"])
     assert created["plan_id"] == p["id"]
     assert (await api.get(f"/v1/rooms/{created['id']}")).json() == created
-    assert [r["id"] for r in (await api.get("/v1/rooms")).json()] == [created["id"]]
+    assert [r["id"] for r in (await api.get("/v1/rooms")).json()["data"]] == [created["id"]]
     duplicate = await api.post("/v1/rooms", json={"code": created["code"], "name": "Twin", "plan_id": p["id"]})
     assert duplicate.status_code == 409 and duplicate.json()["detail"].startswith("code:")
     orphan = {"code": "R-x", "name": "Orphan", "plan_id": str(uuid.uuid4())}
@@ -168,8 +171,10 @@ async def test_subscription_periods_follow_the_tenant_time_zone(api, sessions):
     assert datetime.fromisoformat(sub["current_period_end"]) == datetime(2026, 2, 27, 23, tzinfo=UTC)
     assert datetime.fromisoformat(sub["started_at"]) == datetime(2026, 1, 31, 9, tzinfo=UTC)
     assert (await api.get(f"/v1/subscriptions/{sub['id']}")).json() == sub
-    assert [s["id"] for s in (await api.get("/v1/subscriptions", params={"tenant_id": t["id"]})).json()] == [sub["id"]]
-    assert (await api.get("/v1/subscriptions", params={"tenant_id": str(uuid.uuid4())})).json() == []
+    assert [s["id"] for s in (await api.get("/v1/subscriptions", params={"tenant_id": t["id"]})).json()["data"]] == [
+        sub["id"]
+    ]
+    assert (await api.get("/v1/subscriptions", params={"tenant_id": str(uuid.uuid4())})).json()["data"] == []
     async with sessions() as s:
         assignment = (await s.exec(select(RoomAssignment))).one()
     assert assignment.subscription_id == uuid.UUID(sub["id"]) and assignment.effective_to is None

@@ -105,10 +105,12 @@ async def test_lenient_but_exact_formats_still_pass(api, sessions, tenant_id):
     assert [row[0] for row in rows] == [Decimal("2.25"), Decimal(100)]
 
 
-@pytest.mark.parametrize("path", ["/v1/tenants", "/v1/subscriptions", "/v1/invoices"])
-async def test_an_offset_beyond_bigint_is_a_422(api, path):
-    response = await api.get(path, params={"offset": 2**63})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "offset"]
+@pytest.mark.parametrize("cursor", ["nope", "e30", "WyJ4IiwgInkiXQ", "W251bGwsIG51bGxd", "x" * 201])
+@pytest.mark.parametrize("path", ["/v1/tenants", "/v1/subscriptions", "/v1/invoices", "/v1/meters"])
+async def test_a_cursor_the_api_did_not_give_out_is_a_422(api, path, cursor):
+    response = await api.get(path, params={"cursor": cursor})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "cursor"]
+    assert (await api.get(path, params={"limit": 501})).status_code == 422
 
 
 async def test_bodies_over_the_limit_get_413_declared_or_streamed(api, sessions, tenant_id):

@@ -122,7 +122,7 @@ async def test_invoices_are_listed_by_subscription_and_period_start(api, session
     async def listed(**params: str) -> set[str]:
         response = await api.get("/v1/invoices", params=params)
         assert response.status_code == 200, response.text
-        return {names[i["id"]] for i in response.json()}
+        return {names[i["id"]] for i in response.json()["data"]}
 
     assert await listed(subscription_id=str(a.id)) == {"a-jan", "a-feb", "a-mar"}
     assert await listed(subscription_id=str(a.id), period_start=FEB.isoformat()) == {"a-feb"}

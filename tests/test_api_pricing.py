@@ -78,7 +78,10 @@ async def test_unique_count_meters_need_their_property(api):
     assert error_locs(missing) == [["body", "property_name"]]
     stray = await api.post("/v1/meters", json={**body, "aggregation": "sum", "property_name": "guest"})
     assert error_locs(stray) == [["body", "property_name"]]
-    assert [m["code"] for m in (await api.get("/v1/meters")).json()] == ["electricity", "guests"]
+    assert [m["code"] for m in (await api.get("/v1/meters")).json()["data"]] == [
+        "guests",
+        "electricity",
+    ]  # oldest first
 
 
 # Plans
@@ -218,7 +221,7 @@ async def test_promo_codes_create_read_list(api):
     )
     assert fixed["percent_off"] is None and fixed["amount_off"] == 1000 and fixed["currency"] == "USD"
     assert (await api.get(f"/v1/promo-codes/{percent['id']}")).json() == percent
-    assert [p["code"] for p in (await api.get("/v1/promo-codes")).json()] == ["SPRING", "TENOFF"]
+    assert [p["code"] for p in (await api.get("/v1/promo-codes")).json()["data"]] == ["SPRING", "TENOFF"]
     again = await api.post("/v1/promo-codes", json={"code": "SPRING", "percent_off": 5, "duration": "once"})
     assert again.status_code == 409 and again.json()["detail"].startswith("code:")
     assert (await api.get(f"/v1/promo-codes/{uuid.uuid4()}")).status_code == 404
@@ -301,7 +304,7 @@ async def test_promo_codes_that_cannot_be_redeemed(api):
     for code in ("EXPIRED", "EUROS", "EURPCT"):
         refused = await api.post(f"/v1/subscriptions/{sub['id']}/promo-codes", json={"code": code})
         assert error_locs(refused) == [["body", "code"]], code
-    assert all(p["times_redeemed"] == 0 for p in (await api.get("/v1/promo-codes")).json())
+    assert all(p["times_redeemed"] == 0 for p in (await api.get("/v1/promo-codes")).json()["data"])
 
 
 async def test_max_redemptions_is_race_safe(api, sessions, monkeypatch):

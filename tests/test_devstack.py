@@ -132,11 +132,7 @@ class FakeApi:
             "/v1/promo-codes": self.promo_codes,
         }
         if path in collections and method == "GET":
-            items = collections[path]
-            if "limit" in request.url.params:
-                offset, limit = int(request.url.params["offset"]), int(request.url.params["limit"])
-                items = items[offset : offset + limit]
-            return httpx.Response(200, json=items)
+            return self._page(request, collections[path])
         if path in collections and method == "POST":
             item = {"id": str(uuid.uuid4()), **body}
             if path == "/v1/plans":
@@ -147,7 +143,7 @@ class FakeApi:
             return httpx.Response(201, json=item)
         if path == "/v1/subscriptions" and method == "GET":
             tenant_id = request.url.params["tenant_id"]
-            return httpx.Response(200, json=[s for s in self.subscriptions if s["tenant_id"] == tenant_id])
+            return self._page(request, [s for s in self.subscriptions if s["tenant_id"] == tenant_id])
         if path == "/v1/subscriptions" and method == "POST":
             started = datetime.fromisoformat(body["started_at"])
             assert started.tzinfo is not None
@@ -175,6 +171,16 @@ class FakeApi:
             progress = {"pages": 1, "periods_found": 4, "invoices_created": 4 if done else 1, "done": done}
             return httpx.Response(200, json={"workflow_id": workflow_id, "status": "RUNNING", "progress": progress})
         return httpx.Response(404, json={"detail": f"no route {method} {path}"})
+
+    @staticmethod
+    def _page(request: httpx.Request, items: list[dict[str, Any]]) -> httpx.Response:
+        """The API's list envelope; the fake's cursor is the index of the next item."""
+        start = int(request.url.params.get("cursor", "0"))
+        end = start + int(request.url.params.get("limit", "50"))
+        more = end < len(items)
+        return httpx.Response(
+            200, json={"data": items[start:end], "has_more": more, "next_cursor": str(end) if more else None}
+        )
 
     def _ingest(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         counts = {"accepted": 0, "duplicates": 0, "rejected": 0}

@@ -85,7 +85,7 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         progress = await billing_run(api, "2026-04-02T00:00:00Z")
         assert progress["progress"]["invoices_created"] == 2 and progress["progress"]["done"]
 
-        listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "open"})).json()
+        listed = (await api.get("/v1/invoices", params={"tenant_id": tenant["id"], "status": "open"})).json()["data"]
         assert [i["total"] for i in sorted(listed, key=lambda i: i["period_start"])] == [65000, 66120]
         first = (await api.get(f"/v1/invoices/{min(listed, key=lambda i: i['period_start'])['id']}")).json()
         assert [(line["kind"], line["description"], line["amount"]) for line in first["lines"]] == previewed
@@ -104,7 +104,7 @@ async def test_usage_becomes_an_invoice_pdf_through_the_api(temporal_env, sessio
         again = await billing_run(api, "2026-04-02T00:00:00Z")
         assert again["workflow_id"] == progress["workflow_id"]
         assert again["progress"]["periods_found"] == 0 and again["progress"]["invoices_created"] == 0
-        assert len((await api.get("/v1/invoices", params={"tenant_id": tenant["id"]})).json()) == 2
+        assert len((await api.get("/v1/invoices", params={"tenant_id": tenant["id"]})).json()["data"]) == 2
 
 
 async def billing_run(api: httpx.AsyncClient, as_of: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from sqlmodel import col, select
 from api.deps import DocumentStoreDep, SessionDep
 from api.errors import conflict, get_or_404, not_found
 from api.middleware import bind_tenant
+from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
-from api.schemas import MAX_BIGINT, InvoiceDetail, InvoiceLinePublic, InvoicePublic, UtcDatetime
+from api.schemas import InvoiceDetail, InvoiceLinePublic, InvoicePublic, UtcDatetime
 from schema.models import Invoice, InvoiceLine, InvoiceStatus
 
 router = APIRouter(prefix="/invoices", tags=["invoices"], route_class=DecimalJSONRoute)
@@ -30,15 +31,14 @@ def _pdf_url(invoice: Invoice) -> str | None:
 @router.get("")
 async def list_invoices(
     session: SessionDep,
+    paging: PageQuery,
     tenant_id: uuid.UUID | None = None,
     subscription_id: uuid.UUID | None = None,
     invoice_status: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
     period_start: Annotated[UtcDatetime | None, Query(description="The invoice's boundary, exactly")] = None,
     period_start_from: Annotated[UtcDatetime | None, Query(description="period_start at or after this")] = None,
     period_start_to: Annotated[UtcDatetime | None, Query(description="period_start before this (exclusive)")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
-) -> list[InvoicePublic]:
+) -> Page[InvoicePublic]:
     """Invoices, oldest first, filtered by tenant, subscription, status and period start."""
     if period_start_from is not None and period_start_to is not None and period_start_to <= period_start_from:
         raise RequestValidationError(
@@ -58,8 +58,7 @@ async def list_invoices(
         query = query.where(col(Invoice.period_start) >= period_start_from)
     if period_start_to is not None:
         query = query.where(col(Invoice.period_start) < period_start_to)
-    query = query.order_by(col(Invoice.created_at), col(Invoice.id)).offset(offset).limit(limit)
-    return [_public(invoice) for invoice in await session.exec(query)]
+    return (await fetch_page(session, query, Invoice, paging)).page(_public)
 
 
 @router.get("/{invoice_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}})

@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
-from sqlmodel import col, select
+from sqlmodel import select
 
 from api.deps import SessionDep
 from api.errors import conflict_on_unique, get_or_404
+from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import engine_meter
 from api.routing import DecimalJSONRoute
 from api.schemas import MeterCreate, MeterPublic
@@ -35,9 +36,9 @@ async def create_meter(body: MeterCreate, session: SessionDep) -> MeterPublic:
 
 
 @router.get("")
-async def list_meters(session: SessionDep) -> list[MeterPublic]:
-    query = select(Meter).order_by(col(Meter.code))
-    return [MeterPublic.model_validate(m) for m in await session.exec(query)]
+async def list_meters(session: SessionDep, paging: PageQuery) -> Page[MeterPublic]:
+    """Meters, oldest first."""
+    return (await fetch_page(session, select(Meter), Meter, paging)).page(MeterPublic.model_validate)
 
 
 @router.get("/{meter_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown meter"}})

@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import SessionDep
 from api.errors import get_or_404
+from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import charge_row, engine_plan
 from api.routing import DecimalJSONRoute
 from api.schemas import ChargePublic, PlanCreate, PlanPublic, TierPublic
@@ -95,11 +96,11 @@ async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
 
 
 @router.get("")
-async def list_plans(session: SessionDep) -> list[PlanPublic]:
-    """Every version of every plan, by code then version."""
-    plans = (await session.exec(select(Plan).order_by(col(Plan.code), col(Plan.version)))).all()
-    charges = await _charges_by_plan(session, [p.id for p in plans])
-    return [_public(p, charges[p.id]) for p in plans]
+async def list_plans(session: SessionDep, paging: PageQuery) -> Page[PlanPublic]:
+    """Every version of every plan, oldest first."""
+    fetched = await fetch_page(session, select(Plan), Plan, paging)
+    charges = await _charges_by_plan(session, [p.id for p in fetched.rows])
+    return fetched.page(lambda p: _public(p, charges[p.id]))
 
 
 @router.get("/{plan_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown plan"}})

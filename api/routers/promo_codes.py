@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
-from sqlmodel import col, select
+from sqlmodel import select
 
 from api.deps import SessionDep
 from api.errors import conflict_on_unique, get_or_404
+from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import engine_promo
 from api.routing import DecimalJSONRoute
 from api.schemas import PromoCodeCreate, PromoCodePublic
@@ -35,9 +36,9 @@ async def create_promo_code(body: PromoCodeCreate, session: SessionDep) -> Promo
 
 
 @router.get("")
-async def list_promo_codes(session: SessionDep) -> list[PromoCodePublic]:
-    query = select(PromoCode).order_by(col(PromoCode.code))
-    return [PromoCodePublic.model_validate(p) for p in await session.exec(query)]
+async def list_promo_codes(session: SessionDep, paging: PageQuery) -> Page[PromoCodePublic]:
+    """Promo codes, oldest first."""
+    return (await fetch_page(session, select(PromoCode), PromoCode, paging)).page(PromoCodePublic.model_validate)
 
 
 @router.get("/{promo_code_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown promo code"}})

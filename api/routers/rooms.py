@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, status
-from sqlmodel import col, select
+from sqlmodel import select
 
 from api.deps import SessionDep
 from api.errors import conflict_on_unique, get_or_404, get_referenced
+from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
 from api.schemas import RoomCreate, RoomPublic
 from schema.models import Plan, Room
@@ -34,9 +35,9 @@ async def create_room(body: RoomCreate, session: SessionDep) -> RoomPublic:
 
 
 @router.get("")
-async def list_rooms(session: SessionDep) -> list[RoomPublic]:
-    query = select(Room).order_by(col(Room.code))
-    return [RoomPublic.model_validate(r) for r in await session.exec(query)]
+async def list_rooms(session: SessionDep, paging: PageQuery) -> Page[RoomPublic]:
+    """Rooms, oldest first."""
+    return (await fetch_page(session, select(Room), Room, paging)).page(RoomPublic.model_validate)
 
 
 @router.get("/{room_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown room"}})

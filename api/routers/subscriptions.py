@@ -36,11 +36,11 @@ from api.errors import (
     unknown_reference,
 )
 from api.middleware import bind_tenant
+from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import plan_of
 from api.redemptions import redeem
 from api.routing import DecimalJSONRoute
 from api.schemas import (
-    MAX_BIGINT,
     CancelAt,
     MoveRoom,
     PlanChange,
@@ -222,16 +222,15 @@ async def create_subscription(body: SubscriptionCreate, session: SessionDep) -> 
 @router.get("")
 async def list_subscriptions(
     session: SessionDep,
+    paging: PageQuery,
     tenant_id: uuid.UUID | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
-) -> list[SubscriptionPublic]:
+) -> Page[SubscriptionPublic]:
+    """Subscriptions, oldest first, of one tenant or all."""
     query = select(Subscription)
     if tenant_id is not None:
         bind_tenant(tenant_id)
         query = query.where(col(Subscription.tenant_id) == tenant_id)
-    query = query.order_by(col(Subscription.created_at), col(Subscription.id)).offset(offset).limit(limit)
-    return [SubscriptionPublic.model_validate(s) for s in await session.exec(query)]
+    return (await fetch_page(session, query, Subscription, paging)).page(SubscriptionPublic.model_validate)
 
 
 @router.get("/{subscription_id}", responses=NOT_FOUND)

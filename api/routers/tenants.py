@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, status
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -20,8 +19,9 @@ from activities.drafting import calendar
 from api.deps import SessionDep
 from api.errors import body_error, get_or_404, not_found
 from api.middleware import bind_tenant
+from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
-from api.schemas import MAX_BIGINT, Address, TenantCreate, TenantPublic, TenantUpdate
+from api.schemas import Address, TenantCreate, TenantPublic, TenantUpdate
 from billing.periods import Interval, ZoneChange, boundary, zone_of_period
 from schema.models import Plan, Subscription, Tenant, utcnow
 
@@ -66,11 +66,10 @@ async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantPublic
 @router.get("")
 async def list_tenants(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
-) -> list[TenantPublic]:
-    query = select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id)).offset(offset).limit(limit)
-    return [public(t) for t in await session.exec(query)]
+    paging: PageQuery,
+) -> Page[TenantPublic]:
+    """Tenants, oldest first."""
+    return (await fetch_page(session, select(Tenant), Tenant, paging)).page(public)
 
 
 @router.get("/{tenant_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant"}})
