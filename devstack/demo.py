@@ -276,7 +276,9 @@ async def _list_all(client: httpx.AsyncClient, path: str, params: dict[str, str]
     items: list[dict[str, Any]] = []
     cursor: str | None = None
     while True:
-        query = {**(params or {}), "limit": 100, **({"cursor": cursor} if cursor else {})}
+        query: dict[str, str | int] = {**(params or {}), "limit": 100}
+        if cursor:
+            query["cursor"] = cursor
         page = _check(await client.get(path, params=query), 200)
         items.extend(page["data"])
         if not page["has_more"]:
