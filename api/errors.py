@@ -1,10 +1,16 @@
-"""Client errors in the shapes of the API contract.
+"""Every error of the API in one shape, documented in the OpenAPI schema as ``ErrorBody``:
 
-- 422 with ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`` (FastAPI's own shape) when a
-  body field is wrong, including an id in the body that names nothing;
-- 404 / 409 with ``{"detail": "<field>: <message>"}``;
-- 503 with ``Retry-After`` when the database or Temporal cannot be reached, 500 otherwise, both
-  with ``Connection: close`` so a keep-alive client is not left with a dropped connection.
+``{"errors": [{"type": "not_found", "message": "...", "field": "charges[0].price", "in": "body"}]}``
+
+- ``type``: a stable machine-readable word (``missing``, ``not_found``, ``conflict``, ...);
+- ``message``: for people;
+- ``field``: the offending field's path inside its location (``charges[0].price``), or null;
+- ``in``: where that field is: ``body``, ``query``, ``path`` or ``header``; null for the request as a whole.
+
+422 for invalid input (many errors at once), 404 for an unknown id in the path, 409 for a
+state that does not allow the request, 413 for a body too large, 503 with ``Retry-After`` when
+PostgreSQL or Temporal cannot be reached, 500 otherwise (both 5xx with ``Connection: close``, so
+a keep-alive client is not left with a dropped connection).
 """
 
 from __future__ import annotations
@@ -15,21 +21,97 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import structlog
-from fastapi import HTTPException, Request, status
+from fastapi import Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
 UNIQUE_VIOLATION = "23505"
+LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 log = structlog.stdlib.get_logger("api")
 
 Loc = tuple[str | int, ...]
 Row = TypeVar("Row", bound=SQLModel)
+
+
+class ErrorItem(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: str = Field(description="Stable machine-readable kind, e.g. missing, not_found, conflict")
+    message: str
+    field: str | None = Field(default=None, description="Path of the offending field, e.g. charges[0].price")
+    in_: str | None = Field(default=None, alias="in", description="body, query, path or header")
+
+
+class ErrorBody(BaseModel):
+    errors: list[ErrorItem]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries with the one error shape, for ``codes``."""
+    described = {
+        400: "Malformed request",
+        404: "Unknown id",
+        409: "The resource's state does not allow this",
+        413: "Request body too large",
+        422: "Invalid input; each error names its field",
+        500: "Unexpected error",
+        503: "PostgreSQL or Temporal unreachable; retry after Retry-After seconds",
+    }
+    return {code: {"model": ErrorBody, "description": described.get(code, "Error")} for code in codes}
+
+
+class ApiError(StarletteHTTPException):
+    """An error answered in the one shape; raise it from handlers and services' callers."""
+
+    def __init__(self, status_code: int, kind: str, message: str, field: str | None = None, where: str | None = None):
+        super().__init__(status_code, detail=message)
+        self.item = ErrorItem(type=kind, message=message, field=field, in_=where)
+
+
+def _text(value: object) -> str:
+    """``value`` as text that encodes as UTF-8 JSON: a lone surrogate becomes its escape."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def field_path(loc: Sequence[object]) -> str | None:
+    """``("charges", 0, "price")`` -> ``"charges[0].price"``; None for an empty path."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + _text(part)
+    return path or None
+
+
+def items_of(errors: Sequence[Any]) -> list[ErrorItem]:
+    """The one shape of pydantic/FastAPI validation errors; the input is never echoed (it may be
+    NaN or a lone surrogate, and the client sent it)."""
+    result = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        where = loc.pop(0) if loc and loc[0] in LOCATIONS else None
+        result.append(
+            ErrorItem(
+                type=_text(error.get("type", "value_error")),
+                message=_text(error.get("msg", "")),
+                field=field_path(loc),
+                in_=where,
+            )
+        )
+    return result
+
+
+def error_json(items: Sequence[ErrorItem]) -> dict[str, Any]:
+    return ErrorBody(errors=list(items)).model_dump(by_alias=True)
 
 
 def body_errors(problems: Sequence[tuple[Loc, str, str]]) -> RequestValidationError:
@@ -45,12 +127,12 @@ def unknown_reference(field: str, what: str, ref: uuid.UUID) -> RequestValidatio
     return body_error((field,), f"{what} {ref} does not exist", "not_found")
 
 
-def not_found(what: str, ref: object, *, field: str = "id") -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{field}: {what} {ref} not found")
+def not_found(what: str, ref: object, *, field: str = "id") -> ApiError:
+    return ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"{what} {ref} not found", field, "path")
 
 
-def conflict(field: str, message: str) -> HTTPException:
-    return HTTPException(status.HTTP_409_CONFLICT, detail=f"{field}: {message}")
+def conflict(field: str, message: str) -> ApiError:
+    return ApiError(status.HTTP_409_CONFLICT, "conflict", message, field)
 
 
 def is_unique_violation(exc: IntegrityError) -> bool:
@@ -85,36 +167,21 @@ async def conflict_on_unique(session: AsyncSession, field: str, message: str) ->
         raise
 
 
-# --- Handlers: every error leaves as JSON the client can decode, never as a dropped connection ---
+# --- Handlers: every error leaves in the one shape, never as a dropped connection ---
 
 RETRY_AFTER_SECONDS = 5
 
 
-def _text(value: object) -> str:
-    """``value`` as text that encodes as UTF-8 JSON: a lone surrogate becomes its escape."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _loc_part(part: object) -> str | int:
-    return part if isinstance(part, int) and not isinstance(part, bool) else _text(part)
-
-
-def public_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    """Location, message and type of each error; never the input, which may not be encodable
-    (NaN, a lone surrogate) and need not be echoed to the client that sent it."""
-    return [
-        {
-            "loc": [_loc_part(part) for part in error.get("loc", ())],
-            "msg": _text(error.get("msg", "")),
-            "type": _text(error.get("type", "value_error")),
-        }
-        for error in errors
-    ]
-
-
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": public_errors(exc.errors())}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse(error_json(items_of(exc.errors())), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """ApiError as raised; Starlette's own (unknown route, method not allowed) in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    item = exc.item if isinstance(exc, ApiError) else ErrorItem(type="http_error", message=_text(exc.detail))
+    return JSONResponse(error_json([item]), status_code=exc.status_code, headers=exc.headers)
 
 
 # Errors that may mean a dependency (the database, Temporal) cannot be reached right now.
@@ -141,9 +208,8 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     if is_outage(exc):
         log.warning("dependency unavailable", error=_text(exc)[:500], error_type=type(exc).__name__)
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        body = {"detail": "service temporarily unavailable; retry later"}
-        return JSONResponse(body, status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
+        item = ErrorItem(type="service_unavailable", message="service temporarily unavailable; retry later")
+        return JSONResponse(error_json([item]), status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
     log.error("unhandled error", exc_info=exc)
-    return JSONResponse(
-        {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, headers=headers
-    )
+    item = ErrorItem(type="internal_error", message="internal error")
+    return JSONResponse(error_json([item]), status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, headers=headers)

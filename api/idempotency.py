@@ -28,6 +28,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import ErrorItem, error_json
 from schema.db import execute_sql
 
 HEADER = "idempotency-key"
@@ -110,7 +111,7 @@ class IdempotencyMiddleware:
                 await _replay(send, existing.response_status, existing.response_headers or {}, existing.response_body)
                 return
             if asyncio.get_running_loop().time() > deadline:
-                await _json(send, 409, {"detail": "Idempotency-Key: a request with this key is still in progress"})
+                await _json(send, 409, _header_error("a request with this key is still in progress", "conflict"))
                 return
             await asyncio.sleep(0.05)
 
@@ -154,8 +155,8 @@ class IdempotencyMiddleware:
                 await session.commit()
 
 
-def _header_error(message: str) -> dict[str, Any]:
-    return {"detail": [{"loc": ["header", "Idempotency-Key"], "msg": message, "type": "idempotency_key"}]}
+def _header_error(message: str, kind: str = "idempotency_key") -> dict[str, Any]:
+    return error_json([ErrorItem(type=kind, message=message, field="Idempotency-Key", in_="header")])
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
 from activities.storage import LocalDocumentStore
-from api.errors import OUTAGE_ERRORS, unexpected_error_handler, validation_error_handler
+from api.errors import OUTAGE_ERRORS, http_error_handler, unexpected_error_handler, validation_error_handler
 from api.idempotency import IdempotencyMiddleware
 from api.middleware import (
     REQUEST_ID_HEADER,
@@ -27,6 +28,7 @@ from api.middleware import (
     is_sane_request_id,
     new_request_id,
 )
+from api.openapi import install as install_openapi
 from api.routers import health_router, v1_router
 from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
@@ -76,7 +78,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    install_openapi(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     for outage in OUTAGE_ERRORS:  # answered here, not re-raised: an outage is not a bug
         app.add_exception_handler(outage, unexpected_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)

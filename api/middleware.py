@@ -12,6 +12,8 @@ from asgi_correlation_id import correlation_id
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import ErrorItem, error_json
+
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -111,7 +113,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"body: must be at most {self.max_bytes} bytes"}).encode()
+        item = ErrorItem(type="too_large", message=f"must be at most {self.max_bytes} bytes", in_="body")
+        body = json.dumps(error_json([item])).encode()
         await send(
             {
                 "type": "http.response.start",

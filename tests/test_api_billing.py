@@ -178,7 +178,7 @@ async def test_invoices_list_and_detail(api, sessions):
 async def test_invoice_pdf(api, sessions, settings):
     draft = await _invoice(sessions, api)
     not_yet = await api.get(f"/v1/invoices/{draft.id}/pdf")
-    assert not_yet.status_code == 409 and not_yet.json()["detail"].startswith("pdf:")
+    assert not_yet.status_code == 409 and not_yet.json()["errors"][0]["field"] == "pdf"
     assert (await api.get(f"/v1/invoices/{uuid.uuid4()}/pdf")).status_code == 404
 
     location = await LocalDocumentStore(settings.documents_root).put("invoices/t/INV-1.pdf", b"%PDF-1.7 test")

@@ -62,7 +62,7 @@ async def test_tenants_create_read_list(api):
     assert len(second["data"]) == 1 and second["data"][0]["id"] != created["id"]
     assert not second["has_more"] and second["next_cursor"] is None
     missing = await api.get(f"/v1/tenants/{uuid.uuid4()}")
-    assert missing.status_code == 404 and missing.json()["detail"].startswith("id:")
+    assert missing.status_code == 404 and missing.json()["errors"][0]["field"] == "id"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ async def test_meters_create_conflict_and_validation(api):
     assert created["aggregation"] == "sum"
     assert (await api.get(f"/v1/meters/{created['id']}")).json() == created
     duplicate = await api.post("/v1/meters", json={"code": "electricity", "name": "Again", "unit": "kWh"})
-    assert duplicate.status_code == 409 and duplicate.json()["detail"].startswith("code:")
+    assert duplicate.status_code == 409 and duplicate.json()["errors"][0]["field"] == "code"
     bad = await api.post("/v1/meters", json={"code": "Bad Code", "name": "x", "unit": "u", "aggregation": "avg"})
     assert error_locs(bad) == [["body", "code"], ["body", "aggregation"]]
     assert [m["code"] for m in (await api.get("/v1/meters")).json()["data"]] == ["electricity"]
@@ -149,7 +149,7 @@ async def test_rooms(api):
     assert (await api.get(f"/v1/rooms/{created['id']}")).json() == created
     assert [r["id"] for r in (await api.get("/v1/rooms")).json()["data"]] == [created["id"]]
     duplicate = await api.post("/v1/rooms", json={"code": created["code"], "name": "Twin", "plan_id": p["id"]})
-    assert duplicate.status_code == 409 and duplicate.json()["detail"].startswith("code:")
+    assert duplicate.status_code == 409 and duplicate.json()["errors"][0]["field"] == "code"
     orphan = {"code": "R-x", "name": "Orphan", "plan_id": str(uuid.uuid4())}
     assert error_locs(await api.post("/v1/rooms", json=orphan)) == [["body", "plan_id"]]
     assert (await api.get(f"/v1/rooms/{uuid.uuid4()}")).status_code == 404
@@ -181,7 +181,7 @@ async def test_subscription_periods_follow_the_tenant_time_zone(api, sessions):
     assert assignment.effective_from == datetime(2026, 1, 31, 9, tzinfo=UTC)
 
     again = await api.post("/v1/subscriptions", json={"tenant_id": t["id"], "room_id": r["id"]})
-    assert again.status_code == 409 and again.json()["detail"].startswith("tenant_id:")
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "tenant_id"
     assert (await api.get(f"/v1/subscriptions/{uuid.uuid4()}")).status_code == 404
 
 

@@ -12,6 +12,7 @@ import pytest_asyncio
 from sqlalchemy import text
 
 from api.main import create_app
+from core.settings import Settings
 from tests.test_api_support import api_client, error_locs, meter, tenant
 
 pytestmark = pytest.mark.db
@@ -48,8 +49,8 @@ async def test_an_unencodable_value_in_a_refused_body_is_a_422_not_a_500(api, pa
     raw = '{"name": %s, "code": %s, "tenant_id": %s}' % (bad, bad, bad)  # noqa: UP031
     response = await api.post(path, content=raw.encode(), headers=JSON)
     assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    assert detail and all(set(error) == {"loc", "msg", "type"} for error in detail)  # the input is not echoed
+    errors = response.json()["errors"]
+    assert errors and all(set(error) == {"type", "message", "field", "in"} for error in errors)  # no input echoed
 
 
 async def test_a_rejected_row_with_a_lone_surrogate_key_does_not_hide_what_was_stored(api, sessions, tenant_id):
@@ -109,7 +110,7 @@ async def test_lenient_but_exact_formats_still_pass(api, sessions, tenant_id):
 @pytest.mark.parametrize("path", ["/v1/tenants", "/v1/subscriptions", "/v1/invoices", "/v1/meters"])
 async def test_a_cursor_the_api_did_not_give_out_is_a_422(api, path, cursor):
     response = await api.get(path, params={"cursor": cursor})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "cursor"]
+    assert response.status_code == 422 and error_locs(response) == [["query", "cursor"]]
     assert (await api.get(path, params={"limit": 501})).status_code == 422
 
 
@@ -117,7 +118,7 @@ async def test_bodies_over_the_limit_get_413_declared_or_streamed(api, sessions,
     big = json.dumps({"events": [event(tenant_id, f"k-{i}") for i in range(1000)]}).encode()
     assert len(big) > 64 * 1024
     declared = await api.post("/v1/usage", content=big, headers=JSON)
-    assert declared.status_code == 413 and "body" in declared.json()["detail"]
+    assert declared.status_code == 413 and declared.json()["errors"][0]["in"] == "body"
 
     async def chunks():
         for i in range(0, len(big), 8192):
@@ -144,7 +145,9 @@ async def test_an_unexpected_error_is_a_json_500_that_closes_the_connection(sett
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         response = await c.get("/boom")
     assert response.status_code == 500
-    assert response.json() == {"detail": "internal error"}
+    assert response.json() == {
+        "errors": [{"type": "internal_error", "message": "internal error", "field": None, "in": None}]
+    }
     assert response.headers["connection"] == "close"
 
 
@@ -171,3 +174,24 @@ async def test_same_key_other_payload_in_one_batch_is_a_conflict(api, sessions, 
         }
     ]
     assert await count_events(sessions) == 1
+
+
+def test_the_openapi_schema_documents_every_error_in_the_one_shape():
+    schema = create_app(Settings(database_url=None)).openapi()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            codes = set(operation["responses"])
+            if path.startswith("/v1/"):
+                assert {"413", "422", "500", "503"} <= codes, (method, path)
+            for code, response in operation["responses"].items():
+                if code[0] in "45":
+                    content = response["content"]["application/json"]["schema"]
+                    assert content == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert set(schema["components"]["schemas"]["ErrorItem"]["properties"]) == {"type", "message", "field", "in"}
+
+
+async def test_an_unknown_route_answers_in_the_one_shape(api):
+    response = await api.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {"errors": [{"type": "http_error", "message": "Not Found", "field": None, "in": None}]}

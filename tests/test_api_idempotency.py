@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from tests.test_api_support import api_client
+from tests.test_api_support import api_client, error_locs
 
 pytestmark = pytest.mark.db
 
@@ -43,11 +43,11 @@ async def test_the_same_key_with_another_request_is_refused(api, sessions):
     await api.post("/v1/plans", json=PLAN, headers={"Idempotency-Key": "k"})
     changed = await api.post("/v1/plans", json={**PLAN, "base_fee": 1}, headers={"Idempotency-Key": "k"})
     assert changed.status_code == 422
-    assert changed.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert error_locs(changed) == [["header", "Idempotency-Key"]]
     elsewhere = await api.post(
         "/v1/meters", json={"code": "kwh", "name": "kWh", "unit": "kWh"}, headers={"Idempotency-Key": "k"}
     )
-    assert elsewhere.status_code == 422 and "POST /v1/plans" in elsewhere.json()["detail"][0]["msg"]
+    assert elsewhere.status_code == 422 and "POST /v1/plans" in elsewhere.json()["errors"][0]["message"]
     assert await plan_versions(sessions) == [1]
 
 
@@ -93,4 +93,4 @@ async def test_refusals_are_replayed_and_an_abandoned_key_is_taken_over(api, ses
 
 async def test_a_malformed_key_is_refused(api):
     response = await api.post("/v1/plans", json=PLAN, headers={"Idempotency-Key": "has space"})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert response.status_code == 422 and error_locs(response) == [["header", "Idempotency-Key"]]

@@ -223,7 +223,7 @@ async def test_promo_codes_create_read_list(api):
     assert (await api.get(f"/v1/promo-codes/{percent['id']}")).json() == percent
     assert [p["code"] for p in (await api.get("/v1/promo-codes")).json()["data"]] == ["SPRING", "TENOFF"]
     again = await api.post("/v1/promo-codes", json={"code": "SPRING", "percent_off": 5, "duration": "once"})
-    assert again.status_code == 409 and again.json()["detail"].startswith("code:")
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "code"
     assert (await api.get(f"/v1/promo-codes/{uuid.uuid4()}")).status_code == 404
 
 
@@ -281,7 +281,7 @@ async def test_redeeming_promo_codes_in_order(api, sessions):
     assert await _times_redeemed(api, first["id"]) == 1 and await _times_redeemed(api, second["id"]) == 1
 
     twice = await api.post(f"/v1/subscriptions/{sub['id']}/promo-codes", json={"code": "FIRST"})
-    assert twice.status_code == 409 and twice.json()["detail"].startswith("code:")
+    assert twice.status_code == 409 and twice.json()["errors"][0]["field"] == "code"
     unknown = await api.post(f"/v1/subscriptions/{sub['id']}/promo-codes", json={"code": "NOPE"})
     assert error_locs(unknown) == [["body", "code"]]
     missing = await api.post(f"/v1/subscriptions/{uuid.uuid4()}/promo-codes", json={"code": "FIRST"})
@@ -319,7 +319,7 @@ async def test_max_redemptions_is_race_safe(api, sessions, monkeypatch):
     # the conditional UPDATE alone still refuses the redemption past the limit.
     monkeypatch.setattr("api.redemptions.check_redeemable", lambda *args: None)
     raced = await api.post(f"/v1/subscriptions/{subs[2]['id']}/promo-codes", json={"code": "SINGLE"})
-    assert error_locs(raced) == [["body", "code"]] and "no redemptions left" in raced.json()["detail"][0]["msg"]
+    assert error_locs(raced) == [["body", "code"]] and "no redemptions left" in raced.json()["errors"][0]["message"]
     assert await _times_redeemed(api, single["id"]) == 1
     async with sessions() as s:
         assert (await s.exec(select(func.count()).select_from(SubscriptionPromo))).one() == 1
@@ -429,7 +429,7 @@ async def test_move_room_refusals(api, sessions):
     assert await refused(large, "2026-01-09T12:00:00Z") == [["body", "effective_at"]]  # before it
     assert await refused(large, "2026-01-10T09:00:00Z") == [["body", "effective_at"]]  # before the first room
     incompatible = await api.post(path, json={"room_id": rooms["euro"]["id"], "effective_at": later})
-    assert "EUR" in incompatible.json()["detail"][0]["msg"]
+    assert "EUR" in incompatible.json()["errors"][0]["message"]
     missing = await api.post(
         f"/v1/subscriptions/{uuid.uuid4()}/move-room", json={"room_id": large, "effective_at": later}
     )
@@ -473,6 +473,6 @@ async def test_upcoming_invoice_at_the_start(api):
     assert (await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice")).status_code == 200  # as of now
 
     missing = await api.get(f"/v1/subscriptions/{uuid.uuid4()}/upcoming-invoice")
-    assert missing.status_code == 404 and missing.json()["detail"].startswith("id:")
+    assert missing.status_code == 404 and missing.json()["errors"][0]["field"] == "id"
     naive = await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice", params={"as_of": "2026-01-10T10:00:00"})
     assert error_locs(naive) == [["query", "as_of"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,6 +66,17 @@ async def room(client: httpx.AsyncClient, plan_id: str) -> dict[str, Any]:
     return await created(client, "/v1/rooms", {"code": f"R-{uuid.uuid4().hex[:8]}", "name": "Room", "plan_id": plan_id})
 
 
+def loc_of(error: dict[str, Any]) -> list[str | int]:
+    """An error of the one shape as a location path: ``{"in": "body", "field": "charges[0].price"}``
+    -> ``["body", "charges", 0, "price"]``."""
+    parts: list[str | int] = [error["in"]] if error["in"] else []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", error["field"] or ""):
+        parts.append(int(index) if index else name)
+    return parts
+
+
 def error_locs(response: httpx.Response) -> list[list[str | int]]:
     assert response.status_code == 422, response.text
-    return [error["loc"] for error in response.json()["detail"]]
+    body = response.json()
+    assert set(body) == {"errors"} and all(set(e) == {"type", "message", "field", "in"} for e in body["errors"])
+    return [loc_of(error) for error in body["errors"]]

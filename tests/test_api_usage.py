@@ -214,8 +214,9 @@ async def test_single_event(api, sessions, tenant_id):
     assert repeat.status_code == 200 and repeat.json()["status"] == "duplicate"
     other = await api.post("/v1/usage/events", json=event(tenant_id, "m-1", "7"))
     assert other.status_code == 409
-    assert other.json()["detail"] == (
-        "idempotency_key: idempotency key 'm-1' is already used with quantity 0.1; "
+    assert other.json()["errors"][0]["field"] == "idempotency_key"
+    assert other.json()["errors"][0]["message"] == (
+        "idempotency key 'm-1' is already used with quantity 0.1; "
         'idempotency key \'m-1\' is already used with properties {"by": "ops"}'
     )
     assert error_locs(await api.post("/v1/usage/events", json=event(tenant_id, "m-2", meter="gas"))) == [

@@ -132,7 +132,7 @@ async def _refused_while_ending(api, sub: dict[str, Any], other_room: str, field
     ):
         response = await api.post(f"{sub_path}/{path}", json=body)
         assert response.status_code == 409, (path, response.text)
-        assert response.json()["detail"].startswith(f"{field}: "), response.text
+        assert response.json()["errors"][0]["field"] == f"{field}", response.text
 
 
 @pytest.mark.db
@@ -153,12 +153,12 @@ async def test_cancel_at_period_end_keeps_it_active_until_its_final_boundary(api
     assert shown["ends_at"] == canceled["ends_at"] and shown["cancel_at_period_end"] is True
 
     again = await api.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": "now"})
-    assert again.status_code == 409 and again.json()["detail"].startswith("ends_at: ")
-    assert "already scheduled to cancel" in again.json()["detail"]
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "ends_at"
+    assert "already scheduled to cancel" in again.json()["errors"][0]["message"]
     await _refused_while_ending(api, sub, second["id"], "ends_at")
     new = await api.post("/v1/subscriptions", json={"tenant_id": sub["tenant_id"], "room_id": second["id"]})
-    assert new.status_code == 409 and new.json()["detail"].startswith("tenant_id: ")
-    assert "scheduled to end" in new.json()["detail"]
+    assert new.status_code == 409 and new.json()["errors"][0]["field"] == "tenant_id"
+    assert "scheduled to end" in new.json()["errors"][0]["message"]
     async with sessions() as s:
         [assignment] = (await s.exec(select(RoomAssignment))).all()
     assert assignment.effective_to is None  # the room in force up to the end (and at the final boundary)
@@ -173,7 +173,7 @@ async def test_cancel_at_period_end_keeps_it_active_until_its_final_boundary(api
         "next_invoice_at": sub["next_invoice_at"],
     }  # fmt: skip
     again = await api.delete(f"/v1/subscriptions/{sub['id']}/cancel")
-    assert again.status_code == 409 and again.json()["detail"].startswith("ends_at: ")
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "ends_at"
 
 
 @pytest.mark.db
@@ -191,11 +191,11 @@ async def test_cancel_now_cancels_at_once_and_a_new_subscription_may_start_the_n
     assert canceled["final_invoice_workflow_id"] is None and ts(canceled["next_invoice_at"]) == anchor
 
     again = await api.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": "now"})
-    assert again.status_code == 409 and again.json()["detail"].startswith("status: ")
-    assert "already canceled" in again.json()["detail"]
+    assert again.status_code == 409 and again.json()["errors"][0]["field"] == "status"
+    assert "already canceled" in again.json()["errors"][0]["message"]
     await _refused_while_ending(api, sub, second["id"], "status")
     withdrawn = await api.delete(f"/v1/subscriptions/{sub['id']}/cancel")
-    assert withdrawn.status_code == 409 and withdrawn.json()["detail"].startswith("status: ")
+    assert withdrawn.status_code == 409 and withdrawn.json()["errors"][0]["field"] == "status"
 
     # Usage up to the end is the old subscription's: a new one is anchored at local midnight of its
     # start day, so it may start only on a later day.
@@ -240,7 +240,7 @@ async def test_cancel_before_a_scheduled_move_is_refused(api):
     )
     assert moved.status_code == 200, moved.text
     refused = await api.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": "now"})
-    assert refused.status_code == 409 and refused.json()["detail"].startswith("room_id: ")
+    assert refused.status_code == 409 and refused.json()["errors"][0]["field"] == "room_id"
     ok = await api.post(f"/v1/subscriptions/{sub['id']}/cancel", json={"at": "period_end"})
     assert ok.status_code == 200 and ok.json()["status"] == "active"
 
@@ -514,7 +514,7 @@ async def test_a_boundary_listed_before_a_cancel_is_refused_and_the_final_one_is
     assert row.credit_balance == 44032  # the credit stays on the canceled subscription
     assert due.periods == []
     refused = await api.get(f"/v1/subscriptions/{sub['id']}/upcoming-invoice")
-    assert refused.status_code == 409 and refused.json()["detail"].startswith("status: ")
+    assert refused.status_code == 409 and refused.json()["errors"][0]["field"] == "status"
 
 
 # Properties of an end, over drawn zones, cadences and boundaries
