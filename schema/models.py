@@ -32,6 +32,12 @@ from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+# One set of enums: the pure domain's, stored as VARCHAR with a CHECK (re-exported from here).
+from billing.periods import Interval as Interval
+from billing.pricing.models import PriceModel as PriceModel
+from billing.pricing.promos import PromoDuration as PromoDuration
+from billing.pricing.usage import Aggregation as Aggregation
+
 # Quantities and per-unit prices: exact decimals, never floats.
 QUANTITY = Numeric(24, 9)
 UNIT_AMOUNT = Numeric(24, 9)
@@ -55,33 +61,6 @@ def utcnow() -> datetime:
 
 def _ts(nullable: bool = False, **kw: Any) -> Any:
     return Field(sa_type=DateTime(timezone=True), nullable=nullable, **kw)
-
-
-class Interval(StrEnum):
-    week = "week"
-    month = "month"
-    year = "year"
-
-
-class Aggregation(StrEnum):
-    sum = "sum"
-    count = "count"  # type: ignore[assignment]  # shadows str.count, on purpose
-    max = "max"
-    latest = "latest"
-    unique_count = "unique_count"
-
-
-class PriceModel(StrEnum):
-    per_unit = "per_unit"
-    graduated = "graduated"
-    volume = "volume"
-    package = "package"
-
-
-class PromoDuration(StrEnum):
-    once = "once"
-    repeating = "repeating"
-    forever = "forever"
 
 
 class SubscriptionStatus(StrEnum):
