@@ -29,7 +29,7 @@ from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
 from activities.pdf import ChromiumPdfRenderer
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
 from core.temporal import connect

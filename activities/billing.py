@@ -19,11 +19,11 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import invoicing
-from activities.invoice_document import render_invoice_html
 from activities.pdf import PdfRenderer
-from activities.storage import DocumentStore
+from adapters.storage import DocumentStore
 from billing.pricing import PricingError
 from core.settings import get_settings
+from services.documents import render_invoice_html
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,

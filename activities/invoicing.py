@@ -16,9 +16,6 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities import drafting, usage_fence
-from activities.drafting import NotFoundError, upcoming_invoice
-from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine
 from billing.periods import Interval, period
 from billing.pricing import FieldError, LineKind
 from core.settings import Settings
@@ -32,6 +29,9 @@ from schema.models import (
     SubscriptionStatus,
     Tenant,
 )
+from services import drafting, usage_fence
+from services.documents import InvoiceDocument, InvoiceDocumentLine
+from services.drafting import NotFoundError, upcoming_invoice
 from workflows.contracts import (
     CreateInvoiceInput,
     CreateInvoiceResult,

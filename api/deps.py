@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
-from activities.storage import DocumentStore
+from adapters.storage import DocumentStore
 from core.settings import Settings
 
 

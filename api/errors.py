@@ -32,6 +32,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
+from services.errors import Conflict, NotFound, ServiceError
+
 UNIQUE_VIOLATION = "23505"
 LOCATIONS = ("body", "query", "path", "header", "cookie")
 
@@ -182,6 +184,19 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     item = exc.item if isinstance(exc, ApiError) else ErrorItem(type="http_error", message=_text(exc.detail))
     return JSONResponse(error_json([item]), status_code=exc.status_code, headers=exc.headers)
+
+
+async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A service's refusal: 422 for a bad body value, 404 for what the path names, 409 for a state."""
+    assert isinstance(exc, ServiceError)
+    if isinstance(exc, NotFound):
+        code, where = status.HTTP_404_NOT_FOUND, "path"
+    elif isinstance(exc, Conflict):
+        code, where = status.HTTP_409_CONFLICT, None
+    else:
+        code, where = status.HTTP_422_UNPROCESSABLE_CONTENT, "body"
+    item = ErrorItem(type=exc.kind, message=_text(exc.message), field=exc.field, in_=where if exc.field else None)
+    return JSONResponse(error_json([item]), status_code=code)
 
 
 # Errors that may mean a dependency (the database, Temporal) cannot be reached right now.

@@ -20,10 +20,10 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities import usage_fence
 from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult, check_pg_text
 from schema.db import execute_sql
 from schema.models import UsageSource
+from services import usage_fence
 
 _EVENT = TypeAdapter(UsageEventIn)
 

@@ -18,8 +18,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
-from activities.storage import LocalDocumentStore
-from api.errors import OUTAGE_ERRORS, http_error_handler, unexpected_error_handler, validation_error_handler
+from adapters.storage import LocalDocumentStore
+from api.errors import (
+    OUTAGE_ERRORS,
+    http_error_handler,
+    service_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
 from api.idempotency import IdempotencyMiddleware
 from api.middleware import (
     REQUEST_ID_HEADER,
@@ -34,6 +40,7 @@ from core.observability import configure_logging, configure_tracing, instrument_
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
+from services.errors import ServiceError
 
 log = structlog.stdlib.get_logger("api")
 
@@ -81,6 +88,7 @@ def create_app(
     install_openapi(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(ServiceError, service_error_handler)
     for outage in OUTAGE_ERRORS:  # answered here, not re-raised: an outage is not a bug
         app.add_exception_handler(outage, unexpected_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)

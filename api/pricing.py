@@ -15,7 +15,6 @@ from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
 
-from activities.drafting import meter_of, promo_of
 from api.errors import Loc, body_errors
 from api.schemas import ChargeCreate, MeterCreate, PlanCreate, PromoCodeCreate, TierIn
 from billing.periods import Interval as EngineInterval
@@ -27,6 +26,7 @@ from billing.pricing.promos import Promo
 from billing.pricing.usage import Aggregation as EngineAggregation
 from billing.pricing.usage import Meter as EngineMeter
 from schema.models import Aggregation, Meter, Plan, PlanCharge, PriceModel
+from services.drafting import meter_of, promo_of
 
 # Engine path segments under another name in the API bodies; None: no segment of its own
 # (a charge's price fields sit on the charge itself).

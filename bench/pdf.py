@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 from activities.pdf import ChromiumPdfRenderer
 from core.observability import configure_logging
 from core.settings import get_settings
+from services.documents import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,7 @@ class UsageEvent(SQLModel, table=True):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_usage_tenant_key"),
         CheckConstraint("quantity >= 0", name="ck_usage_quantity"),
         Index("ix_usage_tenant_meter_time", "tenant_id", "meter_id", "occurred_at"),
-        # Late usage: a tenant's events numbered above an invoice's watermark (activities.usage_fence).
+        # Late usage: a tenant's events numbered above an invoice's watermark (services.usage_fence).
         Index("ix_usage_tenant_seq", "tenant_id", "id"),
     )
 
@@ -297,7 +297,7 @@ class Invoice(SQLModel, table=True):
     settled_end: datetime | None = _ts(nullable=True, default=None)
     credit_carried_forward: int = Field(default=0, sa_type=BigInteger)
     # The highest usage-event number when this invoice was written: every event of the tenant at or
-    # below it was seen, every later one is numbered above it (activities.usage_fence).
+    # below it was seen, every later one is numbered above it (services.usage_fence).
     usage_watermark: int = Field(default=0, sa_type=BigInteger)
     workflow_id: str = Field(max_length=200)
     created_at: datetime = _ts(default_factory=utcnow)

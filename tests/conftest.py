@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.billing import BillingActivities
 from activities.pdf import ChromiumPdfRenderer
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from schema.db import make_engine, make_sessionmaker, scratch_database
 

@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import delete
 
-from activities.drafting import aggregate, meter_of
 from billing.pricing.usage import UsageEvent as RefEvent
 from billing.pricing.usage import aggregate_usage
 from schema.models import Aggregation, Meter, Tenant, UsageEvent, UsageSource
+from services.drafting import aggregate, meter_of
 
 pytestmark = pytest.mark.db
 

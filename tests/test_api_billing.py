@@ -12,7 +12,7 @@ import pytest_asyncio
 from temporalio import workflow
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from schema.models import Invoice, InvoiceLine, InvoiceStatus
 from tests.test_api_support import api_client, created, error_locs, plan, room, tenant
 from workflows.contracts import BILLING_RUN_PROGRESS_QUERY, BILLING_RUN_WORKFLOW, BillingRunInput, BillingRunProgress

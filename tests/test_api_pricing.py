@@ -317,7 +317,7 @@ async def test_max_redemptions_is_race_safe(api, sessions, monkeypatch):
 
     # Without the read-time check (as if both requests had read times_redeemed = 0),
     # the conditional UPDATE alone still refuses the redemption past the limit.
-    monkeypatch.setattr("api.redemptions.check_redeemable", lambda *args: None)
+    monkeypatch.setattr("services.redemptions.check_redeemable", lambda *args: None)
     raced = await api.post(f"/v1/subscriptions/{subs[2]['id']}/promo-codes", json={"code": "SINGLE"})
     assert error_locs(raced) == [["body", "code"]] and "no redemptions left" in raced.json()["errors"][0]["message"]
     assert await _times_redeemed(api, single["id"]) == 1

@@ -15,7 +15,7 @@ from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from billing.money import format_money
 from schema.models import Invoice, InvoiceLine, InvoiceStatus, Subscription
 from tests import factories

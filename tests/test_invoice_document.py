@@ -15,7 +15,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.billing import BillingActivities
 from activities.invoicing import InvoiceTerms
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from core.settings import Settings
 from schema.models import Invoice, Room
 from tests import factories

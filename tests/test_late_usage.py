@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import event
 from sqlmodel import col, select
 
-from activities import invoicing, usage_fence
-from activities.drafting import upcoming_invoice
+from activities import invoicing
 from billing.periods import Interval, period
 from schema.models import (
     Interval as PlanInterval,
@@ -41,6 +40,8 @@ from schema.models import (
     UsageEvent,
     UsageSource,
 )
+from services import usage_fence
+from services.drafting import upcoming_invoice
 from workflows.contracts import CreateInvoiceInput
 
 pytestmark = pytest.mark.db

@@ -25,7 +25,7 @@ from pypdf import PdfReader
 from sqlmodel import col, select
 
 from activities import invoicing
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
 from billing.periods import Interval, ZoneChange
 from billing.pricing import (
     Aggregation,

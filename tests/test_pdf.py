@@ -16,9 +16,9 @@ import pytest
 import pytest_asyncio
 from pypdf import PdfReader
 
-from activities.invoice_document import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 from activities.pdf import ChromiumNotFoundError, ChromiumPdfRenderer
-from activities.storage import LocalDocumentStore
+from adapters.storage import LocalDocumentStore
+from services.documents import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/lib/chromium/chromium-headless-shell")
 

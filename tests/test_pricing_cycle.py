@@ -12,7 +12,6 @@ from decimal import Decimal
 import pytest
 from sqlmodel import col, select
 
-from activities.drafting import upcoming_invoice
 from schema.models import (
     Interval,
     Invoice,
@@ -31,6 +30,7 @@ from schema.models import (
     UsageEvent,
     UsageSource,
 )
+from services.drafting import upcoming_invoice
 from tests.test_billing_workflows import start_run
 from worker import build_worker
 

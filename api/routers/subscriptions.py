@@ -24,7 +24,6 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from activities import invoicing
-from activities.drafting import Draft, calendar
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import (
     body_error,
@@ -38,7 +37,6 @@ from api.errors import (
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import plan_of
-from api.redemptions import redeem
 from api.routing import DecimalJSONRoute
 from api.schemas import (
     CancelAt,
@@ -60,6 +58,8 @@ from billing.pricing.errors import IncompatibleMoveError
 from billing.pricing.plans import check_move
 from billing.pricing.subscription import final_boundary
 from schema.models import Plan, Room, RoomAssignment, Subscription, SubscriptionStatus, Tenant, utcnow
+from services.drafting import Draft, calendar
+from services.redemptions import redeem
 from workflows.contracts import INVOICE_WORKFLOW, InvoiceCycleInput, invoice_workflow_id
 
 router = APIRouter(prefix="/subscriptions", tags=["subscriptions"], route_class=DecimalJSONRoute)

@@ -15,7 +15,6 @@ from fastapi import APIRouter, status
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities.drafting import calendar
 from api.deps import SessionDep
 from api.errors import body_error, get_or_404, not_found
 from api.middleware import bind_tenant
@@ -24,6 +23,7 @@ from api.routing import DecimalJSONRoute
 from api.schemas import Address, TenantCreate, TenantPublic, TenantUpdate
 from billing.periods import Interval, ZoneChange, boundary, zone_of_period
 from schema.models import Plan, Subscription, Tenant, utcnow
+from services.drafting import calendar
 
 router = APIRouter(prefix="/tenants", tags=["tenants"], route_class=DecimalJSONRoute)
 

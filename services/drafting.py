@@ -55,10 +55,14 @@ from schema.models import (
     SubscriptionPromo,
     Tenant,
 )
+from services.errors import NotFound
 
 
-class NotFoundError(LookupError):
-    pass
+class NotFoundError(NotFound):
+    """A subscription, plan or invoice the operation needs does not exist."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,7 @@ async def _slice_usage(
 
 # The invoiced periods of the subscription with an event numbered above ``since`` (the watermark of
 # the invoice before the one drafted): only events that arrived since are read, so a period is
-# looked at again only when something new arrived for it (see ``activities.usage_fence``).
+# looked at again only when something new arrived for it (see ``services.usage_fence``).
 _STALE_SQL: TextClause = text(
     """
     SELECT DISTINCT i.boundary_index FROM usage_events u

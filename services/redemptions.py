@@ -13,12 +13,12 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities.drafting import promo_of
-from api.errors import body_error, conflict
 from billing.pricing.errors import PromoNotRedeemableError
 from billing.pricing.promos import check_redeemable
 from schema.db import execute_sql
 from schema.models import PromoCode, Subscription, SubscriptionPromo
+from services.drafting import promo_of
+from services.errors import Conflict, InvalidInput
 
 _CLAIM = text(
     "UPDATE promo_codes SET times_redeemed = times_redeemed + 1"
@@ -44,18 +44,18 @@ async def redeem(
     """
     promo = (await session.exec(select(PromoCode).where(col(PromoCode.code) == code))).first()
     if promo is None:
-        raise body_error((field,), f"promo code {code!r} does not exist", "not_found")
+        raise InvalidInput(field, f"promo code {code!r} does not exist", "not_found")
     mine = col(SubscriptionPromo.subscription_id) == subscription.id
     redeemed = (await session.exec(select(col(SubscriptionPromo.promo_code_id)).where(mine))).all()
     if promo.id in redeemed:
-        raise conflict(field, f"promo code {code!r} is already applied to subscription {subscription.id}")
+        raise Conflict(field, f"promo code {code!r} is already applied to subscription {subscription.id}")
     try:
         check_redeemable(promo_of(promo), at, promo.times_redeemed, currency)
     except PromoNotRedeemableError as exc:
-        raise body_error((field,), exc.message, "not_redeemable") from None
+        raise InvalidInput(field, exc.message, "not_redeemable") from None
     claimed = await execute_sql(session, _CLAIM, {"id": promo.id})
     if claimed.rowcount == 0:
-        raise body_error((field,), f"promo {code!r} has no redemptions left", "not_redeemable")
+        raise InvalidInput(field, f"promo {code!r} has no redemptions left", "not_redeemable")
     redemption = SubscriptionPromo(
         subscription_id=subscription.id, promo_code_id=promo.id, redeemed_at=redeemed_at, position=len(redeemed) + 1
     )

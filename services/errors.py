@@ -1,0 +1,33 @@
+"""What a service refuses, in plain terms; the API and the activities each map these once.
+
+- :class:`InvalidInput`: a value the caller sent is wrong (``field`` names it) — HTTP 422,
+  a non-retryable activity failure;
+- :class:`NotFound`: the thing the operation is about does not exist — HTTP 404;
+- :class:`Conflict`: the state does not allow the operation now (``field`` names what) — HTTP 409.
+
+``kind`` is a stable machine-readable word (the API's error ``type``).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    default_kind = "invalid"
+
+    def __init__(self, field: str | None, message: str, kind: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+        self.kind = kind or self.default_kind
+
+
+class InvalidInput(ServiceError):
+    default_kind = "value_error"
+
+
+class NotFound(ServiceError, LookupError):
+    default_kind = "not_found"
+
+
+class Conflict(ServiceError):
+    default_kind = "conflict"
