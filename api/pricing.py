@@ -8,9 +8,7 @@ as the client sent it (:func:`field_loc`). Nothing here touches the database.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +23,8 @@ from billing.pricing.plans import Plan as EnginePlan
 from billing.pricing.promos import Promo
 from billing.pricing.usage import Aggregation as EngineAggregation
 from billing.pricing.usage import Meter as EngineMeter
-from schema.models import Aggregation, Meter, Plan, PlanCharge, PriceModel
-from services.drafting import meter_of, promo_of
+from schema.models import Aggregation, Meter, PriceModel
+from services.mapping import meter_of, promo_of
 
 # Engine path segments under another name in the API bodies; None: no segment of its own
 # (a charge's price fields sit on the charge itself).
@@ -150,48 +148,6 @@ def engine_plan(body: PlanCreate, meters: Mapping[str, Meter]) -> EnginePlan:
     if problems or plan is None:
         raise body_errors(problems)
     return plan
-
-
-def plan_of(row: Plan) -> EnginePlan:
-    """The engine plan of a stored version, without its charges (enough to compare currency and cadence)."""
-    return EnginePlan(
-        row.code, row.name, row.currency, EngineInterval(row.interval.value), row.base_fee, row.trial_days
-    )
-
-
-def charge_row(plan_id: uuid.UUID, meter_id: uuid.UUID, charge: MeteredCharge) -> PlanCharge:
-    """The ``plan_charges`` row of an engine charge (tiers as decimal strings, unit_amount 0 when tiered)."""
-    price = charge.price
-    tiers: list[dict[str, str | None]] | None = None
-    package_size: Decimal | None = None
-    match price:
-        case PerUnit():
-            unit_amount = price.unit_amount
-        case Package():
-            unit_amount, package_size = price.package_amount, price.package_size
-        case Graduated() | Volume():
-            unit_amount = Decimal(0)
-            tiers = [
-                {
-                    "up_to": None if t.up_to is None else _plain(t.up_to),
-                    "unit_amount": _plain(t.unit_amount),
-                    "flat_amount": _plain(t.flat_amount),
-                }
-                for t in price.tiers
-            ]
-    return PlanCharge(
-        plan_id=plan_id,
-        meter_id=meter_id,
-        price_model=PriceModel(price.model.value),
-        unit_amount=unit_amount,
-        tiers=tiers,
-        package_size=package_size,
-        minimum_amount=charge.minimum,
-    )
-
-
-def _plain(value: Decimal) -> str:
-    return format(value.normalize(), "f")
 
 
 # Promo codes

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from enum import StrEnum
-from typing import Protocol
 
 from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -21,33 +19,20 @@ from sqlalchemy.types import DateTime, String
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.periods import Interval, ZoneChange
+from billing.periods import ZoneChange
 from billing.pricing import (
-    Graduated,
     InvoiceDraft,
     LateUsage,
     Line,
     LineKind,
-    Package,
-    PerUnit,
-    Price,
-    Tier,
-    Volume,
     build_invoice,
 )
 from billing.pricing import Subscription as Timeline
-from billing.pricing.plans import MeteredCharge
 from billing.pricing.plans import Plan as PricedPlan
-from billing.pricing.promos import Promo, PromoDuration, PromoRedemption
+from billing.pricing.promos import PromoRedemption
 from billing.pricing.subscription import Move
-from billing.pricing.usage import Aggregation
-from billing.pricing.usage import Meter as PricedMeter
 from schema.db import execute_sql
 from schema.models import (
-    Meter,
-    Plan,
-    PlanCharge,
-    PriceModel,
     PromoCode,
     Room,
     RoomAssignment,
@@ -56,6 +41,7 @@ from schema.models import (
     Tenant,
 )
 from services.errors import NotFound
+from services.mapping import priced_plan, promo_of
 
 
 class NotFoundError(NotFound):
@@ -74,97 +60,6 @@ class Loaded:
     timeline: Timeline
     promos: tuple[PromoRedemption, ...]
     promo_rows: tuple[SubscriptionPromo, ...]
-
-
-def _price(charge: PlanCharge) -> Price:
-    match charge.price_model:
-        case PriceModel.per_unit:
-            return PerUnit(charge.unit_amount)
-        case PriceModel.package:
-            assert charge.package_size is not None  # the API requires it for package prices
-            return Package(charge.package_size, charge.unit_amount)
-        case PriceModel.graduated | PriceModel.volume:
-            tiers = tuple(
-                Tier(
-                    up_to=None if t.get("up_to") is None else Decimal(str(t["up_to"])),
-                    unit_amount=Decimal(str(t.get("unit_amount") or 0)),
-                    flat_amount=Decimal(str(t.get("flat_amount") or 0)),
-                )
-                for t in charge.tiers or []
-            )
-            return Graduated(tiers) if charge.price_model is PriceModel.graduated else Volume(tiers)
-
-
-def meter_of(row: Meter) -> PricedMeter:
-    """The engine's meter of a stored meter."""
-    return PricedMeter(row.code, row.unit, Aggregation(row.aggregation.value), row.property_name)
-
-
-async def _priced_plan(session: AsyncSession, plan_id: uuid.UUID) -> PricedPlan:
-    plan = await session.get(Plan, plan_id)
-    if plan is None:
-        raise NotFoundError(f"plan {plan_id} not found")
-    rows = (
-        await session.exec(
-            select(PlanCharge, Meter)
-            .join(Meter, col(Meter.id) == col(PlanCharge.meter_id))
-            .where(PlanCharge.plan_id == plan_id)
-            .order_by(col(Meter.code))
-        )
-    ).all()
-    charges = tuple(
-        MeteredCharge(
-            meter=meter_of(meter),
-            price=_price(charge),
-            minimum=charge.minimum_amount,
-        )
-        for charge, meter in rows
-    )
-    return PricedPlan(
-        code=plan.code,
-        name=plan.name,
-        currency=plan.currency,
-        interval=Interval(plan.interval.value),
-        base_fee=plan.base_fee,
-        trial_days=plan.trial_days,
-        charges=charges,
-        version=plan.version,
-    )
-
-
-class PromoTerms(Protocol):
-    """The terms of a promo code, as stored (``PromoCode``) or as posted (the API's create shape)."""
-
-    @property
-    def code(self) -> str: ...
-    @property
-    def duration(self) -> StrEnum: ...
-    @property
-    def percent_off(self) -> Decimal | None: ...
-    @property
-    def amount_off(self) -> int | None: ...
-    @property
-    def currency(self) -> str | None: ...
-    @property
-    def duration_invoices(self) -> int | None: ...
-    @property
-    def expires_at(self) -> datetime | None: ...
-    @property
-    def max_redemptions(self) -> int | None: ...
-
-
-def promo_of(terms: PromoTerms) -> Promo:
-    """The engine's promo (validated by it: a ``FieldError`` names the bad field)."""
-    return Promo(
-        code=terms.code,
-        duration=PromoDuration(terms.duration.value),
-        percent_off=terms.percent_off,
-        amount_off=terms.amount_off,
-        currency=terms.currency,
-        duration_invoices=terms.duration_invoices,
-        expires_at=terms.expires_at,
-        max_redemptions=terms.max_redemptions,
-    )
 
 
 def calendar(sub: Subscription, tenant_timezone: str) -> tuple[str, tuple[ZoneChange, ...]]:
@@ -190,10 +85,10 @@ async def load(session: AsyncSession, subscription_id: uuid.UUID) -> Loaded:
     plans: dict[uuid.UUID, PricedPlan] = {}
     for assignment, _ in assignments:
         if assignment.plan_id not in plans:
-            plans[assignment.plan_id] = await _priced_plan(session, assignment.plan_id)
+            plans[assignment.plan_id] = await priced_plan(session, assignment.plan_id)
     moves: tuple[Move, ...] = ()
     if not assignments:  # written with the subscription; a row without one is billed by its plan
-        first_plan, first_room = await _priced_plan(session, sub.plan_id), ""
+        first_plan, first_room = await priced_plan(session, sub.plan_id), ""
     else:
         first, first_room_row = assignments[0]
         first_plan, first_room = plans[first.plan_id], first_room_row.name

@@ -17,8 +17,8 @@ from billing.pricing.errors import PromoNotRedeemableError
 from billing.pricing.promos import check_redeemable
 from schema.db import execute_sql
 from schema.models import PromoCode, Subscription, SubscriptionPromo
-from services.drafting import promo_of
 from services.errors import Conflict, InvalidInput
+from services.mapping import promo_of
 
 _CLAIM = text(
     "UPDATE promo_codes SET times_redeemed = times_redeemed + 1"

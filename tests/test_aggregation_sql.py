@@ -14,7 +14,8 @@ from sqlalchemy import delete
 from billing.pricing.usage import UsageEvent as RefEvent
 from billing.pricing.usage import aggregate_usage
 from schema.models import Aggregation, Meter, Tenant, UsageEvent, UsageSource
-from services.drafting import aggregate, meter_of
+from services.drafting import aggregate
+from services.mapping import meter_of
 
 pytestmark = pytest.mark.db
 

@@ -15,11 +15,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from api.deps import SessionDep
 from api.errors import get_or_404
 from api.pagination import Page, PageQuery, fetch_page
-from api.pricing import charge_row, engine_plan
+from api.pricing import engine_plan
 from api.routing import DecimalJSONRoute
 from api.schemas import ChargePublic, PlanCreate, PlanPublic, TierPublic
 from schema.db import execute_sql
 from schema.models import Meter, Plan, PlanCharge
+from services.mapping import charge_row
 
 router = APIRouter(prefix="/plans", tags=["plans"], route_class=DecimalJSONRoute)
 

@@ -36,7 +36,6 @@ from api.errors import (
 )
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
-from api.pricing import plan_of
 from api.routing import DecimalJSONRoute
 from api.schemas import (
     CancelAt,
@@ -59,6 +58,7 @@ from billing.pricing.plans import check_move
 from billing.pricing.subscription import final_boundary
 from schema.models import Plan, Room, RoomAssignment, Subscription, SubscriptionStatus, Tenant, utcnow
 from services.drafting import Draft, calendar
+from services.mapping import plan_of
 from services.redemptions import redeem
 from workflows.contracts import INVOICE_WORKFLOW, InvoiceCycleInput, invoice_workflow_id
 
