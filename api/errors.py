@@ -16,8 +16,7 @@ a keep-alive client is not left with a dropped connection).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -25,7 +24,7 @@ from fastapi import Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -33,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.errors import Conflict, NotFound, ServiceError
+from services.errors import conflict_on_unique as conflict_on_unique
 
 UNIQUE_VIOLATION = "23505"
 LOCATIONS = ("body", "query", "path", "header", "cookie")
@@ -137,10 +137,6 @@ def conflict(field: str, message: str) -> ApiError:
     return ApiError(status.HTTP_409_CONFLICT, "conflict", message, field)
 
 
-def is_unique_violation(exc: IntegrityError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION
-
-
 async def get_or_404(session: AsyncSession, model: type[Row], ref: uuid.UUID, what: str) -> Row:
     """The row with primary key ``ref`` named in the path, or a 404."""
     row = await session.get(model, ref)
@@ -155,18 +151,6 @@ async def get_referenced(session: AsyncSession, model: type[Row], ref: uuid.UUID
     if row is None:
         raise unknown_reference(field, what, ref)
     return row
-
-
-@asynccontextmanager
-async def conflict_on_unique(session: AsyncSession, field: str, message: str) -> AsyncIterator[None]:
-    """Writes inside become a 409 naming ``field`` on a unique violation (rolled back: nothing written)."""
-    try:
-        yield
-    except IntegrityError as exc:
-        await session.rollback()
-        if is_unique_violation(exc):
-            raise conflict(field, message) from None
-        raise
 
 
 # --- Handlers: every error leaves in the one shape, never as a dropped connection ---

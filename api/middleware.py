@@ -13,6 +13,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ErrorItem, error_json
+from core.observability import bind_tenant as bind_tenant
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -27,11 +28,6 @@ def is_sane_request_id(offered: str) -> bool:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def bind_tenant(tenant_id: uuid.UUID) -> None:
-    """Add the tenant to every log line of the current request."""
-    structlog.contextvars.bind_contextvars(tenant_id=str(tenant_id))
 
 
 class RequestContextMiddleware:

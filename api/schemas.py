@@ -29,6 +29,7 @@ from pydantic import (
 
 from billing.money import check_currency
 from schema.models import Aggregation, Interval, InvoiceStatus, PriceModel, PromoDuration, SubscriptionStatus, utcnow
+from services.subscriptions import CancelAt
 from workflows.contracts import BillingRunProgress
 
 MAX_BIGINT = 2**63 - 1
@@ -357,11 +358,6 @@ class DiscountAmountPublic(BaseModel):
 class PlanChange(BaseModel):
     plan_id: uuid.UUID = Field(description="A plan (version) of the same currency and cadence; the room stays")
     effective_at: UtcDatetime = Field(description="From this instant the subscription is billed by the new plan")
-
-
-class CancelAt(StrEnum):
-    period_end = "period_end"
-    now = "now"
 
 
 class SubscriptionCancel(BaseModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from typing import Any, TextIO
 
 import structlog
@@ -29,6 +30,11 @@ from temporalio import workflow as temporal_workflow
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from core.settings import LogFormat, Settings, TraceExporter
+
+
+def bind_tenant(tenant_id: uuid.UUID) -> None:
+    """Add the tenant to every log line of the current request or activity."""
+    structlog.contextvars.bind_contextvars(tenant_id=str(tenant_id))
 
 
 def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

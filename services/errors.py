@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel.ext.asyncio.session import AsyncSession
+
 
 class ServiceError(Exception):
     default_kind = "invalid"
@@ -31,3 +37,22 @@ class NotFound(ServiceError, LookupError):
 
 class Conflict(ServiceError):
     default_kind = "conflict"
+
+
+UNIQUE_VIOLATION = "23505"
+
+
+def is_unique_violation(exc: IntegrityError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION
+
+
+@asynccontextmanager
+async def conflict_on_unique(session: AsyncSession, field: str, message: str) -> AsyncIterator[None]:
+    """Writes inside become a :class:`Conflict` naming ``field`` on a unique violation (rolled back)."""
+    try:
+        yield
+    except IntegrityError as exc:
+        await session.rollback()
+        if is_unique_violation(exc):
+            raise Conflict(field, message) from None
+        raise

@@ -1,44 +1,27 @@
-"""Subscriptions: a tenant renting a room, billed in periods anchored on local midnight of its start day.
-
-Lifecycle (docs/pricing.md "Cancel and plan change"): a subscription is ``active`` until it is
-canceled. A cancel sets its end (``ends_at``), which becomes its final boundary: the billing run
-issues the final invoice there, after which it is never billed again. A cancel at the period end
-keeps it ``active`` (with ``cancel_at_period_end``) until that invoice; an end already reached
-makes it ``canceled`` at once. Moves, plan changes and promo codes are refused (409) once an end
-is set; a transition into the past of the last invoiced boundary is refused (422).
+"""Subscriptions over HTTP: parse, call :mod:`services.subscriptions` (where every lifecycle rule
+lives: subscribe, redeem, move, change plan, cancel, withdraw), answer. A cancel whose end has
+passed also starts the final invoice workflow here, with the id a billing run would use.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
-from datetime import datetime
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Query, status
 from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from activities import invoicing
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
-from api.errors import (
-    body_error,
-    conflict,
-    conflict_on_unique,
-    get_or_404,
-    get_referenced,
-    not_found,
-    unknown_reference,
-)
+from api.errors import get_or_404
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
 from api.schemas import (
-    CancelAt,
     MoveRoom,
     PlanChange,
     PromoRedeem,
@@ -51,15 +34,9 @@ from api.schemas import (
     UpcomingLine,
     UtcDatetime,
 )
-from billing.periods import Interval as PeriodInterval
-from billing.periods import boundary, local_midnight, period
-from billing.pricing.errors import IncompatibleMoveError
-from billing.pricing.plans import check_move
-from billing.pricing.subscription import final_boundary
-from schema.models import Plan, Room, RoomAssignment, Subscription, SubscriptionStatus, Tenant, utcnow
-from services.drafting import Draft, calendar
-from services.mapping import plan_of
-from services.redemptions import redeem
+from schema.models import Subscription, utcnow
+from services import subscriptions
+from services.drafting import Draft
 from workflows.contracts import INVOICE_WORKFLOW, InvoiceCycleInput, invoice_workflow_id
 
 router = APIRouter(prefix="/subscriptions", tags=["subscriptions"], route_class=DecimalJSONRoute)
@@ -69,98 +46,6 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {status.HTTP_404_NOT_FOUND: {"descr
 ENDED: dict[int | str, dict[str, Any]] = {
     status.HTTP_409_CONFLICT: {"description": "The subscription is canceled or scheduled to cancel"}
 }
-
-
-async def _room_and_plan(session: AsyncSession, room_id: uuid.UUID) -> tuple[Room, Plan]:
-    """The room that body field ``room_id`` names, with its plan, or a 422 naming room_id."""
-    query = select(Room, Plan).join(Plan, col(Plan.id) == col(Room.plan_id)).where(col(Room.id) == room_id)
-    found = (await session.exec(query)).first()
-    if found is None:
-        raise unknown_reference("room_id", "room", room_id)
-    return found
-
-
-async def _locked(session: AsyncSession, subscription_id: uuid.UUID) -> tuple[Subscription, Plan, Tenant]:
-    """The subscription named in the path, its row locked for the transaction, with its plan and tenant; or a 404."""
-    query = (
-        select(Subscription, Plan, Tenant)
-        .join(Plan, col(Plan.id) == col(Subscription.plan_id))
-        .join(Tenant, col(Tenant.id) == col(Subscription.tenant_id))
-        .where(col(Subscription.id) == subscription_id)
-        .with_for_update(of=Subscription)
-    )
-    found = (await session.exec(query)).first()
-    if found is None:
-        raise not_found("subscription", subscription_id)
-    bind_tenant(found[0].tenant_id)
-    return found
-
-
-def _boundary(subscription: Subscription, tenant: Tenant, plan: Plan, n: int) -> datetime:
-    """Boundary ``n`` of the subscription's calendar (its zone and zone changes)."""
-    timezone, changes = calendar(subscription, tenant.timezone)
-    return boundary(subscription.anchor_at, timezone, PeriodInterval(plan.interval.value), n, changes)
-
-
-def _last_issued(subscription: Subscription, tenant: Tenant, plan: Plan) -> datetime:
-    """The last boundary an invoice was issued at (the anchor before the first): it billed in advance
-    the plan in force at that instant, so a change may only start after it."""
-    return _boundary(subscription, tenant, plan, max(subscription.next_invoice_index - 1, 0))
-
-
-def _refuse_if_ending(subscription: Subscription, what: str) -> None:
-    """409 for a change to a subscription that is canceled or scheduled to cancel."""
-    if subscription.status is SubscriptionStatus.canceled:
-        raise conflict("status", f"subscription {subscription.id} is canceled: cannot {what}")
-    if subscription.ends_at is not None:
-        raise conflict(
-            "ends_at", f"subscription {subscription.id} is scheduled to cancel at {subscription.ends_at.isoformat()}: "
-            f"cannot {what}",
-        )  # fmt: skip
-
-
-async def _open_assignment(session: AsyncSession, subscription: Subscription) -> RoomAssignment:
-    query = select(RoomAssignment).where(
-        col(RoomAssignment.subscription_id) == subscription.id, col(RoomAssignment.effective_to).is_(None)
-    )
-    return (await session.exec(query)).one()
-
-
-def _check_change_at(
-    effective_at: datetime, last_issued: datetime, current: RoomAssignment, field: str = "effective_at"
-) -> None:
-    """A move, plan change or end must come after the last invoiced boundary and after the current room's start."""
-    if effective_at <= last_issued:
-        raise body_error(
-            (field,), f"must be after {last_issued.isoformat()}, the last boundary invoiced (or the start)", "too_early"
-        )
-    if effective_at <= current.effective_from:
-        raise body_error(
-            (field,),
-            f"must be after {current.effective_from.isoformat()}, when the current room and plan took effect",
-            "too_early",
-        )
-
-
-async def _check_no_overlap(session: AsyncSession, tenant: Tenant, anchor: datetime) -> None:
-    """One subscription bills a tenant's usage at a time: a new one may start only after the last one ended.
-
-    Usage is billed from a subscription's anchor (local midnight of its start day), so the
-    anchor must not come before the end of an earlier subscription (409 while that one is still
-    active, e.g. scheduled to cancel; 422 naming ``started_at`` for an ended one).
-    """
-    query = select(Subscription).where(col(Subscription.tenant_id) == tenant.id)
-    for other in await session.exec(query):
-        if other.status is SubscriptionStatus.active:
-            when = f", scheduled to end at {other.ends_at.isoformat()}" if other.ends_at else ""
-            raise conflict("tenant_id", f"tenant {tenant.id} already has an active subscription {other.id}{when}")
-        if other.ends_at is not None and anchor < other.ends_at:
-            raise body_error(
-                ("started_at",),
-                f"subscription {other.id} bills this tenant's usage until {other.ends_at.isoformat()}; "
-                f"a new one is anchored at local midnight of its start day, so it must start on a later day",
-                "overlap",
-            )
 
 
 @router.post(
@@ -175,48 +60,15 @@ async def _check_no_overlap(session: AsyncSession, tenant: Tenant, anchor: datet
 )
 async def create_subscription(body: SubscriptionCreate, session: SessionDep) -> SubscriptionPublic:
     """Subscribe a tenant to a room at the room's plan; writes the first room assignment (and promo) too."""
-    bind_tenant(body.tenant_id)
-    tenant = await get_referenced(session, Tenant, body.tenant_id, "tenant_id", "tenant")
-    room, plan = await _room_and_plan(session, body.room_id)
-    if plan.currency != tenant.currency:
-        raise body_error(
-            ("room_id",),
-            f"room {room.code!r} is billed in {plan.currency} by plan {plan.code!r} v{plan.version}, "
-            f"but tenant {tenant.id} pays in {tenant.currency}",
-            "currency_mismatch",
-        )
-    anchor = local_midnight(body.started_at, tenant.timezone)
-    await _check_no_overlap(session, tenant, anchor)
-    first = period(anchor, tenant.timezone, PeriodInterval(plan.interval.value), 0)
-    subscription = Subscription(
-        tenant_id=tenant.id,
-        room_id=room.id,
-        plan_id=plan.id,
+    created = await subscriptions.subscribe(
+        session,
+        tenant_id=body.tenant_id,
+        room_id=body.room_id,
         started_at=body.started_at,
-        anchor_at=anchor,
-        next_invoice_index=0,
-        next_invoice_at=anchor,
-        current_period_index=0,
-        current_period_start=first.start,
-        current_period_end=first.end,
+        promo_code=body.promo_code,
+        now=utcnow(),
     )
-    async with conflict_on_unique(session, "tenant_id", f"tenant {body.tenant_id} already has an active subscription"):
-        session.add(subscription)
-        await session.flush()  # the subscription row first: the assignment refers to it
-        session.add(
-            RoomAssignment(
-                subscription_id=subscription.id, room_id=room.id, plan_id=plan.id, effective_from=body.started_at
-            )
-        )
-        if body.promo_code is not None:
-            # Redeemed with the subscription: it discounts the first invoice, issued at the anchor.
-            now = utcnow()
-            await redeem(
-                session, subscription, plan.currency, body.promo_code, at=now, redeemed_at=min(now, anchor),
-                field="promo_code",
-            )  # fmt: skip
-        await session.commit()
-    return SubscriptionPublic.model_validate(subscription)
+    return SubscriptionPublic.model_validate(created)
 
 
 @router.get("")
@@ -255,12 +107,7 @@ async def redeem_promo_code(
     subscription_id: uuid.UUID, body: PromoRedeem, session: SessionDep
 ) -> SubscriptionPromoPublic:
     """Apply a promo code from now on: it discounts the invoices issued from now, after the earlier codes."""
-    subscription, plan, _ = await _locked(session, subscription_id)
-    _refuse_if_ending(subscription, "redeem a promo code")
-    now = utcnow()
-    redemption = await redeem(session, subscription, plan.currency, body.code, at=now, redeemed_at=now, field="code")
-    async with conflict_on_unique(session, "code", f"promo code {body.code!r} is already applied"):
-        await session.commit()
+    redemption = await subscriptions.redeem_promo_code(session, subscription_id, body.code, utcnow())
     return SubscriptionPromoPublic(
         promo_code=body.code,
         redeemed_at=redemption.redeemed_at,
@@ -281,33 +128,10 @@ async def redeem_promo_code(
     },
 )
 async def move_room(subscription_id: uuid.UUID, body: MoveRoom, session: SessionDep) -> SubscriptionPublic:
-    """Move the subscription to another room (and that room's plan) from ``effective_at``.
-
-    The move must come after the last boundary an invoice was issued at (that invoice billed
-    the old room in advance; the next one prorates it) and after the room's own start.
-    """
-    subscription, current, tenant = await _locked(session, subscription_id)
-    _refuse_if_ending(subscription, "move to another room")
-    room, plan = await _room_and_plan(session, body.room_id)
-    if room.id == subscription.room_id:
-        raise body_error(("room_id",), f"the subscription is already in room {room.code!r}", "same_room")
-    try:
-        check_move(plan_of(current), plan_of(plan))
-    except IncompatibleMoveError as exc:
-        raise body_error(("room_id",), f"room {room.code!r}: {exc.message}", "incompatible_plan") from None
-    open_assignment = await _open_assignment(session, subscription)
-    _check_change_at(body.effective_at, _last_issued(subscription, tenant, current), open_assignment)
-    open_assignment.effective_to = body.effective_at
-    session.add(open_assignment)
-    session.add(
-        RoomAssignment(
-            subscription_id=subscription.id, room_id=room.id, plan_id=plan.id, effective_from=body.effective_at
-        )
-    )
-    subscription.room_id, subscription.plan_id = room.id, plan.id
-    session.add(subscription)
-    await session.commit()
-    return SubscriptionPublic.model_validate(subscription)
+    """Move the subscription to another room (and that room's plan) from ``effective_at``, after the
+    last invoiced boundary (that invoice billed the old room in advance; the next one prorates it)."""
+    moved = await subscriptions.move_room(session, subscription_id, body.room_id, body.effective_at)
+    return SubscriptionPublic.model_validate(moved)
 
 
 @router.post(
@@ -322,49 +146,10 @@ async def move_room(subscription_id: uuid.UUID, body: MoveRoom, session: Session
     },
 )
 async def change_plan(subscription_id: uuid.UUID, body: PlanChange, session: SessionDep) -> SubscriptionPublic:
-    """Bill the subscription by another plan (a new version, or another plan) from ``effective_at``, in the same room.
-
-    Prorated exactly like a room move (the engine sees a move to the same room): the base fee
-    billed in advance is credited for the unused days and the new plan charged for them on the
-    next invoice; usage is rated by the plan in force when it occurred.
-    """
-    subscription, current, tenant = await _locked(session, subscription_id)
-    _refuse_if_ending(subscription, "change its plan")
-    plan = await get_referenced(session, Plan, body.plan_id, "plan_id", "plan")
-    if plan.id == subscription.plan_id:
-        raise body_error(
-            ("plan_id",), f"the subscription is already on plan {plan.code!r} v{plan.version}", "same_plan"
-        )
-    try:
-        check_move(plan_of(current), plan_of(plan))
-    except IncompatibleMoveError as exc:
-        raise body_error(
-            ("plan_id",), f"plan {plan.code!r} v{plan.version}: {exc.message}", "incompatible_plan"
-        ) from None
-    open_assignment = await _open_assignment(session, subscription)
-    _check_change_at(body.effective_at, _last_issued(subscription, tenant, current), open_assignment)
-    open_assignment.effective_to = body.effective_at
-    session.add(open_assignment)
-    session.add(
-        RoomAssignment(
-            subscription_id=subscription.id,
-            room_id=subscription.room_id,
-            plan_id=plan.id,
-            effective_from=body.effective_at,
-        )
-    )
-    subscription.plan_id = plan.id
-    session.add(subscription)
-    await session.commit()
-    return SubscriptionPublic.model_validate(subscription)
-
-
-def _end_of_period_holding(subscription: Subscription, tenant: Tenant, plan: Plan, instant: datetime) -> datetime:
-    """The end of the period that holds ``instant``, at the earliest the end of the period billed in advance."""
-    n = max(subscription.next_invoice_index, 1)
-    while (end := _boundary(subscription, tenant, plan, n)) <= instant:
-        n += 1
-    return end
+    """Bill the subscription by another plan (a new version, or another plan) from ``effective_at``, in the
+    same room; prorated exactly like a room move."""
+    changed = await subscriptions.change_plan(session, subscription_id, body.plan_id, body.effective_at)
+    return SubscriptionPublic.model_validate(changed)
 
 
 @router.post(
@@ -395,54 +180,15 @@ async def cancel_subscription(
     when every earlier boundary is invoiced, starts that workflow now; otherwise the next
     billing run at or after the end issues it. A later end keeps the subscription active until then.
     """
-    subscription, plan, tenant = await _locked(session, subscription_id)
-    if subscription.status is SubscriptionStatus.canceled:
-        raise conflict("status", f"subscription {subscription.id} is already canceled")
-    if subscription.ends_at is not None:
-        raise conflict(
-            "ends_at",
-            f"subscription {subscription.id} is already scheduled to cancel at {subscription.ends_at.isoformat()}",
-        )
-    if (body.at is None) == (body.cancel_at is None):
-        raise body_error(("at",), "give exactly one of at (period_end or now) and cancel_at", "missing")
-    now = utcnow().replace(microsecond=0)  # an end is kept to the second, like the invoice workflow's id
-    period_end = _end_of_period_holding(subscription, tenant, plan, now)
-    field = "cancel_at" if body.cancel_at is not None else "at"
-    if body.cancel_at is not None:
-        ends_at = body.cancel_at.replace(microsecond=0)
-        if ends_at > period_end:
-            raise body_error(
-                ("cancel_at",), f"must not be after {period_end.isoformat()}, the end of the current period", "too_late"
-            )
-    else:
-        ends_at = now if body.at is CancelAt.now else period_end
-    open_assignment = await _open_assignment(session, subscription)
-    if open_assignment.effective_from > now and ends_at <= open_assignment.effective_from:
-        raise conflict(
-            "room_id", f"a move or plan change is scheduled at {open_assignment.effective_from.isoformat()}, "
-            "at or after the requested end",
-        )  # fmt: skip
-    _check_change_at(ends_at, _last_issued(subscription, tenant, plan), open_assignment, field)
-
-    subscription.ends_at, subscription.canceled_at = ends_at, now
-    subscription.cancel_at_period_end = ends_at == period_end
-    subscription.next_invoice_at = min(subscription.next_invoice_at, ends_at)
-    if ends_at <= now:
-        subscription.status = SubscriptionStatus.canceled
-    # The room assignment stays open: it is the room in force up to the end, and at the final boundary.
-    session.add(subscription)
-    await session.commit()
-
-    workflow_id = None
-    timezone, changes = calendar(subscription, tenant.timezone)
-    final = final_boundary(subscription.anchor_at, timezone, PeriodInterval(plan.interval.value), ends_at, changes)
-    if ends_at <= now and subscription.next_invoice_index == final:
-        workflow_id = await _start_final_invoice(client, settings.task_queue, subscription, final)
-    log.info("subscription canceled", subscription_id=str(subscription.id), ends_at=ends_at.isoformat(),
+    done = await subscriptions.cancel(session, subscription_id, at=body.at, cancel_at=body.cancel_at, now=utcnow())
+    subscription, workflow_id = done.subscription, None
+    if done.final_index_due is not None:
+        workflow_id = await _start_final_invoice(client, settings.task_queue, subscription, done.final_index_due)
+    log.info("subscription canceled", subscription_id=str(subscription.id), ends_at=done.ends_at.isoformat(),
              final_invoice_workflow_id=workflow_id)  # fmt: skip
     return SubscriptionCanceled(
         **SubscriptionPublic.model_validate(subscription).model_dump(),
-        final_invoice_at=ends_at,
+        final_invoice_at=done.ends_at,
         final_invoice_workflow_id=workflow_id,
     )
 
@@ -456,19 +202,7 @@ async def cancel_subscription(
 )
 async def withdraw_cancel(subscription_id: uuid.UUID, session: SessionDep) -> SubscriptionPublic:
     """Withdraw a scheduled cancel whose end is still to come (Stripe: ``cancel_at_period_end=false``)."""
-    subscription, plan, tenant = await _locked(session, subscription_id)
-    if subscription.status is SubscriptionStatus.canceled:
-        raise conflict("status", f"subscription {subscription.id} is canceled")
-    if subscription.ends_at is None:
-        raise conflict("ends_at", f"subscription {subscription.id} has no cancel scheduled")
-    if subscription.ends_at <= utcnow():
-        raise conflict("ends_at", f"subscription {subscription.id} ended at {subscription.ends_at.isoformat()}")
-    subscription.ends_at = subscription.canceled_at = None
-    subscription.cancel_at_period_end = False
-    subscription.next_invoice_at = _boundary(subscription, tenant, plan, subscription.next_invoice_index)
-    session.add(subscription)
-    await session.commit()
-    return SubscriptionPublic.model_validate(subscription)
+    return SubscriptionPublic.model_validate(await subscriptions.withdraw_cancel(session, subscription_id, utcnow()))
 
 
 async def _start_final_invoice(
@@ -527,12 +261,4 @@ async def upcoming_invoice(
     as_of: Annotated[UtcDatetime | None, Query(description="Preview as of this instant; default now")] = None,
 ) -> UpcomingInvoice:
     """The next invoice the subscription would get, as of ``as_of``, computed as invoicing does; writes nothing."""
-    subscription = await get_or_404(session, Subscription, subscription_id, "subscription")
-    bind_tenant(subscription.tenant_id)
-    if subscription.final_invoiced:
-        raise conflict("status", f"subscription {subscription_id} is canceled and its final invoice is issued")
-    try:
-        draft = await invoicing.upcoming_invoice(session, subscription_id, as_of or utcnow())
-    except invoicing.NotFoundError:
-        raise not_found("subscription", subscription_id) from None
-    return _upcoming(subscription_id, draft)
+    return _upcoming(subscription_id, await subscriptions.upcoming(session, subscription_id, as_of or utcnow()))
