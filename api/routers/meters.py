@@ -8,12 +8,13 @@ from fastapi import APIRouter, status
 from sqlmodel import select
 
 from api.deps import SessionDep
-from api.errors import conflict_on_unique, get_or_404
+from api.errors import get_or_404
 from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import engine_meter
 from api.routing import DecimalJSONRoute
 from api.schemas import MeterCreate, MeterPublic
 from schema.models import Meter
+from services import catalog
 
 router = APIRouter(prefix="/meters", tags=["meters"], route_class=DecimalJSONRoute)
 
@@ -27,12 +28,7 @@ router = APIRouter(prefix="/meters", tags=["meters"], route_class=DecimalJSONRou
     },
 )
 async def create_meter(body: MeterCreate, session: SessionDep) -> MeterPublic:
-    engine_meter(body)
-    meter = Meter(**body.model_dump())
-    session.add(meter)
-    async with conflict_on_unique(session, "code", f"a meter with code {body.code!r} already exists"):
-        await session.commit()
-    return MeterPublic.model_validate(meter)
+    return MeterPublic.model_validate(await catalog.create_meter(session, engine_meter(body), body.name))
 
 
 @router.get("")

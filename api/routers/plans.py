@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 from fastapi import APIRouter, status
-from sqlalchemy import func, text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -18,14 +17,10 @@ from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import engine_plan
 from api.routing import DecimalJSONRoute
 from api.schemas import ChargePublic, PlanCreate, PlanPublic, TierPublic
-from schema.db import execute_sql
 from schema.models import Meter, Plan, PlanCharge
-from services.mapping import charge_row
+from services import catalog
 
 router = APIRouter(prefix="/plans", tags=["plans"], route_class=DecimalJSONRoute)
-
-# Serializes version numbering per code (the unique (code, version) constraint backs it up).
-_LOCK_CODE = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
 def _public(plan: Plan, charges: Sequence[ChargePublic]) -> PlanPublic:
@@ -72,28 +67,10 @@ async def _charges_by_plan(session: AsyncSession, plan_ids: Sequence[uuid.UUID])
     responses={status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field or price, or unknown meter_code"}},
 )
 async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
-    codes = {charge.meter_code for charge in body.charges}
-    meters = {m.code: m for m in await session.exec(select(Meter).where(col(Meter.code).in_(codes)))}
-    priced = engine_plan(body, meters)
-
-    await execute_sql(session, _LOCK_CODE, {"key": f"plan:{body.code}"})
-    latest = (await session.exec(select(func.max(col(Plan.version))).where(col(Plan.code) == body.code))).one()
-    plan = Plan(
-        code=body.code,
-        version=(latest or 0) + 1,
-        name=body.name,
-        currency=body.currency,
-        interval=body.interval,
-        base_fee=body.base_fee,
-        trial_days=body.trial_days,
-    )
-    session.add(plan)
-    await session.flush()
-    charges = {c.meter.code: charge_row(plan.id, meters[c.meter.code].id, c) for c in priced.charges}
-    session.add_all(charges.values())
-    await session.commit()
-    public = [_charge_public(code, charges[code]) for code in sorted(charges)]
-    return _public(plan, public)
+    """A new plan, or the next version of an existing code."""
+    meters = await catalog.meters_by_code(session, {charge.meter_code for charge in body.charges})
+    plan, charges = await catalog.create_plan(session, engine_plan(body, meters), meters)
+    return _public(plan, [_charge_public(code, charges[code]) for code in sorted(charges)])
 
 
 @router.get("")

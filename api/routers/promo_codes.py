@@ -8,12 +8,13 @@ from fastapi import APIRouter, status
 from sqlmodel import select
 
 from api.deps import SessionDep
-from api.errors import conflict_on_unique, get_or_404
+from api.errors import get_or_404
 from api.pagination import Page, PageQuery, fetch_page
 from api.pricing import engine_promo
 from api.routing import DecimalJSONRoute
 from api.schemas import PromoCodeCreate, PromoCodePublic
 from schema.models import PromoCode
+from services import catalog
 
 router = APIRouter(prefix="/promo-codes", tags=["promo codes"], route_class=DecimalJSONRoute)
 
@@ -27,12 +28,7 @@ router = APIRouter(prefix="/promo-codes", tags=["promo codes"], route_class=Deci
     },
 )
 async def create_promo_code(body: PromoCodeCreate, session: SessionDep) -> PromoCodePublic:
-    engine_promo(body)
-    promo = PromoCode(**body.model_dump())
-    session.add(promo)
-    async with conflict_on_unique(session, "code", f"a promo code {body.code!r} already exists"):
-        await session.commit()
-    return PromoCodePublic.model_validate(promo)
+    return PromoCodePublic.model_validate(await catalog.create_promo_code(session, engine_promo(body)))
 
 
 @router.get("")

@@ -8,11 +8,12 @@ from fastapi import APIRouter, status
 from sqlmodel import select
 
 from api.deps import SessionDep
-from api.errors import conflict_on_unique, get_or_404, get_referenced
+from api.errors import get_or_404
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
 from api.schemas import RoomCreate, RoomPublic
-from schema.models import Plan, Room
+from schema.models import Room
+from services import catalog
 
 router = APIRouter(prefix="/rooms", tags=["rooms"], route_class=DecimalJSONRoute)
 
@@ -26,11 +27,7 @@ router = APIRouter(prefix="/rooms", tags=["rooms"], route_class=DecimalJSONRoute
     },
 )
 async def create_room(body: RoomCreate, session: SessionDep) -> RoomPublic:
-    await get_referenced(session, Plan, body.plan_id, "plan_id", "plan")
-    room = Room(**body.model_dump())
-    session.add(room)
-    async with conflict_on_unique(session, "code", f"a room with code {body.code!r} already exists"):
-        await session.commit()
+    room = await catalog.create_room(session, code=body.code, name=body.name, plan_id=body.plan_id)
     return RoomPublic.model_validate(room)
 
 
