@@ -314,6 +314,10 @@ def test_invalid_requests_name_the_param_and_headers_follow_stripe(psp: Emulator
     raw = httpx.get(f"{psp.url}/v1/customers")
     assert raw.status_code == 401 and raw.json()["error"]["type"] == "invalid_request_error"
 
+    with pytest.raises(stripe.CardError):
+        client.v1.customers.create(params={"name": "Z", "payment_method": "pm_card_chargeDeclined"})
+    assert client.v1.customers.list().data == []  # the refused card left no customer behind
+
     customer = client.v1.customers.create(params={"name": "H"})
     response = customer.last_response
     assert response is not None and response.request_id is not None and response.request_id.startswith("req_")

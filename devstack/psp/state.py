@@ -306,10 +306,14 @@ class EmulatorState:
                 "test_clock": None,
             }
         )
-        payment_method = forms.optional_str(params, "payment_method")
-        if payment_method is not None:
-            self._attach(payment_method, customer["id"], "payment_method")
-        self._update_customer_fields(customer, params)
+        try:
+            payment_method = forms.optional_str(params, "payment_method")
+            if payment_method is not None:
+                self._attach(payment_method, customer["id"], "payment_method")
+            self._update_customer_fields(customer, params)
+        except StripeError:
+            del self.objects["customer"][customer["id"]]  # nothing half-made stays behind
+            raise
         return customer
 
     def update_customer(self, customer_id: str, params: Params, ctx: Context) -> Obj:
