@@ -394,6 +394,22 @@ def test_the_sdk_retries_a_500_by_itself_with_its_own_key(psp: Emulator):
     assert psp.charges() == 1
 
 
+def test_a_call_held_before_it_runs_and_a_retry_with_the_same_key_charge_once(psp: Emulator):
+    # The PSP is slow: the client gives up, retries at once with its key, and the first call
+    # only runs afterwards; it finds the key used and replays instead of charging again.
+    client = psp.client(http_client=stripe.RequestsClient(timeout=0.3))
+    customer, pm = customer_with_card(client)
+    psp.knob("failures", mode="timeout", seconds=0.8, count=1, when="before", path="/v1/payment_intents")
+    with pytest.raises(stripe.APIConnectionError):
+        pay(client, customer, pm, 2600, key="invoice:8:attempt:1")
+    assert psp.charges() == 0
+    retried = pay(client, customer, pm, 2600, key="invoice:8:attempt:1")
+    assert retried.status == "succeeded" and psp.charges() == 1
+    time.sleep(0.7)  # the held call has run by now
+    assert psp.charges() == 1
+    assert psp.admin.get("/_emulator/stats").json()["idempotent_replays"] == 1
+
+
 def test_a_timeout_then_a_retry_with_the_same_key_charges_once_and_a_new_key_twice(psp: Emulator):
     client = psp.client(http_client=stripe.RequestsClient(timeout=0.4))
     customer, pm = customer_with_card(client)
@@ -451,6 +467,41 @@ def test_refunds_full_and_partial(psp: Emulator, receiver: Receiver):
     events = receiver.wait_types("charge.refunded", 2)
     assert sorted(e.data.object.amount_refunded for e in events) == [1500, 5000]
     assert {some(e.data.previous_attributes).amount_refunded for e in events} == {0, 1500}
+
+
+def test_concurrent_partial_refunds_never_exceed_the_charge(psp: Emulator):
+    client = psp.client()
+    customer, pm = customer_with_card(client)
+    intent = pay(client, customer, pm, 5000)
+
+    def refund(i: int) -> str:
+        try:
+            client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 1000})
+            return "refunded"
+        except stripe.InvalidRequestError as error:
+            return str(error.code)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(refund, range(12)))
+    assert outcomes == ["charge_already_refunded"] * 7 + ["refunded"] * 5
+    charge = client.v1.charges.retrieve(str(intent.latest_charge))
+    assert (charge.amount_refunded, charge.refunded) == (5000, True)
+
+
+def test_cancel_a_payment_intent(psp: Emulator, receiver: Receiver):
+    client = psp.client()
+    customer, pm = customer_with_card(client)
+    open_intent = client.v1.payment_intents.create(
+        params={"amount": 700, "currency": "usd", "customer": customer, "payment_method": pm}
+    )
+    assert open_intent.status == "requires_confirmation"
+    canceled = client.v1.payment_intents.cancel(open_intent.id, params={"cancellation_reason": "abandoned"})
+    assert (canceled.status, canceled.cancellation_reason) == ("canceled", "abandoned")
+    with pytest.raises(stripe.InvalidRequestError) as again:
+        client.v1.payment_intents.confirm(open_intent.id)
+    assert again.value.code == "payment_intent_unexpected_state"
+    assert receiver.wait_types("payment_intent.canceled", 1)[0].data.object.id == open_intent.id
+    assert psp.charges() == 0
 
 
 def test_payout_pays_out_the_available_balance_and_emits_payout_paid(psp: Emulator, receiver: Receiver):
