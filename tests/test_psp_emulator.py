@@ -676,7 +676,7 @@ def test_throughput_of_confirmed_payment_intents(psp: Emulator, receiver: Receiv
     """Figures for the report: confirmed off-session PaymentIntents per second through the SDK.
 
     Measured with webhooks to the receiver switched off, whose verification would compete
-    with the client threads in this process; four events per payment are still made and stored.
+    with the client threads in this process; three events per payment are still made and stored.
     """
     client = psp.client()
     customer, pm = customer_with_card(client)
