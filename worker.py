@@ -45,12 +45,17 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 
 
 def build_worker(
-    client: Client, settings: Settings, activities: BillingActivities, *, max_cached_workflows: int = 1000
+    client: Client,
+    settings: Settings,
+    activities: BillingActivities,
+    *,
+    max_cached_workflows: int = 1000,
+    extra_workflows: Sequence[type] = (),
 ) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=list(WORKFLOWS),
+        workflows=[*WORKFLOWS, *extra_workflows],
         activities=activities.all(),
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
@@ -62,9 +67,14 @@ def billing_schedule(settings: Settings) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
             BILLING_RUN_WORKFLOW,
-            BillingRunInput(page_size=settings.billing_run_page_size, max_concurrency=settings.billing_run_concurrency),
+            BillingRunInput(
+                page_size=settings.billing_run_page_size,
+                max_concurrency=settings.billing_run_concurrency,
+                invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
+            ),
             id=f"{settings.billing_schedule_id}-run",
             task_queue=settings.task_queue,
+            execution_timeout=timedelta(seconds=settings.billing_run_timeout),
         ),
         spec=ScheduleSpec(cron_expressions=[settings.billing_schedule_cron]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
@@ -101,7 +111,12 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
-        activities = BillingActivities(make_sessionmaker(engine), renderer, LocalDocumentStore(settings.documents_root))
+        activities = BillingActivities(
+            make_sessionmaker(engine),
+            renderer,
+            LocalDocumentStore(settings.documents_root),
+            order_wait=timedelta(seconds=settings.invoice_order_wait),
+        )
         worker = build_worker(client, settings, activities)
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:

@@ -45,9 +45,16 @@ MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
 
 
 async def list_due_periods(
-    session: AsyncSession, as_of: datetime, after: uuid.UUID | None, limit: int
+    session: AsyncSession,
+    as_of: datetime,
+    after: uuid.UUID | None,
+    limit: int,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    subscription_id: uuid.UUID | None = None,
 ) -> ListDuePeriodsResult:
-    """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions.
+    """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions
+    (only the tenant's or the subscription's when one is given).
 
     Pages are keyed by subscription id, so a page is stable however many invoices are
     created while the run goes on. A subscription several boundaries behind yields all of
@@ -63,6 +70,10 @@ async def list_due_periods(
     )
     if after is not None:
         query = query.where(col(Subscription.id) > after)
+    if tenant_id is not None:
+        query = query.where(Subscription.tenant_id == tenant_id)
+    if subscription_id is not None:
+        query = query.where(Subscription.id == subscription_id)
     rows = (await session.exec(query)).all()
     periods: list[DuePeriod] = []
     for sub, timezone, interval in rows:
@@ -119,10 +130,12 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     loaded = await drafting.load(session, data.subscription_id)
     sub = loaded.row
     if sub.next_invoice_index != data.boundary_index:
-        await session.rollback()
-        raise OutOfOrderError(
+        # The message is built before the rollback, which expires the row (reading it after would need I/O).
+        message = (
             f"subscription {sub.id}: boundary {data.boundary_index} asked, next to invoice is {sub.next_invoice_index}"
         )
+        await session.rollback()
+        raise OutOfOrderError(message)
     d = await drafting.draft(session, loaded, data.boundary_index)
     draft = d.invoice
     seq = (await execute_sql(session, text("SELECT nextval('invoice_number_seq')"))).scalar_one()
