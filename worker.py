@@ -82,17 +82,22 @@ def billing_schedule(settings: Settings) -> Schedule:
 
 
 async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
-    """Create the billing Schedule, or bring an existing one in line with the settings."""
+    """Create the billing Schedule, or bring an existing one's spec, action and policy in line with
+    the settings. Its state (paused by an operator, the note saying why) is left as it is."""
     schedule = billing_schedule(settings)
     try:
         await client.create_schedule(settings.billing_schedule_id, schedule)
         log.info("billing schedule created", schedule_id=settings.billing_schedule_id)
     except ScheduleAlreadyRunningError:
 
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
+        def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
+            existing = current.description.schedule
+            existing.spec = schedule.spec
+            existing.action = schedule.action
+            existing.policy = schedule.policy
+            return ScheduleUpdate(schedule=existing)
 
-        await client.get_schedule_handle(settings.billing_schedule_id).update(replace)
+        await client.get_schedule_handle(settings.billing_schedule_id).update(update)
         log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
 
 
