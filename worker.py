@@ -108,7 +108,10 @@ async def run(settings: Settings) -> None:
     if settings.database_url is None:
         raise SystemExit("DATABASE_URL is not set (make up sets it for the embedded server)")
     engine = make_engine(settings.database_url, settings.database_pool_size)
-    renderer = ChromiumPdfRenderer(settings.chromium_path, pages=settings.pdf_page_pool_size)
+    # Its profiles live under DATA_DIR/chromium, where the next worker finds what a killed one left.
+    renderer = ChromiumPdfRenderer(
+        settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
+    )
     await renderer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
