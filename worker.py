@@ -42,6 +42,9 @@ log = structlog.get_logger("worker")
 
 WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+# A workflow task waits this long on a worker's sticky queue before the server hands it to any
+# worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
+STICKY_TIMEOUT = timedelta(seconds=3)
 
 
 def build_worker(
@@ -60,6 +63,7 @@ def build_worker(
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
 
 
@@ -101,7 +105,8 @@ async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
         log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
+    """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
     configure_logging(settings)
     provider = configure_tracing(settings, "worker")
     client = await connect(settings)
@@ -119,7 +124,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
-        activities = BillingActivities(
+        activities = activities_type(
             make_sessionmaker(engine),
             renderer,
             LocalDocumentStore(settings.documents_root),

@@ -123,9 +123,10 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     if locked.first() is None:
         raise NotFoundError(f"subscription {data.subscription_id} not found")
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
-    if existing is not None:
+    if existing is not None:  # written by a concurrent call while we waited for the lock
+        result = _existing_result(existing)  # read before the rollback expires the row
         await session.rollback()
-        return _existing_result(existing)
+        return result
 
     loaded = await drafting.load(session, data.subscription_id)
     sub = loaded.row
