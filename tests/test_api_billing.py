@@ -214,6 +214,7 @@ async def test_scoped_runs_have_their_own_ids_and_refuse_unknown_or_mismatched_s
     assert both == f"billing-run:{stamp}:subscription:{s1['id']}"
     scoped = await temporal_env.client.get_workflow_handle(f"billing-run:{stamp}:tenant:{t1['id']}").describe()
     assert scoped.workflow_type == BILLING_RUN_WORKFLOW and scoped.status.name == "RUNNING"  # its own run
+    assert scoped.raw_description.execution_config.workflow_execution_timeout.ToSeconds() == 6 * 3600
 
     unknown = str(uuid.uuid4())
     assert error_locs(await api.post("/v1/billing-runs", json={"tenant_id": unknown})) == [["body", "tenant_id"]]

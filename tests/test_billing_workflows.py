@@ -81,9 +81,11 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
     async with build_worker(temporal_env.client, settings, activities):
         handle = await start_run(temporal_env, settings)
         progress = await handle.result()
-        await record_history(handle, "billing_run")
+        # New names since the patches billing-run-always-ends and invoice-cycle-heartbeats: the
+        # histories recorded before them (billing_run, invoice_cycle) stay and keep replaying.
+        await record_history(handle, "billing_run_always_ends")
         child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10))
-        await record_history(child, "invoice_cycle")
+        await record_history(child, "invoice_cycle_heartbeats")
 
     assert progress.done and progress.periods_found == 2 and progress.invoices_created == 2 and progress.failed == 0
     first, second = await invoices(sessions)
@@ -251,7 +253,7 @@ def failure_rows(progress: BillingRunProgress) -> set[tuple[object, ...]]:
 
 
 async def test_a_boundary_owned_by_another_run_whose_invoice_fails_does_not_hang_the_run(
-    temporal_env, sessions, activities, settings
+    temporal_env, sessions, activities, settings, record_history
 ):
     cat = await factories.catalog(sessions)
     owned = await factories.subscriber(sessions, cat, START, name="Owned elsewhere")
@@ -265,6 +267,7 @@ async def test_a_boundary_owned_by_another_run_whose_invoice_fails_does_not_hang
         handle = await start_run(temporal_env, settings, invoice_timeout=timedelta(hours=1))
         async with asyncio.timeout(60):
             progress = await handle.result()
+        await record_history(handle, "billing_run_owned_and_failed")
         await other.signal(OtherRunsInvoice.fail)  # the other run's invoice now fails; this run is long done
         with pytest.raises(WorkflowFailureError):
             await other.result()

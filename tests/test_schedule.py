@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest_asyncio
 from temporalio.client import ScheduleActionStartWorkflow, ScheduleSpec, WorkflowExecutionStatus
@@ -14,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.settings import Settings
 from tests.conftest import VENV_BIN
 from worker import ensure_billing_schedule
-from workflows.contracts import BILLING_RUN_WORKFLOW
+from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 
 
 def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
@@ -50,6 +51,9 @@ async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp
     action = described.schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     assert action.workflow == BILLING_RUN_WORKFLOW and action.task_queue == "schedule-test"
+    assert action.execution_timeout == timedelta(hours=6)  # BILLING_RUN_TIMEOUT: a run always ends
+    [run_input] = await client.data_converter.decode(action.args, [BillingRunInput])
+    assert run_input.invoice_timeout == timedelta(hours=1)  # INVOICE_WORKFLOW_TIMEOUT
 
     changed = settings.model_copy(update={"billing_schedule_cron": "30 2 * * 1", "billing_run_concurrency": 4})
     await ensure_billing_schedule(client, changed)
