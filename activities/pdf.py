@@ -339,12 +339,12 @@ class ChromiumPdfRenderer:
         async with self._lock:
             browser, self._browser = self._browser, None
             profiles, self._profiles = self._profiles, None
-            if browser is None:
-                return
-            await browser.shutdown(self._close_timeout)
+            if browser is not None:
+                await browser.shutdown(self._close_timeout)
             if profiles is not None:
                 await asyncio.to_thread(shutil.rmtree, profiles, ignore_errors=True)
-        log.info("pdf.browser_closed", pid=browser.pid)
+        if browser is not None:
+            log.info("pdf.browser_closed", pid=browser.pid)
 
     async def __aenter__(self) -> Self:
         await self.start()
