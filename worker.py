@@ -44,7 +44,7 @@ WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
-STICKY_TIMEOUT = timedelta(seconds=3)
+STICKY_TIMEOUT = timedelta(seconds=2)
 
 
 def build_worker(
