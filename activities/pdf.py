@@ -6,8 +6,8 @@ than a browser launch. If the browser dies it is relaunched once (at most one re
 time) and the render is retried. pyppeteer is untyped; ``Any`` does not leave this module.
 
 Given a ``profile_root`` (the worker passes ``DATA_DIR/chromium``), the renderer keeps its
-browser profiles in ``profile_root/worker-<pid>-<start ticks>/``, a folder named after the
-process that owns it. A worker killed with SIGKILL cannot close its browser; the next renderer
+browser profiles in ``profile_root/worker-<host>-<pid>-<start ticks>/``, a folder named after
+the process that owns it. A worker killed with SIGKILL cannot close its browser; the next renderer
 to start under the same root finds folders whose owner is no longer alive, kills the Chromium
 processes started with a profile inside them (and their children), and removes the folders. A
 live worker's folder and browser are never touched.
@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -161,7 +162,7 @@ async def _launch(executable_path: str, pages: int, close_timeout: float, profil
 
 # --- profiles left behind by dead workers ----------------------------------------------------
 
-_OWNER_DIR = re.compile(r"worker-(\d+)-(\d+)")
+_OWNER_DIR = re.compile(r"worker-(?P<host>.+)-(?P<pid>\d+)-(?P<ticks>\d+)")
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -177,17 +178,17 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def owner_dir_name(pid: int | None = None) -> str:
-    """``worker-<pid>-<start ticks>``: the pid with its start time, so a reused pid is not mistaken for the owner."""
+    """``worker-<host>-<pid>-<start ticks>``: the pid with its start time, so a reused pid is not
+    mistaken for the owner, and the host, so workers sharing a volume judge only their own host's."""
     pid = os.getpid() if pid is None else pid
-    return f"worker-{pid}-{_start_ticks(pid)}"
+    return f"worker-{socket.gethostname()}-{pid}-{_start_ticks(pid)}"
 
 
 def _owner_alive(name: str) -> bool:
     match = _OWNER_DIR.fullmatch(name)
-    if match is None:
-        return True  # not ours: leave it alone
-    pid, ticks = int(match[1]), int(match[2])
-    return _start_ticks(pid) == ticks
+    if match is None or match["host"] != socket.gethostname():
+        return True  # not a folder of this host's workers: leave it alone
+    return _start_ticks(int(match["pid"])) == int(match["ticks"])
 
 
 def _processes() -> Iterator[tuple[int, int, list[str]]]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from activities.pdf import ChromiumPdfRenderer, _browsers_in, _start_ticks, owner_dir_name
+from activities.pdf import ChromiumPdfRenderer, _browsers_in, _start_ticks, owner_dir_name, reap_orphaned_profiles
 from core.settings import PROJECT_ROOT, Settings
 
 
@@ -75,3 +76,18 @@ async def test_a_new_renderer_reaps_the_browser_of_a_killed_worker_and_spares_a_
                 process.wait()
         for pid in _browsers_in(root):  # what the terminated holder's browser left; ours only
             os.kill(pid, signal.SIGKILL)
+
+
+def test_only_this_hosts_dead_workers_folders_are_reaped(tmp_path: Path):
+    root = tmp_path / "chromium"
+    dead_pid = 2**22 + 4321  # above the kernel's pid_max: no such process
+    mine = root / f"worker-{socket.gethostname()}-{dead_pid}-1"
+    other_host = root / f"worker-elsewhere-{dead_pid}-1"  # a worker on another host sharing the volume
+    alive_here = root / owner_dir_name()  # this process, alive
+    reused_pid = root / f"worker-{socket.gethostname()}-{os.getpid()}-1"  # our pid, another start time
+    unrelated = root / "something-else"
+    for folder in (mine, other_host, alive_here, reused_pid, unrelated):
+        folder.mkdir(parents=True)
+    reaped = reap_orphaned_profiles(root)
+    assert sorted(reaped.removed) == sorted([mine, reused_pid]) and reaped.killed == []
+    assert other_host.is_dir() and alive_here.is_dir() and unrelated.is_dir()
