@@ -42,19 +42,28 @@ log = structlog.get_logger("worker")
 
 WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
+# A workflow task waits this long on a worker's sticky queue before the server hands it to any
+# worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
+STICKY_TIMEOUT = timedelta(seconds=2)
 
 
 def build_worker(
-    client: Client, settings: Settings, activities: BillingActivities, *, max_cached_workflows: int = 1000
+    client: Client,
+    settings: Settings,
+    activities: BillingActivities,
+    *,
+    max_cached_workflows: int = 1000,
+    extra_workflows: Sequence[type] = (),
 ) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=list(WORKFLOWS),
+        workflows=[*WORKFLOWS, *extra_workflows],
         activities=activities.all(),
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
 
 
@@ -62,9 +71,14 @@ def billing_schedule(settings: Settings) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
             BILLING_RUN_WORKFLOW,
-            BillingRunInput(page_size=settings.billing_run_page_size, max_concurrency=settings.billing_run_concurrency),
+            BillingRunInput(
+                page_size=settings.billing_run_page_size,
+                max_concurrency=settings.billing_run_concurrency,
+                invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
+            ),
             id=f"{settings.billing_schedule_id}-run",
             task_queue=settings.task_queue,
+            execution_timeout=timedelta(seconds=settings.billing_run_timeout),
         ),
         spec=ScheduleSpec(cron_expressions=[settings.billing_schedule_cron]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
@@ -72,21 +86,27 @@ def billing_schedule(settings: Settings) -> Schedule:
 
 
 async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
-    """Create the billing Schedule, or bring an existing one in line with the settings."""
+    """Create the billing Schedule, or bring an existing one's spec, action and policy in line with
+    the settings. Its state (paused by an operator, the note saying why) is left as it is."""
     schedule = billing_schedule(settings)
     try:
         await client.create_schedule(settings.billing_schedule_id, schedule)
         log.info("billing schedule created", schedule_id=settings.billing_schedule_id)
     except ScheduleAlreadyRunningError:
 
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
+        def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
+            existing = current.description.schedule
+            existing.spec = schedule.spec
+            existing.action = schedule.action
+            existing.policy = schedule.policy
+            return ScheduleUpdate(schedule=existing)
 
-        await client.get_schedule_handle(settings.billing_schedule_id).update(replace)
+        await client.get_schedule_handle(settings.billing_schedule_id).update(update)
         log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
+    """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
     configure_logging(settings)
     provider = configure_tracing(settings, "worker")
     client = await connect(settings)
@@ -94,7 +114,10 @@ async def run(settings: Settings) -> None:
         raise SystemExit("DATABASE_URL is not set (make up sets it for the embedded server)")
     engine = make_engine(settings.database_url, settings.database_pool_size)
     instrument_engine(engine, provider)
-    renderer = ChromiumPdfRenderer(settings.chromium_path, pages=settings.pdf_page_pool_size)
+    # Its profiles live under DATA_DIR/chromium, where the next worker finds what a killed one left.
+    renderer = ChromiumPdfRenderer(
+        settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
+    )
     await renderer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,7 +125,12 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
-        activities = BillingActivities(make_sessionmaker(engine), renderer, LocalDocumentStore(settings.documents_root))
+        activities = activities_type(
+            make_sessionmaker(engine),
+            renderer,
+            LocalDocumentStore(settings.documents_root),
+            order_wait=timedelta(seconds=settings.invoice_order_wait),
+        )
         worker = build_worker(client, settings, activities)
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:

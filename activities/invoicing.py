@@ -55,9 +55,16 @@ MAX_PERIODS_PER_SUBSCRIPTION_PAGE = 60
 
 
 async def list_due_periods(
-    session: AsyncSession, as_of: datetime, after: uuid.UUID | None, limit: int
+    session: AsyncSession,
+    as_of: datetime,
+    after: uuid.UUID | None,
+    limit: int,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    subscription_id: uuid.UUID | None = None,
 ) -> ListDuePeriodsResult:
-    """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions.
+    """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions
+    (only the tenant's or the subscription's when one is given).
 
     Pages are keyed by subscription id, so a page is stable however many invoices are
     created while the run goes on. A subscription several boundaries behind yields all of
@@ -74,6 +81,10 @@ async def list_due_periods(
     )
     if after is not None:
         query = query.where(col(Subscription.id) > after)
+    if tenant_id is not None:
+        query = query.where(Subscription.tenant_id == tenant_id)
+    if subscription_id is not None:
+        query = query.where(Subscription.id == subscription_id)
     rows = (await session.exec(query)).all()
     periods: list[DuePeriod] = []
     for sub, tenant_timezone, interval in rows:
@@ -128,9 +139,10 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
     if locked.first() is None:
         raise NotFoundError(f"subscription {data.subscription_id} not found")
     existing = await _existing_invoice(session, data.subscription_id, data.period_start)
-    if existing is not None:
+    if existing is not None:  # written by a concurrent call while we waited for the lock
+        result = _existing_result(existing)  # read before the rollback expires the row
         await session.rollback()
-        return _existing_result(existing)
+        return result
 
     loaded = await drafting.load(session, data.subscription_id)
     sub = loaded.row

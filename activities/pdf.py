@@ -4,17 +4,29 @@
 pool of reused pages, so a render costs one ``setContent`` and one ``printToPDF`` rather
 than a browser launch. If the browser dies it is relaunched once (at most one relaunch at a
 time) and the render is retried. pyppeteer is untyped; ``Any`` does not leave this module.
+
+Given a ``profile_root`` (the worker passes ``DATA_DIR/chromium``), the renderer keeps its
+browser profiles in ``profile_root/worker-<host>-<pid>-<start ticks>/``, a folder named after
+the process that owns it. A worker killed with SIGKILL cannot close its browser; the next renderer
+to start under the same root finds folders whose owner is no longer alive, kills the Chromium
+processes started with a profile inside them (and their children), and removes the folders. A
+live worker's folder and browser are never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -118,8 +130,8 @@ class _Browser:
         await asyncio.to_thread(shutil.rmtree, self._user_data_dir, ignore_errors=True)
 
 
-async def _launch(executable_path: str, pages: int, close_timeout: float) -> _Browser:
-    user_data_dir = Path(tempfile.mkdtemp(prefix="billing-chromium-"))
+async def _launch(executable_path: str, pages: int, close_timeout: float, profiles: Path | None) -> _Browser:
+    user_data_dir = Path(tempfile.mkdtemp(prefix="billing-chromium-", dir=profiles))
     launcher = Launcher(
         executablePath=executable_path,
         headless=True,
@@ -148,6 +160,101 @@ async def _launch(executable_path: str, pages: int, close_timeout: float) -> _Br
     return launched
 
 
+# --- profiles left behind by dead workers ----------------------------------------------------
+
+_OWNER_DIR = re.compile(r"worker-(?P<host>.+)-(?P<pid>\d+)-(?P<ticks>\d+)")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # a zombie has exited already
+        return None
+    return int(fields[19])
+
+
+def owner_dir_name(pid: int | None = None) -> str:
+    """``worker-<host>-<pid>-<start ticks>``: the pid with its start time, so a reused pid is not
+    mistaken for the owner, and the host, so workers sharing a volume judge only their own host's."""
+    pid = os.getpid() if pid is None else pid
+    return f"worker-{socket.gethostname()}-{pid}-{_start_ticks(pid)}"
+
+
+def _owner_alive(name: str) -> bool:
+    match = _OWNER_DIR.fullmatch(name)
+    if match is None or match["host"] != socket.gethostname():
+        return True  # not a folder of this host's workers: leave it alone
+    return _start_ticks(int(match["pid"])) == int(match["ticks"])
+
+
+def _processes() -> Iterator[tuple[int, int, list[str]]]:
+    """(pid, parent pid, argv) of every process we can see."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        yield int(entry.name), int(stat[stat.rfind(")") + 2 :].split()[1]), argv
+
+
+def _browsers_in(folder: Path) -> list[int]:
+    """Chromium processes started with a profile inside ``folder``, with all their descendants."""
+    prefix = f"--user-data-dir={folder}{os.sep}"
+    children: dict[int, list[int]] = {}
+    roots: list[int] = []
+    for pid, ppid, argv in _processes():
+        children.setdefault(ppid, []).append(pid)
+        if any(arg.startswith(prefix) for arg in argv):
+            roots.append(pid)
+    found: list[int] = []
+    pending = list(roots)
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.append(pid)
+            pending.extend(children.get(pid, ()))
+    return found
+
+
+@dataclass
+class Reaped:
+    """What :func:`reap_orphaned_profiles` cleaned up."""
+
+    killed: list[int] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
+
+
+def reap_orphaned_profiles(root: Path, *, wait: float = 5.0) -> Reaped:
+    """Kill the browsers of dead workers' profile folders under ``root`` and remove the folders (blocking)."""
+    reaped = Reaped()
+    if not root.is_dir():
+        return reaped
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or _owner_alive(folder.name):
+            continue
+        pids = _browsers_in(folder)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            reaped.killed.append(pid)
+        deadline = time.monotonic() + wait
+        while any(_start_ticks(pid) is not None for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shutil.rmtree(folder, ignore_errors=True)
+        reaped.removed.append(folder)
+        log.warning("pdf.orphaned_browser_reaped", folder=str(folder), killed=len(pids))
+    return reaped
+
+
 class ChromiumPdfRenderer:
     """A :class:`PdfRenderer` backed by one headless Chromium and ``pages`` reused tabs.
 
@@ -163,6 +270,7 @@ class ChromiumPdfRenderer:
         *,
         render_timeout: float = 30.0,
         close_timeout: float = 5.0,
+        profile_root: Path | None = None,
     ) -> None:
         if not (os.path.isfile(executable_path) and os.access(executable_path, os.X_OK)):
             raise ChromiumNotFoundError(f"Chromium executable not found at {executable_path!r}; set CHROMIUM_PATH")
@@ -174,6 +282,8 @@ class ChromiumPdfRenderer:
         self._close_timeout = close_timeout
         self._browser: _Browser | None = None
         self._lock = asyncio.Lock()
+        self._profile_root = profile_root
+        self._profiles: Path | None = None  # this process's folder under profile_root
 
     @property
     def pid(self) -> int | None:
@@ -184,7 +294,12 @@ class ChromiumPdfRenderer:
         async with self._lock:
             if self._browser is not None:
                 return
-            self._browser = await _launch(self._executable_path, self._pages, self._close_timeout)
+            if self._profile_root is not None and self._profiles is None:
+                self._profile_root.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(reap_orphaned_profiles, self._profile_root)
+                self._profiles = self._profile_root / owner_dir_name()
+                self._profiles.mkdir(exist_ok=True)
+            self._browser = await _launch(self._executable_path, self._pages, self._close_timeout, self._profiles)
             log.info("pdf.browser_started", pid=self._browser.pid, pages=self._pages)
 
     async def render(self, html: str) -> bytes:
@@ -216,7 +331,7 @@ class ChromiumPdfRenderer:
                 return self._browser
             log.warning("pdf.browser_relaunch", old_pid=lost.pid)
             await lost.shutdown(self._close_timeout)
-            self._browser = await _launch(self._executable_path, self._pages, self._close_timeout)
+            self._browser = await _launch(self._executable_path, self._pages, self._close_timeout, self._profiles)
             log.info("pdf.browser_relaunched", pid=self._browser.pid, old_pid=lost.pid)
             return self._browser
 
@@ -224,10 +339,13 @@ class ChromiumPdfRenderer:
         """Close the browser and wait for its process to exit. Safe to call twice."""
         async with self._lock:
             browser, self._browser = self._browser, None
-            if browser is None:
-                return
-            await browser.shutdown(self._close_timeout)
-        log.info("pdf.browser_closed", pid=browser.pid)
+            profiles, self._profiles = self._profiles, None
+            if browser is not None:
+                await browser.shutdown(self._close_timeout)
+            if profiles is not None:
+                await asyncio.to_thread(shutil.rmtree, profiles, ignore_errors=True)
+        if browser is not None:
+            log.info("pdf.browser_closed", pid=browser.pid)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -505,7 +505,11 @@ class UsageEventResult(BaseModel):
 
 
 class BillingRunCreate(BaseModel):
-    as_of: UtcDatetime | None = Field(default=None, description="Bill periods ending by then; default now")
+    as_of: UtcDatetime | None = Field(
+        default=None, description="Bill boundaries up to then; default now; not later than now + BILLING_RUN_CLOCK_SKEW"
+    )
+    tenant_id: uuid.UUID | None = Field(default=None, description="Bill only this tenant's subscription")
+    subscription_id: uuid.UUID | None = Field(default=None, description="Bill only this subscription")
 
 
 class BillingRunStarted(BaseModel):

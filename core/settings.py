@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     billing_schedule_cron: str = "5 0 * * *"
     billing_run_page_size: int = Field(default=100, ge=1, le=1000)
     billing_run_concurrency: int = Field(default=10, ge=1, le=200)
+    billing_run_clock_skew: int = Field(
+        default=300, ge=0, description="Seconds a requested as_of may lie ahead of now (clocks disagree a little)"
+    )
+    billing_run_timeout: int = Field(default=6 * 3600, ge=60, description="Execution timeout of a billing run, s")
+    invoice_workflow_timeout: int = Field(default=3600, ge=60, description="Execution timeout of one invoice, s")
+    invoice_order_wait: int = Field(
+        default=600, ge=1, description="How long an invoice waits for the one at the previous boundary, s"
+    )
 
     chromium_path: str = DEFAULT_CHROMIUM
     pdf_page_pool_size: int = Field(default=3, ge=1, le=8)

@@ -27,8 +27,8 @@ async def api(sessions, settings, temporal_env):
 
 
 def unique_as_of() -> datetime:
-    """The test server lives for the whole session: every test bills its own instant."""
-    return datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=random.randrange(10**8))
+    """The test server lives for the whole session: every test bills its own (past) instant."""
+    return datetime(2020, 1, 1, tzinfo=UTC) + timedelta(seconds=random.randrange(10**8))
 
 
 @workflow.defn(name=BILLING_RUN_WORKFLOW)
@@ -65,7 +65,7 @@ async def test_starting_a_billing_run_is_idempotent(api, temporal_env, settings)
 
 
 async def test_billing_run_defaults_and_validation(api):
-    naive = await api.post("/v1/billing-runs", json={"as_of": "2030-01-01T00:00:00"})
+    naive = await api.post("/v1/billing-runs", json={"as_of": "2021-01-01T00:00:00"})
     assert error_locs(naive) == [["body", "as_of"]]
     now = await api.post("/v1/billing-runs")
     assert now.status_code == 202
@@ -191,3 +191,51 @@ async def test_invoice_pdf(api, sessions, settings):
 
     lost = await _invoice(sessions, api, pdf_location="invoices/t/missing.pdf")
     assert (await api.get(f"/v1/invoices/{lost.id}/pdf")).status_code == 404
+
+
+async def test_a_future_as_of_is_refused_beyond_the_clock_skew(api, settings):
+    assert settings.billing_run_clock_skew == 300
+    later = datetime.now(UTC) + timedelta(seconds=settings.billing_run_clock_skew + 60)
+    refused = await api.post("/v1/billing-runs", json={"as_of": later.isoformat()})
+    assert error_locs(refused) == [["body", "as_of"]]
+    assert "must not be later than now + 300 s" in refused.json()["errors"][0]["message"]
+    years_ahead = await api.post("/v1/billing-runs", json={"as_of": "2031-01-01T00:00:00Z"})
+    assert error_locs(years_ahead) == [["body", "as_of"]]
+    # Within the tolerance (a client clock a minute ahead) it starts.
+    slightly = await api.post(
+        "/v1/billing-runs", json={"as_of": (datetime.now(UTC) + timedelta(seconds=60)).isoformat()}
+    )
+    assert slightly.status_code == 202, slightly.text
+
+
+async def test_scoped_runs_have_their_own_ids_and_refuse_unknown_or_mismatched_scopes(api, temporal_env, settings):
+    t1, t2 = await tenant(api), await tenant(api)
+    r1, r2 = (await room(api, (await plan(api))["id"])), (await room(api, (await plan(api, "other"))["id"]))
+    s1 = await created(api, "/v1/subscriptions", {"tenant_id": t1["id"], "room_id": r1["id"]})
+    s2 = await created(api, "/v1/subscriptions", {"tenant_id": t2["id"], "room_id": r2["id"]})
+    as_of = unique_as_of()
+    stamp = f"{as_of:%Y-%m-%dT%H:%M:%SZ}"
+
+    async def start(**scope: str) -> str:
+        response = await api.post("/v1/billing-runs", json={"as_of": as_of.isoformat(), **scope})
+        assert response.status_code == 202, response.text
+        workflow_id: str = response.json()["workflow_id"]
+        return workflow_id
+
+    assert await start() == f"billing-run:{stamp}"
+    assert await start(tenant_id=t1["id"]) == f"billing-run:{stamp}:tenant:{t1['id']}"
+    assert await start(subscription_id=s2["id"]) == f"billing-run:{stamp}:subscription:{s2['id']}"
+    both = await start(tenant_id=t1["id"], subscription_id=s1["id"])
+    assert both == f"billing-run:{stamp}:subscription:{s1['id']}"
+    scoped = await temporal_env.client.get_workflow_handle(f"billing-run:{stamp}:tenant:{t1['id']}").describe()
+    assert scoped.workflow_type == BILLING_RUN_WORKFLOW and scoped.status.name == "RUNNING"  # its own run
+    assert scoped.raw_description.execution_config.workflow_execution_timeout.ToSeconds() == 6 * 3600
+
+    unknown = str(uuid.uuid4())
+    assert error_locs(await api.post("/v1/billing-runs", json={"tenant_id": unknown})) == [["body", "tenant_id"]]
+    missing = await api.post("/v1/billing-runs", json={"subscription_id": unknown})
+    assert error_locs(missing) == [["body", "subscription_id"]]
+    assert missing.json()["errors"][0]["message"] == f"subscription {unknown} does not exist"
+    mismatched = await api.post("/v1/billing-runs", json={"tenant_id": t1["id"], "subscription_id": s2["id"]})
+    assert error_locs(mismatched) == [["body", "subscription_id"]]
+    assert "belongs to another tenant" in mismatched.json()["errors"][0]["message"]

@@ -12,18 +12,29 @@ from decimal import Decimal
 import pytest
 from pypdf import PdfReader
 from sqlmodel import col, select
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio import workflow
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from activities.billing import BillingActivities
 from adapters.storage import LocalDocumentStore
 from billing.money import format_money
-from schema.models import Invoice, InvoiceLine, InvoiceStatus, Subscription
+from schema.models import Interval as PlanInterval
+from schema.models import Invoice, InvoiceLine, InvoiceStatus, Plan, PlanCharge, PriceModel, Subscription
 from tests import factories
+from tests.conftest import VENV_BIN
 from worker import build_worker
 from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
+    ERR_EARLIER_INVOICE_MISSING,
+    ERR_OWNED_BY_ANOTHER_RUN,
+    INVOICE_WORKFLOW,
     BillingRunInput,
     BillingRunProgress,
+    InvoiceCycleInput,
     invoice_workflow_id,
 )
 
@@ -70,9 +81,11 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
     async with build_worker(temporal_env.client, settings, activities):
         handle = await start_run(temporal_env, settings)
         progress = await handle.result()
-        await record_history(handle, "billing_run")
+        # New names since the patches billing-run-always-ends and invoice-cycle-heartbeats: the
+        # histories recorded before them (billing_run, invoice_cycle) stay and keep replaying.
+        await record_history(handle, "billing_run_current")
         child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10))
-        await record_history(child, "invoice_cycle")
+        await record_history(child, "invoice_cycle_current")
 
     assert progress.done and progress.periods_found == 2 and progress.invoices_created == 2 and progress.failed == 0
     first, second = await invoices(sessions)
@@ -198,3 +211,149 @@ async def test_each_line_is_rounded_once_and_the_stored_total_is_their_sum(
     # once -> 342; then February's fee in advance, 9999. Total 342 + 9999 = 10341.
     assert lines == [("usage", Decimal("12.0175"), 342), ("base_fee", Decimal(1), 9999)]
     assert invoice.total == 10341
+
+
+# --- runs always end ------------------------------------------------------------------------
+
+
+@workflow.defn(name="OtherRunsInvoice", sandboxed=False)
+class OtherRunsInvoice:
+    """Stands in for another run's invoice workflow holding a boundary's id; fails when told to."""
+
+    def __init__(self) -> None:
+        self._fail = False
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: self._fail)
+        raise ApplicationError("the other run's invoice failed", type="PricingError", non_retryable=True)
+
+    @workflow.signal
+    def fail(self) -> None:
+        self._fail = True
+
+
+async def broken_plan_subscriber(sessions, cat: factories.Catalog, name: str) -> Subscription:
+    """A subscriber whose plan the pricing engine refuses (a tiered charge without tiers): its invoice fails."""
+    async with sessions() as s:
+        broken = Plan(code=f"broken-{name}", name="Broken", currency="USD", interval=PlanInterval.month, base_fee=100)
+        s.add(broken)
+        await s.flush()
+        s.add(
+            PlanCharge(
+                plan_id=broken.id,
+                meter_id=cat.kwh.id,
+                unit_amount=Decimal(0),
+                price_model=PriceModel.graduated,
+                tiers=[],
+            )
+        )
+        await s.commit()
+    return await factories.subscriber(sessions, factories.Catalog(broken, cat.kwh, cat.water), START, name=name)
+
+
+def failure_rows(progress: BillingRunProgress) -> set[tuple[object, ...]]:
+    return {
+        (f.subscription_id, f.boundary_index, f.period_start, f.error_type, f.boundaries_left)
+        for f in progress.failures
+    }
+
+
+async def test_a_boundary_owned_by_another_run_whose_invoice_fails_does_not_hang_the_run(
+    temporal_env, sessions, activities, settings, record_history
+):
+    cat = await factories.catalog(sessions)
+    owned = await factories.subscriber(sessions, cat, START, name="Owned elsewhere")
+    fine = await factories.subscriber(sessions, cat, START, name="Fine")
+    broken = await broken_plan_subscriber(sessions, cat, "Broken")
+    # Another run holds the id of `owned`'s first invoice (Jan 10) and is still working on it.
+    other = await temporal_env.client.start_workflow(
+        OtherRunsInvoice.run, id=invoice_workflow_id(owned.id, ANCHOR), task_queue=settings.task_queue
+    )
+    async with build_worker(temporal_env.client, settings, activities, extra_workflows=[OtherRunsInvoice]):
+        handle = await start_run(temporal_env, settings, invoice_timeout=timedelta(hours=1))
+        async with asyncio.timeout(60):
+            progress = await handle.result()
+        await record_history(handle, "billing_run_owned_and_failed_current")
+        await other.signal(OtherRunsInvoice.fail)  # the other run's invoice now fails; this run is long done
+        with pytest.raises(WorkflowFailureError):
+            await other.result()
+
+    assert progress.done and progress.periods_found == 6
+    assert progress.invoices_created == 2  # Fine's two boundaries
+    assert progress.failed == 1 and progress.owned_by_other_runs == 2
+    assert failure_rows(progress) == {
+        (owned.id, 0, ANCHOR, ERR_OWNED_BY_ANOTHER_RUN, 1),  # and Feb 10 left to that run
+        (broken.id, 0, ANCHOR, "PricingError", 1),
+    }
+    assert "tiers: at least one tier is required" in next(
+        f.message for f in progress.failures if f.subscription_id == broken.id
+    )
+    assert {(i.subscription_id, i.boundary_index) for i in await invoices(sessions)} == {(fine.id, 0), (fine.id, 1)}
+    # This run never started Owned's Feb 10 invoice, which would wait for Jan 10's for ever.
+    with pytest.raises(RPCError) as missing:
+        await temporal_env.client.get_workflow_handle(invoice_workflow_id(owned.id, FEB_10)).describe()
+    assert missing.value.status is RPCStatusCode.NOT_FOUND
+    # The invoice workflows it did start carry the execution timeout it was given.
+    child = await temporal_env.client.get_workflow_handle(invoice_workflow_id(fine.id, FEB_10)).describe()
+    assert child.raw_description.execution_config.workflow_execution_timeout.ToSeconds() == 3600
+
+
+async def test_an_invoice_waiting_for_a_missing_earlier_one_gives_up_with_a_typed_error(sessions, settings, renderer):
+    cat = await factories.catalog(sessions)
+    sub = await factories.subscriber(sessions, cat, START)
+    impatient = BillingActivities(
+        sessions, renderer, LocalDocumentStore(settings.documents_root), order_wait=timedelta(minutes=10)
+    )
+    # A server of its own: the shared one does not skip time while other tests' workflows wait for workers.
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+    )
+    try:
+        async with build_worker(env.client, settings, impatient):
+            # Feb 10's invoice asked for while Jan 10's does not exist (its workflow failed elsewhere).
+            handle = await env.client.start_workflow(
+                INVOICE_WORKFLOW,
+                InvoiceCycleInput(sub.id, 1, FEB_10, datetime(2026, 3, 10, tzinfo=UTC), tenant_id=sub.tenant_id),
+                id=invoice_workflow_id(sub.id, FEB_10),
+                task_queue=settings.task_queue,
+            )
+            started = datetime.now(UTC)
+            with pytest.raises(WorkflowFailureError) as failed:
+                async with asyncio.timeout(60):
+                    await handle.result()  # 10 minutes of retries, skipped by the test server
+    finally:
+        await env.shutdown()
+    assert datetime.now(UTC) - started < timedelta(seconds=60)
+    error: BaseException | None = failed.value.cause
+    while error is not None and not isinstance(error, ApplicationError):
+        error = error.__cause__
+    assert isinstance(error, ApplicationError) and error.type == ERR_EARLIER_INVOICE_MISSING
+    assert "boundary 1 asked, next is 0" in error.message and "still missing after" in error.message
+    assert await invoices(sessions) == []
+
+
+async def test_every_failure_is_kept_across_continue_as_new(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions)
+    broken = [await broken_plan_subscriber(sessions, cat, f"Broken {i}") for i in range(3)]
+    async with build_worker(temporal_env.client, settings, activities):
+        progress = await (await start_run(temporal_env, settings, page_size=1, pages_per_run=1)).result()
+    assert progress.continued_as_new >= 2 and progress.failed == 3
+    assert failure_rows(progress) == {(b.id, 0, ANCHOR, "PricingError", 1) for b in broken}
+
+
+async def test_a_run_for_one_tenant_or_one_subscription_bills_only_that(temporal_env, sessions, activities, settings):
+    cat = await factories.catalog(sessions)
+    subs = [await factories.subscriber(sessions, cat, START, name=f"Tenant {i}") for i in range(3)]
+    async with build_worker(temporal_env.client, settings, activities):
+        by_tenant = await (await start_run(temporal_env, settings, tenant_id=subs[0].tenant_id)).result()
+        assert {i.subscription_id for i in await invoices(sessions)} == {subs[0].id}
+        by_sub = await (await start_run(temporal_env, settings, subscription_id=subs[2].id)).result()
+        assert {i.subscription_id for i in await invoices(sessions)} == {subs[0].id, subs[2].id}
+        mismatched = await (
+            await start_run(temporal_env, settings, tenant_id=subs[0].tenant_id, subscription_id=subs[1].id)
+        ).result()
+    assert by_tenant.periods_found == by_tenant.invoices_created == 2
+    assert by_sub.periods_found == by_sub.invoices_created == 2
+    assert mismatched.periods_found == 0  # both filters apply: nothing matches both
+    assert len(await invoices(sessions)) == 4

@@ -62,7 +62,7 @@ async def test_the_document_shows_the_room_at_the_boundary_the_issuer_and_local_
     async with build_worker(temporal_env.client, settings, activities):
         progress = await (await start_run(temporal_env, settings)).result()
         child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10_BERLIN))
-        await record_history(child, "invoice_cycle_number_at_finalization")
+        await record_history(child, "invoice_cycle_number_at_finalization_current")
     assert progress.invoices_created == 2 and progress.failed == 0
 
     async with sessions() as s:

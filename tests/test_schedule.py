@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest_asyncio
 from temporalio.client import ScheduleActionStartWorkflow, ScheduleSpec, WorkflowExecutionStatus
@@ -14,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.settings import Settings
 from tests.conftest import VENV_BIN
 from worker import ensure_billing_schedule
-from workflows.contracts import BILLING_RUN_WORKFLOW
+from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 
 
 def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
@@ -50,6 +51,9 @@ async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp
     action = described.schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     assert action.workflow == BILLING_RUN_WORKFLOW and action.task_queue == "schedule-test"
+    assert action.execution_timeout == timedelta(hours=6)  # BILLING_RUN_TIMEOUT: a run always ends
+    [run_input] = await client.data_converter.decode(action.args, [BillingRunInput])
+    assert run_input.invoice_timeout == timedelta(hours=1)  # INVOICE_WORKFLOW_TIMEOUT
 
     changed = settings.model_copy(update={"billing_schedule_cron": "30 2 * * 1", "billing_run_concurrency": 4})
     await ensure_billing_schedule(client, changed)
@@ -63,3 +67,24 @@ async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp
         await asyncio.sleep(0.1)
     assert len(runs) == 1 and runs[0].status == WorkflowExecutionStatus.RUNNING  # no worker polls this queue
     assert runs[0].id.startswith(f"{settings.billing_schedule_id}-run")
+
+
+async def test_a_paused_schedule_stays_paused_when_a_worker_starts(dev_server, tmp_path):
+    client = dev_server.client
+    settings = Settings(
+        data_dir=tmp_path,
+        task_queue="paused-test",
+        billing_schedule_id="paused-billing",
+        billing_schedule_cron="5 0 * * *",
+    )
+    await ensure_billing_schedule(client, settings)
+    handle = client.get_schedule_handle(settings.billing_schedule_id)
+    await handle.pause(note="month-end freeze, ask finance")
+    assert (await handle.describe()).schedule.state.paused
+
+    # A deploy: the worker starts with a new cron.
+    await ensure_billing_schedule(client, settings.model_copy(update={"billing_schedule_cron": "45 3 * * *"}))
+    described = await handle.describe()
+    assert described.schedule.state.paused
+    assert described.schedule.state.note == "month-end freeze, ask finance"
+    assert when(described.schedule.spec) == (45, 3, (0, 6))

@@ -8,6 +8,11 @@
 - After ``pages_per_run`` pages, or when Temporal suggests it, the run waits for its
   children and continues as new, carrying the cursor and the progress counters.
 - ``progress`` is a query: operators and the API read it while the run goes on.
+- A run always ends (patch ``billing-run-always-ends``): when another run already owns a
+  boundary (its invoice workflow id is taken), this run starts none of that subscription's later
+  boundaries, which would otherwise wait for an invoice that may never come; each invoice
+  workflow has an execution timeout; every subscription that failed or was left to another run
+  is listed in ``progress.failures`` with the boundary and the reason.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ApplicationError,
+    ChildWorkflowError,
+    FailureError,
+    TimeoutError,
+    WorkflowAlreadyStartedError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
         ACT_LIST_DUE_PERIODS,
         BILLING_RUN_PROGRESS_QUERY,
         BILLING_RUN_WORKFLOW,
+        ERR_OWNED_BY_ANOTHER_RUN,
         INVOICE_WORKFLOW,
         BillingRunInput,
         BillingRunProgress,
@@ -32,10 +44,21 @@ with workflow.unsafe.imports_passed_through():
         InvoiceCycleResult,
         ListDuePeriodsInput,
         ListDuePeriodsResult,
+        RunFailure,
         invoice_workflow_id,
     )
 
-MAX_FAILURES_KEPT = 20
+# Runs that record this marker skip boundaries owned elsewhere, bound their invoice workflows'
+# time and heartbeat their activity; histories without it replay the earlier commands.
+PATCH_ALWAYS_ENDS = "billing-run-always-ends"
+# The page query is one indexed SELECT; a dead worker's attempt is retried after the heartbeat timeout.
+LIST_TIMEOUT = timedelta(seconds=30)
+LIST_HEARTBEAT = timedelta(seconds=5)
+LIST_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+class _Owned(Exception):
+    """Another run's invoice workflow has the boundary's id (running, or done)."""
 
 
 @workflow.defn(name=BILLING_RUN_WORKFLOW)
@@ -43,6 +66,8 @@ class BillingRunWorkflow:
     def __init__(self) -> None:
         self._progress = BillingRunProgress()
         self._in_flight = 0
+        self._always_ends = False
+        self._invoice_timeout: timedelta | None = None
 
     @workflow.query(name=BILLING_RUN_PROGRESS_QUERY)
     def progress(self) -> BillingRunProgress:
@@ -51,6 +76,8 @@ class BillingRunWorkflow:
 
     @workflow.run
     async def run(self, data: BillingRunInput) -> BillingRunProgress:
+        self._always_ends = workflow.patched(PATCH_ALWAYS_ENDS)
+        self._invoice_timeout = data.invoice_timeout if self._always_ends else None
         if data.progress is not None:
             self._progress = data.progress
         as_of = data.as_of or workflow.now()
@@ -58,12 +85,14 @@ class BillingRunWorkflow:
         cursor = data.cursor
         pages_this_run = 0
         while True:
-            page = await workflow.execute_activity(
-                ACT_LIST_DUE_PERIODS,
-                ListDuePeriodsInput(as_of=as_of, after=cursor, limit=data.page_size),
-                result_type=ListDuePeriodsResult,
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),
+            page = await self._list_due_periods(
+                ListDuePeriodsInput(
+                    as_of=as_of,
+                    after=cursor,
+                    limit=data.page_size,
+                    tenant_id=data.tenant_id,
+                    subscription_id=data.subscription_id,
+                )
             )
             self._progress.pages += 1
             self._progress.periods_found += len(page.periods)
@@ -87,6 +116,9 @@ class BillingRunWorkflow:
                         pages_per_run=data.pages_per_run,
                         cursor=cursor,
                         progress=self._progress,
+                        tenant_id=data.tenant_id,
+                        subscription_id=data.subscription_id,
+                        invoice_timeout=data.invoice_timeout,
                     )
                 )
         await workflow.wait_condition(lambda: self._in_flight == 0)
@@ -94,17 +126,57 @@ class BillingRunWorkflow:
         self._progress.in_flight = 0
         return self._progress
 
+    async def _list_due_periods(self, query: ListDuePeriodsInput) -> ListDuePeriodsResult:
+        page: ListDuePeriodsResult
+        if not self._always_ends:
+            page = await workflow.execute_activity(
+                ACT_LIST_DUE_PERIODS,
+                query,
+                result_type=ListDuePeriodsResult,
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),
+            )
+        else:
+            page = await workflow.execute_activity(
+                ACT_LIST_DUE_PERIODS,
+                query,
+                result_type=ListDuePeriodsResult,
+                start_to_close_timeout=LIST_TIMEOUT,
+                heartbeat_timeout=LIST_HEARTBEAT,
+                retry_policy=LIST_RETRY,
+            )
+        return page
+
     async def _invoice_in_order(self, dues: list[DuePeriod]) -> None:
-        """One subscription's boundaries, oldest first: each invoice carries credit and promo counts on."""
+        """One subscription's boundaries, oldest first: each invoice carries credit and promo counts on.
+
+        A failed boundary stops the subscription here (a later one cannot be invoiced before it);
+        so does one whose invoice workflow another run owns: that run invoices the rest in order.
+        """
         try:
-            for due in dues:
-                if not await self._invoice(due):
-                    break  # a later boundary cannot be invoiced before this one
+            for position, due in enumerate(dues):
+                left = len(dues) - position - 1
+                try:
+                    await self._invoice(due)
+                except _Owned as owned:
+                    if not self._always_ends:  # histories before the patch went on with the next boundary
+                        self._progress.invoices_existing += 1
+                        continue
+                    self._progress.owned_by_other_runs += 1 + left
+                    self._record(due, ERR_OWNED_BY_ANOTHER_RUN, str(owned), left)
+                    break
+                except ChildWorkflowError as err:
+                    self._progress.failed += 1
+                    error_type, message = _reason(err)
+                    self._record(due, error_type, message, left)
+                    child_id = invoice_workflow_id(due.subscription_id, due.period_start)
+                    workflow.logger.warning("invoice workflow %s failed: %s: %s", child_id, error_type, message)
+                    break
         finally:
             self._in_flight -= 1
 
-    async def _invoice(self, due: DuePeriod) -> bool:
-        """Run the invoice workflow of one boundary; False if it failed."""
+    async def _invoice(self, due: DuePeriod) -> None:
+        """Run the invoice workflow of one boundary; raises ``_Owned`` or ``ChildWorkflowError``."""
         child_id = invoice_workflow_id(due.subscription_id, due.period_start)
         try:
             result = await workflow.execute_child_workflow(
@@ -120,22 +192,41 @@ class BillingRunWorkflow:
                 result_type=InvoiceCycleResult,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                execution_timeout=self._invoice_timeout,
             )
         except WorkflowAlreadyStartedError:
-            # Another run is invoicing this boundary, or already has.
-            self._progress.invoices_existing += 1
-            return True
-        except ChildWorkflowError as err:
-            self._progress.failed += 1
-            if len(self._progress.failures) < MAX_FAILURES_KEPT:
-                self._progress.failures.append(f"{child_id}: {err.cause or err}")
-            workflow.logger.warning("invoice workflow %s failed: %s", child_id, err.cause or err)
-            return False
+            raise _Owned(f"invoice workflow {child_id} was started by another run") from None
         if result.created:
             self._progress.invoices_created += 1
         else:
             self._progress.invoices_existing += 1
-        return True
+
+    def _record(self, due: DuePeriod, error_type: str, message: str, left: int) -> None:
+        self._progress.failures.append(
+            RunFailure(
+                subscription_id=due.subscription_id,
+                boundary_index=due.period_index,
+                period_start=due.period_start,
+                error_type=error_type,
+                message=message,
+                boundaries_left=left,
+            )
+        )
+
+
+def _reason(err: ChildWorkflowError) -> tuple[str, str]:
+    """Type and message of the first typed failure under a child's failure (activity error -> application
+    error, or a timeout); the causes below an ``ApplicationError`` are the Python exceptions it wraps."""
+    cause: BaseException = err
+    while isinstance(cause, FailureError) and not isinstance(cause, ApplicationError | TimeoutError):
+        if cause.cause is None:
+            break
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return cause.type or "ApplicationError", cause.message
+    if isinstance(cause, TimeoutError):
+        return f"Timeout:{cause.type.name if cause.type else 'UNKNOWN'}", cause.message or str(err)
+    return type(cause).__name__, str(cause)
 
 
 def _by_subscription(periods: list[DuePeriod]) -> list[list[DuePeriod]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 # Workflow names and ids.
 BILLING_RUN_WORKFLOW = "BillingRun"
@@ -26,8 +26,16 @@ def invoice_workflow_id(subscription_id: uuid.UUID, period_start: datetime) -> s
     return f"invoice:{subscription_id}:{_utc_stamp(period_start)}"
 
 
-def billing_run_workflow_id(as_of: datetime) -> str:
-    return f"billing-run:{_utc_stamp(as_of)}"
+def billing_run_workflow_id(
+    as_of: datetime, *, tenant_id: uuid.UUID | None = None, subscription_id: uuid.UUID | None = None
+) -> str:
+    """One id per (as_of, scope): a run for one tenant or subscription never joins the full run."""
+    run_id = f"billing-run:{_utc_stamp(as_of)}"
+    if subscription_id is not None:
+        return f"{run_id}:subscription:{subscription_id}"
+    if tenant_id is not None:
+        return f"{run_id}:tenant:{tenant_id}"
+    return run_id
 
 
 # Error types that callers match on (ApplicationError.type).
@@ -36,6 +44,10 @@ ERR_INVOICE_NOT_FOUND = "InvoiceNotFound"
 ERR_INVOICE_NOT_FINALIZED = "InvoiceNotFinalized"  # non-retryable: a draft has no number, so no document
 ERR_PRICING = "PricingError"  # non-retryable: the engine refuses the stored data
 ERR_EARLIER_INVOICE_PENDING = "EarlierInvoicePending"  # retryable: boundaries are invoiced in order
+# non-retryable: the earlier boundary's invoice was still missing after INVOICE_ORDER_WAIT seconds
+ERR_EARLIER_INVOICE_MISSING = "EarlierInvoiceMissing"
+# Not an exception: a billing run's record of a boundary another run's invoice workflow owns.
+ERR_OWNED_BY_ANOTHER_RUN = "OwnedByAnotherRun"
 
 
 @dataclass
@@ -47,6 +59,22 @@ class BillingRunInput:
     # Carried across continue-as-new:
     cursor: uuid.UUID | None = None
     progress: BillingRunProgress | None = None
+    # Scope: None bills every subscription; both given must name the same subscription.
+    tenant_id: uuid.UUID | None = None
+    subscription_id: uuid.UUID | None = None
+    invoice_timeout: timedelta | None = None  # execution timeout of each invoice workflow; None: none
+
+
+@dataclass
+class RunFailure:
+    """A subscription this run could not bring up to date, at which boundary, and why."""
+
+    subscription_id: uuid.UUID
+    boundary_index: int
+    period_start: datetime  # the boundary
+    error_type: str  # the failure's ApplicationError type (or ERR_OWNED_BY_ANOTHER_RUN, a timeout, ...)
+    message: str
+    boundaries_left: int = 0  # later due boundaries of the subscription this run did not start
 
 
 @dataclass
@@ -56,11 +84,12 @@ class BillingRunProgress:
     periods_found: int = 0
     invoices_created: int = 0
     invoices_existing: int = 0
-    failed: int = 0
+    failed: int = 0  # invoice workflows of this run that failed (each one is in ``failures``)
+    owned_by_other_runs: int = 0  # boundaries left to another run's invoice workflows (in ``failures`` too)
     in_flight: int = 0
     continued_as_new: int = 0
     done: bool = False
-    failures: list[str] = field(default_factory=list)
+    failures: list[RunFailure] = field(default_factory=list)  # every one, carried across continue-as-new
 
 
 @dataclass
@@ -79,6 +108,8 @@ class ListDuePeriodsInput:
     as_of: datetime
     after: uuid.UUID | None
     limit: int
+    tenant_id: uuid.UUID | None = None  # only this tenant's subscription
+    subscription_id: uuid.UUID | None = None  # only this subscription
 
 
 @dataclass

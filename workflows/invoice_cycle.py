@@ -42,12 +42,22 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=t
 PDF_TIMEOUT = timedelta(minutes=2)
 PDF_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(minutes=2))
 
+# Workflows that record this marker give every activity a heartbeat timeout (the activities
+# heartbeat while they work), so an attempt on a worker that died is retried within seconds
+# instead of after its whole start-to-close timeout. Histories without it replay the old options.
+PATCH_HEARTBEATS = "invoice-cycle-heartbeats"
+HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+PDF_TIMEOUT_HEARTBEATING = timedelta(minutes=1)  # a relaunch (~1 s) and a render, with room to spare
+PDF_RETRY_HEARTBEATING = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
 
 @workflow.defn(name=INVOICE_WORKFLOW)
 class InvoiceCycleWorkflow:
     @workflow.run
     async def run(self, data: InvoiceCycleInput) -> InvoiceCycleResult:
         tenant = data.tenant_id
+        heartbeats = workflow.patched(PATCH_HEARTBEATS)
+        heartbeat = HEARTBEAT_TIMEOUT if heartbeats else None
         invoice = await workflow.execute_activity(
             ACT_CREATE_INVOICE,
             CreateInvoiceInput(
@@ -59,6 +69,7 @@ class InvoiceCycleWorkflow:
             ),
             result_type=CreateInvoiceResult,
             start_to_close_timeout=DB_TIMEOUT,
+            heartbeat_timeout=heartbeat,
             retry_policy=DB_RETRY,
         )
         if workflow.patched(NUMBER_AT_FINALIZATION):
@@ -67,22 +78,25 @@ class InvoiceCycleWorkflow:
                 IssueInvoiceInput(invoice.invoice_id, tenant_id=tenant),
                 result_type=IssueInvoiceResult,
                 start_to_close_timeout=DB_TIMEOUT,
+                heartbeat_timeout=heartbeat,
                 retry_policy=DB_RETRY,
             )
-            pdf = await self._render(invoice, tenant)
+            pdf = await self._render(invoice, tenant, heartbeats)
             await workflow.execute_activity(
                 ACT_ATTACH_INVOICE_PDF,
                 AttachInvoicePdfInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
                 start_to_close_timeout=DB_TIMEOUT,
+                heartbeat_timeout=heartbeat,
                 retry_policy=DB_RETRY,
             )
             number: str | None = issued.number
         else:
-            pdf = await self._render(invoice, tenant)
+            pdf = await self._render(invoice, tenant, heartbeats)
             await workflow.execute_activity(
                 ACT_FINALIZE_INVOICE,
                 FinalizeInvoiceInput(invoice.invoice_id, pdf.location, tenant_id=tenant),
                 start_to_close_timeout=DB_TIMEOUT,
+                heartbeat_timeout=heartbeat,
                 retry_policy=DB_RETRY,
             )
             number = pdf.number or invoice.number
@@ -96,12 +110,15 @@ class InvoiceCycleWorkflow:
             pdf_location=pdf.location,
         )
 
-    async def _render(self, invoice: CreateInvoiceResult, tenant: uuid.UUID | None) -> RenderInvoicePdfResult:
+    async def _render(
+        self, invoice: CreateInvoiceResult, tenant: uuid.UUID | None, heartbeats: bool
+    ) -> RenderInvoicePdfResult:
         pdf: RenderInvoicePdfResult = await workflow.execute_activity(
             ACT_RENDER_INVOICE_PDF,
             RenderInvoicePdfInput(invoice.invoice_id, tenant_id=tenant),
             result_type=RenderInvoicePdfResult,
-            start_to_close_timeout=PDF_TIMEOUT,
-            retry_policy=PDF_RETRY,
+            start_to_close_timeout=PDF_TIMEOUT_HEARTBEATING if heartbeats else PDF_TIMEOUT,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT if heartbeats else None,
+            retry_policy=PDF_RETRY_HEARTBEATING if heartbeats else PDF_RETRY,
         )
         return pdf

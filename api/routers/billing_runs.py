@@ -1,4 +1,5 @@
-"""Billing runs: start the ``BillingRun`` workflow for an ``as_of`` instant, and watch it."""
+"""Billing runs: start the ``BillingRun`` workflow for an ``as_of`` instant (all subscriptions, one
+tenant's or one subscription), and watch it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedErr
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentPrincipal, SettingsDep, TemporalClientDep
-from api.errors import not_found
+from api.deps import CurrentPrincipal, SessionDep, SettingsDep, TemporalClientDep
+from api.errors import body_error, get_referenced, not_found
 from api.routing import DecimalJSONRoute
 from api.schemas import BillingRunCreate, BillingRunStarted, BillingRunStatus
-from schema.models import utcnow
+from schema.models import Subscription, Tenant, utcnow
 from workflows.contracts import (
     BILLING_RUN_PROGRESS_QUERY,
     BILLING_RUN_WORKFLOW,
@@ -33,26 +34,51 @@ PROGRESS_QUERY_TIMEOUT = timedelta(seconds=5)
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 async def start_billing_run(
     client: TemporalClientDep,
+    session: SessionDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
     body: BillingRunCreate | None = None,
 ) -> BillingRunStarted:
-    """Start (or, for an ``as_of`` already running, join) the billing run; idempotent per second of ``as_of``.
+    """Start (or, for an ``as_of`` and scope already running, join) the billing run; idempotent per
+    second of ``as_of`` and scope.
 
     ``as_of`` is truncated to whole seconds in UTC, the precision of the workflow id, so two
-    requests naming the same id always carry the same input.
+    requests naming the same id always carry the same input. An ``as_of`` in the future (beyond
+    ``BILLING_RUN_CLOCK_SKEW``) is refused: it would bill fees and settle usage of periods that
+    have not begun or ended. ``tenant_id`` / ``subscription_id`` narrow the run; each must exist,
+    and together they must name the same subscription.
     """
-    as_of = (body.as_of if body and body.as_of else utcnow()).replace(microsecond=0)
-    workflow_id = billing_run_workflow_id(as_of)
+    body = body or BillingRunCreate()
+    now = utcnow()
+    as_of = (body.as_of or now).replace(microsecond=0)
+    skew = timedelta(seconds=settings.billing_run_clock_skew)
+    if as_of > now + skew:
+        raise body_error(
+            ("as_of",),
+            f"must not be later than now + {settings.billing_run_clock_skew} s (now is {now.isoformat()})",
+        )
+    if body.tenant_id is not None:
+        await get_referenced(session, Tenant, body.tenant_id, "tenant_id", "tenant")
+    if body.subscription_id is not None:
+        sub = await get_referenced(session, Subscription, body.subscription_id, "subscription_id", "subscription")
+        if body.tenant_id is not None and sub.tenant_id != body.tenant_id:
+            raise body_error(
+                ("subscription_id",), f"subscription {sub.id} belongs to another tenant than {body.tenant_id}"
+            )
+    workflow_id = billing_run_workflow_id(as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id)
     handle = await client.start_workflow(
         BILLING_RUN_WORKFLOW,
         BillingRunInput(
             as_of=as_of,
             page_size=settings.billing_run_page_size,
             max_concurrency=settings.billing_run_concurrency,
+            tenant_id=body.tenant_id,
+            subscription_id=body.subscription_id,
+            invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
         ),
         id=workflow_id,
         task_queue=settings.task_queue,
+        execution_timeout=timedelta(seconds=settings.billing_run_timeout),
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
