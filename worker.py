@@ -28,7 +28,7 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
-from activities.pdf import ChromiumPdfRenderer
+from adapters.pdf import ChromiumPdfRenderer
 from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings

@@ -23,11 +23,11 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import invoicing
-from activities.pdf import PdfRenderer
+from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.pricing import PricingError
 from core.settings import get_settings
+from services import invoicing
 from services.documents import render_invoice_html
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
@@ -45,6 +45,7 @@ from workflows.contracts import (
     AttachInvoicePdfInput,
     CreateInvoiceInput,
     CreateInvoiceResult,
+    DuePeriod,
     FinalizeInvoiceInput,
     IssueInvoiceInput,
     IssueInvoiceResult,
@@ -136,7 +137,13 @@ class BillingActivities:
                 subscription_id=data.subscription_id,
             )
         log.info("due periods listed", count=len(result.periods), as_of=data.as_of.isoformat())
-        return result
+        return ListDuePeriodsResult(
+            periods=[
+                DuePeriod(p.subscription_id, p.period_index, p.period_start, p.period_end, tenant_id=p.tenant_id)
+                for p in result.periods
+            ],
+            next_cursor=result.next_cursor,
+        )
 
     @activity.defn(name=ACT_CREATE_INVOICE)
     async def create_invoice(self, data: CreateInvoiceInput) -> CreateInvoiceResult:
@@ -151,7 +158,9 @@ class BillingActivities:
                     raise ApplicationError(message, type=ERR_EARLIER_INVOICE_MISSING, non_retryable=True) from err
                 raise ApplicationError(str(err), type=ERR_EARLIER_INVOICE_PENDING) from err  # retried
         log.info("invoice written", invoice=result.number, created=result.created, total=result.total)
-        return result
+        return CreateInvoiceResult(
+            result.invoice_id, result.number, result.total, result.currency, result.created, result.status
+        )
 
     @activity.defn(name=ACT_ISSUE_INVOICE)
     async def issue_invoice(self, data: IssueInvoiceInput) -> IssueInvoiceResult:

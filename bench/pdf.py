@@ -3,7 +3,7 @@
 ``python -m bench.pdf [--invoices 60]``
 
 The same invoice (``render_invoice_html``) is printed ``--invoices`` times by a
-:class:`activities.pdf.ChromiumPdfRenderer` on ``CHROMIUM_PATH``:
+:class:`adapters.pdf.ChromiumPdfRenderer` on ``CHROMIUM_PATH``:
 
 (a) baseline: a renderer with 1 page, one render after another;
 (b) the worker's configuration: ``PDF_PAGE_POOL_SIZE`` pages (default 3) and every render
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from activities.pdf import ChromiumPdfRenderer
+from adapters.pdf import ChromiumPdfRenderer
 from core.observability import configure_logging
 from core.settings import get_settings
 from services.documents import InvoiceDocument, InvoiceDocumentLine, render_invoice_html

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from activities.pdf import ChromiumPdfRenderer
+from adapters.pdf import ChromiumPdfRenderer
 from core.settings import Settings
 
 

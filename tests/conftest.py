@@ -24,7 +24,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.billing import BillingActivities
-from activities.pdf import ChromiumPdfRenderer
+from adapters.pdf import ChromiumPdfRenderer
 from adapters.storage import LocalDocumentStore
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from schema.db import make_engine, make_sessionmaker, scratch_database

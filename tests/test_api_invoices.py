@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from activities import invoicing
-from activities.invoicing import InvoiceTerms
 from schema.models import Invoice, PromoCode, PromoDuration, SubscriptionPromo
+from services import invoicing
+from services.invoicing import InvoiceTerms
 from tests import factories
 from tests.test_api_support import api_client, error_locs
 from workflows.contracts import CreateInvoiceInput

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from activities.pdf import ChromiumPdfRenderer, _browsers_in, _start_ticks, owner_dir_name, reap_orphaned_profiles
+from adapters.pdf import ChromiumPdfRenderer, _browsers_in, _start_ticks, owner_dir_name, reap_orphaned_profiles
 from core.settings import PROJECT_ROOT, Settings
 
 

@@ -14,10 +14,10 @@ from sqlmodel import col, select
 from temporalio.testing import ActivityEnvironment
 
 from activities.billing import BillingActivities
-from activities.invoicing import InvoiceTerms
 from adapters.storage import LocalDocumentStore
 from core.settings import Settings
 from schema.models import Invoice, Room
+from services.invoicing import InvoiceTerms
 from tests import factories
 from tests.test_api_support import api_client
 from tests.test_billing_workflows import start_run

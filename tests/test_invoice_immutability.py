@@ -13,9 +13,9 @@ import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from activities import invoicing
-from activities.invoicing import InvoiceTerms
 from schema.models import Invoice, InvoiceLine, Subscription
+from services import invoicing
+from services.invoicing import InvoiceTerms
 from tests import factories
 
 pytestmark = pytest.mark.db

@@ -16,8 +16,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from activities import invoicing
-from activities.invoicing import InvoiceTerms
 from schema.db import (
     alembic_config,
     drop_database,
@@ -27,6 +25,8 @@ from schema.db import (
     upgrade,
     with_database,
 )
+from services import invoicing
+from services.invoicing import InvoiceTerms
 
 pytestmark = pytest.mark.db
 

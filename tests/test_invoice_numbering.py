@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import col, select
 
-from activities import invoicing
-from activities.invoicing import InvoiceTerms
 from schema.models import Invoice, InvoiceNumberCounter, InvoiceStatus, Subscription
+from services import invoicing
+from services.invoicing import InvoiceTerms
 from tests import factories
 
 pytestmark = pytest.mark.db

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from sqlalchemy import event
 from sqlmodel import col, select
 
-from activities import invoicing
 from billing.periods import Interval, period
 from schema.models import (
     Interval as PlanInterval,
@@ -40,7 +39,7 @@ from schema.models import (
     UsageEvent,
     UsageSource,
 )
-from services import usage_fence
+from services import invoicing, usage_fence
 from services.drafting import upcoming_invoice
 from workflows.contracts import CreateInvoiceInput
 

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from pypdf import PdfReader
 from sqlmodel import col, select
 
-from activities import invoicing
 from adapters.storage import LocalDocumentStore
 from billing.periods import Interval, ZoneChange
 from billing.pricing import (
@@ -43,6 +42,7 @@ from billing.pricing import (
 )
 from schema.models import Invoice, InvoiceLine, InvoiceStatus, RoomAssignment, SubscriptionStatus, Tenant
 from schema.models import Subscription as SubscriptionRow
+from services import invoicing
 from tests.test_api_pricing import subscription
 from tests.test_api_support import api_client, created, error_locs, meter, plan, room, tenant
 from tests.test_billing_workflows import start_run

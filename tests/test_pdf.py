@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from pypdf import PdfReader
 
-from activities.pdf import ChromiumNotFoundError, ChromiumPdfRenderer
+from adapters.pdf import ChromiumNotFoundError, ChromiumPdfRenderer
 from adapters.storage import LocalDocumentStore
 from services.documents import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 

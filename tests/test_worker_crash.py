@@ -23,8 +23,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities import invoicing
-from activities.pdf import owner_dir_name, reap_orphaned_profiles
+from adapters.pdf import owner_dir_name, reap_orphaned_profiles
 from core.settings import PROJECT_ROOT, Settings
 from devstack.child import Child
 from devstack.services import start_temporal_dev_server, wait_for_temporal
@@ -37,6 +36,7 @@ from schema.models import (
     Subscription,
     SubscriptionPromo,
 )
+from services import invoicing
 from tests import factories
 from tests.conftest import VENV_BIN
 from tests.crashing_worker import MARKER

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
@@ -32,12 +33,47 @@ from schema.models import (
 from services import drafting, usage_fence
 from services.documents import InvoiceDocument, InvoiceDocumentLine
 from services.drafting import NotFoundError, upcoming_invoice
-from workflows.contracts import (
-    CreateInvoiceInput,
-    CreateInvoiceResult,
-    DuePeriod,
-    ListDuePeriodsResult,
-)
+
+
+@dataclass(frozen=True)
+class DuePeriod:
+    """A boundary at or before ``as_of`` with no invoice yet."""
+
+    subscription_id: uuid.UUID
+    period_index: int  # the boundary index
+    period_start: datetime  # the boundary
+    period_end: datetime  # the next boundary (the end itself for a final boundary)
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class DuePage:
+    periods: list[DuePeriod]
+    next_cursor: uuid.UUID | None  # None: this was the last page
+
+
+class BoundaryToInvoice(Protocol):
+    """Which invoice to write: the subscription's boundary (its index and instant, the business key)."""
+
+    @property
+    def subscription_id(self) -> uuid.UUID: ...
+    @property
+    def boundary_index(self) -> int: ...
+    @property
+    def period_start(self) -> datetime: ...
+    @property
+    def workflow_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class WrittenInvoice:
+    invoice_id: uuid.UUID
+    number: str | None  # None until finalized
+    total: int
+    currency: str
+    created: bool  # False: it existed already (a repeated call)
+    status: str
+
 
 __all__ = [
     "DraftInvoiceError",
@@ -62,7 +98,7 @@ async def list_due_periods(
     *,
     tenant_id: uuid.UUID | None = None,
     subscription_id: uuid.UUID | None = None,
-) -> ListDuePeriodsResult:
+) -> DuePage:
     """Every boundary at or before ``as_of`` without an invoice, for one page of subscriptions
     (only the tenant's or the subscription's when one is given).
 
@@ -101,7 +137,7 @@ async def list_due_periods(
             periods.append(DuePeriod(sub.id, index, p.start, p.end, tenant_id=sub.tenant_id))
             index += 1
     next_cursor = rows[-1][0].id if len(rows) == limit else None
-    return ListDuePeriodsResult(periods=periods, next_cursor=next_cursor)
+    return DuePage(periods=periods, next_cursor=next_cursor)
 
 
 class OutOfOrderError(RuntimeError):
@@ -116,13 +152,13 @@ async def _existing_invoice(session: AsyncSession, subscription_id: uuid.UUID, s
     ).first()
 
 
-def _existing_result(invoice: Invoice) -> CreateInvoiceResult:
-    return CreateInvoiceResult(
+def _existing_result(invoice: Invoice) -> WrittenInvoice:
+    return WrittenInvoice(
         invoice.id, invoice.number, invoice.total, invoice.currency, created=False, status=invoice.status
     )
 
 
-async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> CreateInvoiceResult:
+async def create_invoice(session: AsyncSession, data: BoundaryToInvoice) -> WrittenInvoice:
     """Draft the invoice at a boundary with the pricing engine and write it, once.
 
     One transaction, with the subscription row locked: the invoice and its lines, the promo
@@ -197,7 +233,7 @@ async def create_invoice(session: AsyncSession, data: CreateInvoiceInput) -> Cre
         sub.current_period_end = draft.period.end
     session.add(sub)
     await session.commit()
-    return CreateInvoiceResult(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
+    return WrittenInvoice(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
 
 
 # Lines that take something off the charges (the rest make up the subtotal).
