@@ -6,152 +6,38 @@ numbers wider than the column), so a bad value is a 422 naming its field, never 
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from enum import StrEnum
-from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated
 
 from pydantic import (
-    AfterValidator,
-    AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     StringConstraints,
 )
 
-from billing.money import check_currency
 from schema.models import Aggregation, Interval, InvoiceStatus, PriceModel, PromoDuration, SubscriptionStatus, utcnow
+from services.ingestion import RowStatus
+from services.inputs import (
+    Code,
+    Currency,
+    DecimalOut,
+    Email,
+    MeterCode,
+    MinorUnits,
+    Name,
+    PgBigint,
+    PgInt,
+    PgText,
+    PriceDecimal,
+    Timezone,
+    UtcDatetime,
+    stripped,
+)
 from services.subscriptions import CancelAt
 from workflows.contracts import BillingRunProgress
-
-MAX_BIGINT = 2**63 - 1
-MAX_INT = 2**31 - 1
-
-
-def check_pg_text(value: str) -> str:
-    """Text PostgreSQL can store: no NUL character, encodable as UTF-8."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text") from None
-    return value
-
-
-def check_timezone(name: str) -> str:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown IANA time zone {name!r}") from None
-    return name
-
-
-def to_utc(value: datetime) -> datetime:
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("is out of the supported date range") from None
-
-
-def _plain_decimal(value: Decimal) -> str:
-    """28.500000000 -> "28.5", 1E+2 -> "100": exact, without exponent or padding."""
-    return format(value.normalize(), "f")
-
-
-# Event properties: small, shallow JSON objects (they are stored with every event).
-MAX_PROPERTIES_DEPTH = 8
-MAX_PROPERTIES_BYTES = 4096
-
-
-def _json_value(value: Any, depth: int = 0) -> Any:
-    """A JSON-encodable copy of ``value``: Decimals become int or float, anything else is refused."""
-    if depth > MAX_PROPERTIES_DEPTH:
-        raise ValueError(f"must not be nested deeper than {MAX_PROPERTIES_DEPTH} levels")
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, str):
-        return check_pg_text(value)
-    if isinstance(value, Decimal | float):
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError("numbers must be finite")
-        return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else number
-    if isinstance(value, list):
-        return [_json_value(item, depth + 1) for item in value]
-    if isinstance(value, dict):
-        return {check_pg_text(str(key)): _json_value(item, depth + 1) for key, item in value.items()}
-    raise ValueError(f"{type(value).__name__} is not a JSON value")
-
-
-def json_object(value: dict[str, Any]) -> dict[str, Any]:
-    copy: dict[str, Any] = _json_value(value)
-    if len(json.dumps(copy, ensure_ascii=False).encode("utf-8")) > MAX_PROPERTIES_BYTES:
-        raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes of JSON")
-    return copy
-
-
-# Numbers as text: ASCII digits, one optional point and exponent; no underscores, no other scripts'
-# digits (Decimal("1_000") and Decimal("١٢٣") would be accepted as 1000 and 123).
-_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
-# RFC 3339 with a zone, at most microseconds (more digits would be cut off silently).
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?([Zz]|[+-][0-9]{2}:[0-9]{2})", re.ASCII
-)
-
-
-def strict_decimal(value: Any) -> Any:
-    """A JSON number, or a string of ASCII decimal digits; never a boolean."""
-    if isinstance(value, bool):
-        raise ValueError("must be a decimal number, not a boolean")
-    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
-        raise ValueError("must be a decimal number written with ASCII digits, e.g. 12.5")
-    return value
-
-
-def strict_datetime(value: Any) -> Any:
-    """An RFC 3339 date-time string with a time zone (or a datetime from Python); never a number."""
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str) and _RFC3339.fullmatch(value.strip()):
-        return value.strip()
-    raise ValueError("must be an RFC 3339 date-time with a time zone and at most 6 decimals, e.g. 2026-01-31T00:00:00Z")
-
-
-def _stripped(max_length: int, *, pattern: str | None = None) -> Any:
-    return StringConstraints(strip_whitespace=True, min_length=1, max_length=max_length, pattern=pattern)
-
-
-PgText = AfterValidator(check_pg_text)
-Name = Annotated[str, _stripped(200), PgText]
-Code = Annotated[str, _stripped(64), PgText]
-MeterCode = Annotated[str, _stripped(64, pattern=r"^[a-z0-9_-]{1,64}$")]
-Email = Annotated[str, _stripped(320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), PgText]
-Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(check_currency)]
-Timezone = Annotated[str, _stripped(64), PgText, AfterValidator(check_timezone)]
-UtcDatetime = Annotated[AwareDatetime, BeforeValidator(strict_datetime), AfterValidator(to_utc)]
-MinorUnits = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
-# Numeric(24, 9): at most 15 digits before the point and 9 after; refused rather than rounded.
-ExactDecimal = Annotated[
-    Decimal, BeforeValidator(strict_decimal), Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=9)
-]
-# The same column, sign left to the pricing engine, whose rules (and messages) are the reference.
-PriceDecimal = Annotated[
-    Decimal, BeforeValidator(strict_decimal), Field(allow_inf_nan=False, max_digits=24, decimal_places=9)
-]
-PgInt = Annotated[int, Field(strict=True, ge=-MAX_INT - 1, le=MAX_INT)]
-PgBigint = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
-DecimalOut = Annotated[Decimal, PlainSerializer(_plain_decimal, return_type=str, when_used="json")]
-IdempotencyKey = Annotated[str, _stripped(200), PgText]
-Properties = Annotated[dict[str, Any], AfterValidator(json_object)]
 
 
 class Public(BaseModel):
@@ -164,11 +50,11 @@ class Public(BaseModel):
 class Address(BaseModel):
     """A billing address (Stripe's address fields); every part optional."""
 
-    line1: Annotated[str, _stripped(200), PgText] | None = None
-    line2: Annotated[str, _stripped(200), PgText] | None = None
-    city: Annotated[str, _stripped(200), PgText] | None = None
-    postal_code: Annotated[str, _stripped(32), PgText] | None = None
-    state: Annotated[str, _stripped(200), PgText] | None = None
+    line1: Annotated[str, stripped(200), PgText] | None = None
+    line2: Annotated[str, stripped(200), PgText] | None = None
+    city: Annotated[str, stripped(200), PgText] | None = None
+    postal_code: Annotated[str, stripped(32), PgText] | None = None
+    state: Annotated[str, stripped(200), PgText] | None = None
     country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = Field(
         default=None, description="ISO 3166-1 alpha-2, e.g. DE"
     )
@@ -215,9 +101,9 @@ class TenantPublic(Public):
 class MeterCreate(BaseModel):
     code: MeterCode
     name: Name
-    unit: Annotated[str, _stripped(32), PgText]
+    unit: Annotated[str, stripped(32), PgText]
     aggregation: Aggregation = Aggregation.sum
-    property_name: Annotated[str, _stripped(64), PgText] | None = Field(
+    property_name: Annotated[str, stripped(64), PgText] | None = Field(
         default=None, description="unique_count only (and required there): the event property whose values count"
     )
 
@@ -451,45 +337,7 @@ class SubscriptionPromoPublic(BaseModel):
     invoices_applied: int
 
 
-# Usage
-
-
-class UsageEventIn(BaseModel):
-    """One usage event, as posted alone, inside a batch, or as a CSV row."""
-
-    tenant_id: uuid.UUID
-    meter: MeterCode = Field(description="Meter code")
-    quantity: ExactDecimal = Field(description="Decimal string or JSON number, >= 0")
-    occurred_at: UtcDatetime
-    idempotency_key: IdempotencyKey = Field(description="Unique per tenant; a repeat is a duplicate")
-    properties: Properties = Field(default_factory=dict)
-
-
-class RowStatus(StrEnum):
-    accepted = "accepted"
-    duplicate = "duplicate"  # the key was used before with the same event: nothing stored again
-    conflict = "conflict"  # the key was used before with another event: refused, errors name the stored values
-    rejected = "rejected"
-
-
-class UsageFieldError(BaseModel):
-    field: str
-    message: str
-
-
-class UsageRowResult(BaseModel):
-    index: int
-    status: RowStatus
-    idempotency_key: str | None
-    errors: list[UsageFieldError] = []
-
-
-class UsageBatchResult(BaseModel):
-    accepted: int
-    duplicates: int
-    conflicts: int = 0
-    rejected: int
-    results: list[UsageRowResult]
+# Usage: the row shape and its results are the ingestion service's (services/ingestion.py).
 
 
 class UsageEventResult(BaseModel):

@@ -7,7 +7,7 @@ fresh database of its own, migrated to head and dropped at the end:
 
 (a) baseline: one ``INSERT ... ON CONFLICT DO NOTHING`` per row through asyncpg, all in one
     transaction, with values already typed (no validation, meters resolved beforehand);
-(b) real: :func:`api.ingest.ingest`, the service behind ``POST /v1/usage``, on rows shaped as
+(b) real: :func:`services.ingestion.ingest`, the service behind ``POST /v1/usage``, on rows shaped as
     the route hands them over (parsed JSON, numbers as ``Decimal``), ``--batch`` rows a call;
 (c) the same as (b) again with every row already stored (all duplicates).
 
@@ -32,12 +32,11 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 
-from api.ingest import ingest
-from api.schemas import RowStatus
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, get_settings
 from schema.db import libpq_url, make_engine, make_sessionmaker, scratch_database
 from schema.models import Aggregation, Meter, Tenant, UsageSource
+from services.ingestion import RowStatus, ingest
 
 METERS = (("electricity", "Electricity", "kWh"), ("water", "Water", "m3"), ("laundry", "Laundry", "cycle"))
 START = datetime(2025, 3, 1, tzinfo=UTC)
@@ -166,7 +165,7 @@ async def measure(url: str, rows: int, batch: int, repeat: int) -> list[Measurem
 
         return [
             Measurement("(a) baseline: asyncpg INSERT per row, 1 tx", rows, baseline),
-            Measurement(f"(b) real: api.ingest.ingest, batches of {batch}", rows, real),
+            Measurement(f"(b) real: services.ingestion.ingest, batches of {batch}", rows, real),
             Measurement("(c) real again, all duplicates", rows, duplicates),
         ]
     finally:

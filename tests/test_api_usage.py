@@ -17,9 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.ingest import ingest
-from api.schemas import RowStatus
 from schema.models import Meter, Tenant, UsageSource
+from services.ingestion import RowStatus, ingest
 from tests.test_api_support import api_client, error_locs, meter, tenant
 
 pytestmark = pytest.mark.db

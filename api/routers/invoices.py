@@ -14,8 +14,9 @@ from api.errors import conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
-from api.schemas import InvoiceDetail, InvoiceLinePublic, InvoicePublic, UtcDatetime
+from api.schemas import InvoiceDetail, InvoiceLinePublic, InvoicePublic
 from schema.models import Invoice, InvoiceLine, InvoiceStatus
+from services.inputs import UtcDatetime
 
 router = APIRouter(prefix="/invoices", tags=["invoices"], route_class=DecimalJSONRoute)
 

@@ -32,11 +32,11 @@ from api.schemas import (
     SubscriptionPublic,
     UpcomingInvoice,
     UpcomingLine,
-    UtcDatetime,
 )
 from schema.models import Subscription, utcnow
 from services import subscriptions
 from services.drafting import Draft
+from services.inputs import UtcDatetime
 from workflows.contracts import INVOICE_WORKFLOW, InvoiceCycleInput, invoice_workflow_id
 
 router = APIRouter(prefix="/subscriptions", tags=["subscriptions"], route_class=DecimalJSONRoute)

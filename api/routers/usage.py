@@ -1,6 +1,6 @@
 """Usage ingestion over HTTP: a JSON batch, a CSV upload, or a single event.
 
-Batches are answered row by row (see :mod:`api.ingest`); only a malformed envelope (not
+Batches are answered row by row (see :mod:`services.ingestion`); only a malformed envelope (not
 JSON, no ``events`` list, too many rows, a CSV without a required column) fails as a whole.
 """
 
@@ -15,11 +15,11 @@ from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from api.deps import SessionDep
 from api.errors import Loc, body_error, body_errors, conflict
-from api.ingest import ingest, ingest_event
 from api.middleware import bind_tenant
 from api.routing import DecimalJSONRoute, loads_decimal
-from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageEventResult
+from api.schemas import UsageEventResult
 from schema.models import UsageSource
+from services.ingestion import RowStatus, UsageBatchResult, UsageEventIn, ingest, ingest_event
 
 router = APIRouter(prefix="/usage", tags=["usage"], route_class=DecimalJSONRoute)
 log = structlog.stdlib.get_logger("api")

@@ -15,15 +15,55 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.schemas import RowStatus, UsageBatchResult, UsageEventIn, UsageFieldError, UsageRowResult, check_pg_text
 from schema.db import execute_sql
 from schema.models import UsageSource
 from services import usage_fence
+from services.inputs import ExactDecimal, IdempotencyKey, MeterCode, Properties, UtcDatetime, check_pg_text
+
+
+class UsageEventIn(BaseModel):
+    """One usage event, as posted alone, inside a batch, or as a CSV row."""
+
+    tenant_id: uuid.UUID
+    meter: MeterCode = Field(description="Meter code")
+    quantity: ExactDecimal = Field(description="Decimal string or JSON number, >= 0")
+    occurred_at: UtcDatetime
+    idempotency_key: IdempotencyKey = Field(description="Unique per tenant; a repeat is a duplicate")
+    properties: Properties = Field(default_factory=dict)
+
+
+class RowStatus(StrEnum):
+    accepted = "accepted"
+    duplicate = "duplicate"  # the key was used before with the same event: nothing stored again
+    conflict = "conflict"  # the key was used before with another event: refused, errors name the stored values
+    rejected = "rejected"
+
+
+class UsageFieldError(BaseModel):
+    field: str
+    message: str
+
+
+class UsageRowResult(BaseModel):
+    index: int
+    status: RowStatus
+    idempotency_key: str | None
+    errors: list[UsageFieldError] = []
+
+
+class UsageBatchResult(BaseModel):
+    accepted: int
+    duplicates: int
+    conflicts: int = 0
+    rejected: int
+    results: list[UsageRowResult]
+
 
 _EVENT = TypeAdapter(UsageEventIn)
 
