@@ -12,10 +12,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, TemporalClientDep
-from api.errors import body_error, get_referenced, not_found
+from api.errors import not_found
 from api.routing import DecimalJSONRoute
 from api.schemas import BillingRunCreate, BillingRunStarted, BillingRunStatus
-from schema.models import Subscription, Tenant, utcnow
+from schema.models import utcnow
+from services import billing_runs
 from workflows.contracts import (
     BILLING_RUN_PROGRESS_QUERY,
     BILLING_RUN_WORKFLOW,
@@ -49,22 +50,14 @@ async def start_billing_run(
     and together they must name the same subscription.
     """
     body = body or BillingRunCreate()
-    now = utcnow()
-    as_of = (body.as_of or now).replace(microsecond=0)
-    skew = timedelta(seconds=settings.billing_run_clock_skew)
-    if as_of > now + skew:
-        raise body_error(
-            ("as_of",),
-            f"must not be later than now + {settings.billing_run_clock_skew} s (now is {now.isoformat()})",
-        )
-    if body.tenant_id is not None:
-        await get_referenced(session, Tenant, body.tenant_id, "tenant_id", "tenant")
-    if body.subscription_id is not None:
-        sub = await get_referenced(session, Subscription, body.subscription_id, "subscription_id", "subscription")
-        if body.tenant_id is not None and sub.tenant_id != body.tenant_id:
-            raise body_error(
-                ("subscription_id",), f"subscription {sub.id} belongs to another tenant than {body.tenant_id}"
-            )
+    as_of = await billing_runs.checked_request(
+        session,
+        as_of=body.as_of,
+        now=utcnow(),
+        clock_skew=timedelta(seconds=settings.billing_run_clock_skew),
+        tenant_id=body.tenant_id,
+        subscription_id=body.subscription_id,
+    )
     workflow_id = billing_run_workflow_id(as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id)
     handle = await client.start_workflow(
         BILLING_RUN_WORKFLOW,
