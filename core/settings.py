@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     invoice_number_prefix: str = Field(default="INV", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
     payment_terms_days: int = Field(default=14, ge=0, le=365, description="Due date: issue date + this many local days")
 
+    # The PSP (Stripe). Unset STRIPE_API_BASE: `make up` runs the local emulator (devstack/psp) on
+    # PSP_EMULATOR_PORT and points the stack at it; production sets a real key and leaves it unset.
+    stripe_api_base: str | None = Field(default=None, description="Base URL of the Stripe API; unset: Stripe itself")
+    stripe_api_key: str = "sk_test_local_emulator"
+    psp_emulator_port: int = 12111
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")

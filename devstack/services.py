@@ -163,6 +163,7 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
         DATABASE_URL=database_url,
         TEMPORAL_ADDRESS=temporal_address,
         DATA_DIR=str(settings.data_dir),
+        **({"STRIPE_API_BASE": settings.stripe_api_base} if settings.stripe_api_base else {}),
         PYTHONUNBUFFERED="1",
     )
     # Their output reaches the terminal through our pipe, so "auto" would pick JSON.
@@ -196,6 +197,19 @@ def start_api(
     child = Child("api", argv, env=env, cwd=cwd).start()
     log.info("api starting", pid=child.pid, port=settings.api_port)
     return child
+
+
+def start_psp_emulator(
+    settings: Settings, *, python: str = sys.executable, cwd: Path = PROJECT_ROOT
+) -> tuple[Child, str]:
+    """The local Stripe-compatible PSP emulator (devstack/psp); its base URL."""
+    host, port = "127.0.0.1", settings.psp_emulator_port
+    if port_in_use(host, port):
+        raise ServiceError(f"port {host}:{port} is taken; stop that process or set PSP_EMULATOR_PORT")
+    argv = [python, "-m", "devstack.psp", "--host", host, "--port", str(port)]
+    child = Child("psp", argv, cwd=cwd).start()
+    log.info("psp emulator starting", pid=child.pid, port=port)
+    return child, f"http://{host}:{port}"
 
 
 def api_base_url(settings: Settings) -> str:

@@ -38,6 +38,7 @@ from devstack.services import (
     redact_url,
     start_api,
     start_embedded_database,
+    start_psp_emulator,
     start_temporal_dev_server,
     start_worker,
     wait_for_http,
@@ -160,6 +161,7 @@ class Stack:
     temporal_address: str
     temporal_ui: str | None  # only when we run the dev server
     api_url: str
+    psp_url: str | None  # only when we run the emulator
 
 
 async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path = PROJECT_ROOT) -> Stack:
@@ -188,7 +190,14 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         temporal_ui = f"http://{EMBEDDED_TEMPORAL_IP}:{EMBEDDED_TEMPORAL_UI_PORT}"
     else:
         temporal_address = settings.temporal_address
-    effective = settings.model_copy(update={"database_url": database_url, "temporal_address": temporal_address})
+    psp_url: str | None = None
+    if settings.stripe_api_base is None:
+        psp, psp_url = start_psp_emulator(settings, cwd=project_root)
+        sup.add_child(psp)
+        await sup.guard(wait_for_http(f"{psp_url}/_emulator/health", child=psp))
+        log.info("psp emulator ready", url=psp_url)
+    update = {"database_url": database_url, "temporal_address": temporal_address}
+    effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
 
@@ -198,7 +207,7 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
     api_url = api_base_url(effective)
     await sup.guard(wait_for_http(f"{api_url}/healthz", child=api))
     log.info("api ready", url=api_url)
-    return Stack(effective, database_url, temporal_address, temporal_ui, api_url)
+    return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url)
 
 
 def _progress_line(progress: dict[str, Any]) -> str:
@@ -238,6 +247,8 @@ def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     ]
     if stack.temporal_ui:
         rows.append(("Temporal UI", stack.temporal_ui))
+    if stack.psp_url:
+        rows.append(("PSP emulator", f"{stack.psp_url}   (Stripe API; docs/psp-emulator.md)"))
     rows += [
         ("Invoice PDFs", str(stack.settings.documents_root)),
         ("Database", redact_url(stack.database_url)),

@@ -29,7 +29,9 @@ from devstack.services import (
     port_in_use,
     redact_url,
     start_embedded_database,
+    start_psp_emulator,
     start_temporal_dev_server,
+    wait_for_http,
     wait_for_temporal,
 )
 from devstack.up import Shutdown, Supervisor
@@ -418,3 +420,24 @@ async def test_temporal_dev_server_refuses_a_taken_port(tmp_path: Path):
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match="taken"):
             start_temporal_dev_server(Settings(data_dir=tmp_path), port=port, ui_port=_free_port())
+
+
+async def test_the_psp_emulator_starts_answers_the_stripe_sdk_and_stops_cleanly(tmp_path: Path):
+    import stripe
+
+    port = _free_port()
+    child, url = start_psp_emulator(Settings(data_dir=tmp_path, psp_emulator_port=port))
+    try:
+        await wait_for_http(f"{url}/_emulator/health", max_wait=30, child=child)
+        client = stripe.StripeClient("sk_test_devstack", base_addresses={"api": url})
+        customer = await asyncio.to_thread(client.v1.customers.create, params={"email": "ada@example.com"})
+        assert customer.id.startswith("cus_") and customer.email == "ada@example.com"
+    finally:
+        await asyncio.to_thread(child.stop, 10)
+    assert child.pgid is not None and not group_alive(child.pgid)
+    assert not port_in_use("127.0.0.1", port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="taken"):
+            start_psp_emulator(Settings(data_dir=tmp_path, psp_emulator_port=taken.getsockname()[1]))
