@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.periods import Interval, local_midnight, period
@@ -104,4 +105,21 @@ async def usage(
             )
             for i, q in enumerate(quantities)
         )
+        await s.commit()
+
+
+async def move(sessions: async_sessionmaker[AsyncSession], sub: Subscription, room: Room, at: datetime) -> None:
+    """Move ``sub`` to ``room`` (and its plan) from ``at``: the open assignment ends, a new one begins."""
+    async with sessions() as s:
+        query = select(RoomAssignment).where(
+            col(RoomAssignment.subscription_id) == sub.id, col(RoomAssignment.effective_to).is_(None)
+        )
+        current = (await s.exec(query)).one()
+        current.effective_to = at
+        s.add(current)
+        s.add(RoomAssignment(subscription_id=sub.id, room_id=room.id, plan_id=room.plan_id, effective_from=at))
+        row = await s.get(Subscription, sub.id)
+        assert row is not None
+        row.room_id, row.plan_id = room.id, room.plan_id
+        s.add(row)
         await s.commit()

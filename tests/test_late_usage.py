@@ -41,6 +41,7 @@ from schema.models import (
 )
 from services import invoicing, usage_fence
 from services.drafting import upcoming_invoice
+from tests import factories
 from workflows.contracts import CreateInvoiceInput
 
 pytestmark = pytest.mark.db
@@ -113,22 +114,6 @@ async def subscribe(sessions, room: Room, start: datetime = JAN_1) -> Subscripti
         return sub
 
 
-async def move(sessions, sub: Subscription, room: Room, at: datetime) -> None:
-    async with sessions() as s:
-        query = select(RoomAssignment).where(
-            RoomAssignment.subscription_id == sub.id, col(RoomAssignment.effective_to).is_(None)
-        )
-        current = (await s.exec(query)).one()
-        current.effective_to = at
-        s.add(current)
-        s.add(RoomAssignment(subscription_id=sub.id, room_id=room.id, plan_id=room.plan_id, effective_from=at))
-        row = await s.get(Subscription, sub.id)
-        assert row is not None
-        row.room_id, row.plan_id = room.id, room.plan_id
-        s.add(row)
-        await s.commit()
-
-
 async def use(sessions, sub: Subscription, meter: Meter, quantity: str | Decimal, at: datetime) -> None:
     async with sessions() as s:
         s.add(
@@ -175,7 +160,7 @@ async def test_a_move_between_rooms_on_the_same_plan_is_never_adjusted_without_l
     sub = await subscribe(sessions, shop_.rooms["a"])
     await bill(sessions, sub, 0)
     await use(sessions, sub, shop_.kwh, "16", day(5))  # Room A: 16 x 25 = 400
-    await move(sessions, sub, shop_.rooms["b"], day(17))
+    await factories.move(sessions, sub, shop_.rooms["b"], day(17))
     await use(sessions, sub, shop_.kwh, "12", day(20))  # Room B, same plan: 12 x 25 = 300
     lines1 = await bill(sessions, sub, 1)
     assert usage_of(lines1) == [
@@ -191,9 +176,9 @@ async def test_late_usage_is_billed_for_its_own_slice_only(sessions):
     sub = await subscribe(sessions, shop_.rooms["a"])
     await bill(sessions, sub, 0)
     await use(sessions, sub, shop_.kwh, "16", day(5))  # A: 400
-    await move(sessions, sub, shop_.rooms["suite"], day(17))  # the suite from Jan 17
+    await factories.move(sessions, sub, shop_.rooms["suite"], day(17))  # the suite from Jan 17
     await use(sessions, sub, shop_.kwh, "20", day(20))  # suite: 20 x 31 = 620
-    await move(sessions, sub, shop_.rooms["b"], day(25))  # Jan 25-31 in B (same plan as A)
+    await factories.move(sessions, sub, shop_.rooms["b"], day(25))  # Jan 25-31 in B (same plan as A)
     await use(sessions, sub, shop_.kwh, "4", day(27))  # B: 4 x 25 = 100
     lines1 = await bill(sessions, sub, 1)
     # The suite slice Jan 17-25 is 8 of 31 days: minimum 3100 x 8/31 = 800; 20 kWh x 31 = 620, so 800.
@@ -225,9 +210,9 @@ async def test_a_to_b_to_a_and_two_versions_of_one_plan_code_are_settled_per_sli
     sub = await subscribe(sessions, shop_.rooms["a"])
     await bill(sessions, sub, 0)
     await use(sessions, sub, shop_.kwh, "10", day(3))  # A (std v1): 250
-    await move(sessions, sub, shop_.rooms["v2"], day(10))  # std v2, same plan code
+    await factories.move(sessions, sub, shop_.rooms["v2"], day(10))  # std v2, same plan code
     await use(sessions, sub, shop_.kwh, "10", day(12))  # 10 x 27.5 = 275
-    await move(sessions, sub, shop_.rooms["a"], day(20))  # back to A (std v1)
+    await factories.move(sessions, sub, shop_.rooms["a"], day(20))  # back to A (std v1)
     await use(sessions, sub, shop_.kwh, "3", day(22))  # 75
     lines1 = await bill(sessions, sub, 1)
     assert usage_of(lines1) == [
@@ -380,7 +365,7 @@ async def test_every_period_is_settled_exactly_whatever_moves_and_late_events(se
             if room.id == current.id:
                 continue
             at = start + timedelta(days=offset)
-            await move(sessions, sub, room, at)
+            await factories.move(sessions, sub, room, at)
             moves.append((at, room))
             current = room
         for offset, code, quantity in on_time:

@@ -31,6 +31,7 @@ from schema.models import (
     UsageSource,
 )
 from services.drafting import upcoming_invoice
+from tests import factories
 from tests.test_billing_workflows import start_run
 from worker import build_worker
 
@@ -106,25 +107,6 @@ async def add_usage(sessions, sub, meter, quantity: str, at: datetime, key: str)
         await s.commit()
 
 
-async def move(sessions, sub: Subscription, room: Room, at: datetime) -> None:
-    async with sessions() as s:
-        current = (
-            await s.exec(
-                select(RoomAssignment).where(
-                    RoomAssignment.subscription_id == sub.id, col(RoomAssignment.effective_to).is_(None)
-                )
-            )
-        ).one()
-        current.effective_to = at
-        s.add(current)
-        s.add(RoomAssignment(subscription_id=sub.id, room_id=room.id, plan_id=room.plan_id, effective_from=at))
-        row = await s.get(Subscription, sub.id)
-        assert row is not None
-        row.room_id, row.plan_id = room.id, room.plan_id
-        s.add(row)
-        await s.commit()
-
-
 async def invoice_lines(sessions, boundary: int) -> tuple[Invoice, list[tuple[str, int]]]:
     async with sessions() as s:
         invoice = (await s.exec(select(Invoice).where(Invoice.boundary_index == boundary))).one()
@@ -159,7 +141,7 @@ async def test_tiers_promo_move_and_late_usage_match_the_preview(temporal_env, s
     await add_usage(sessions, sub, kwh, "80", datetime(2026, 3, 5, tzinfo=UTC), "e1")
     await add_usage(sessions, sub, kwh, "50", datetime(2026, 3, 10, tzinfo=UTC), "e2")
     await add_usage(sessions, sub, water, "2", datetime(2026, 3, 3, tzinfo=UTC), "w1")
-    await move(sessions, sub, suite_room, BERLIN_MAR_16)
+    await factories.move(sessions, sub, suite_room, BERLIN_MAR_16)
     await add_usage(sessions, sub, kwh, "40", datetime(2026, 3, 20, tzinfo=UTC), "e3")
 
     # Boundary 1 (Apr 1), March has 31 days, 16 of them (Mar 16-31) in the suite:
