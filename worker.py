@@ -34,6 +34,7 @@ from core.observability import LogContextInterceptor, configure_logging, configu
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
+from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 from workflows.invoice_cycle import InvoiceCycleWorkflow
@@ -129,6 +130,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             make_sessionmaker(engine),
             renderer,
             LocalDocumentStore(settings.documents_root),
+            InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
         worker = build_worker(client, settings, activities)
