@@ -362,16 +362,22 @@ def verify_event(
     payload: bytes, signature: str | None, secret: str, *, tolerance: int = WEBHOOK_TOLERANCE_SECONDS
 ) -> VerifiedEvent:
     """The event in ``payload`` if ``signature`` (the ``Stripe-Signature`` header) signs exactly
-    these bytes under ``secret`` within ``tolerance`` seconds; else :class:`InvalidSignature`."""
+    these bytes under ``secret`` within ``tolerance`` seconds and they are an event (an object
+    with ``id``, ``type`` and ``created``); else :class:`InvalidSignature`."""
     if not signature:
         raise InvalidSignature("the Stripe-Signature header is missing")
+    # The check ``stripe.Webhook.construct_event`` makes first; its parsing after that breaks on a
+    # signed body that is JSON but not an object (AttributeError), so the body is parsed here.
     try:
-        stripe.Webhook.construct_event(payload, signature, secret, tolerance)
+        stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature, secret, tolerance)
     except stripe.SignatureVerificationError as error:
         raise InvalidSignature(error.user_message or str(error)) from None
-    except ValueError:  # signed, but not UTF-8 JSON
+    except UnicodeDecodeError:
+        raise InvalidSignature("the body is not UTF-8") from None
+    try:
+        body = json.loads(payload)
+    except ValueError:
         raise InvalidSignature("the body is not a JSON event") from None
-    body = json.loads(payload)
     if not isinstance(body, dict):
         raise InvalidSignature("the body is not a JSON event")
     event_id, kind, created = body.get("id"), body.get("type"), body.get("created")
