@@ -10,6 +10,8 @@
   whose request never finished (its process died) is taken over after ``LEASE``.
 - Keys are scoped by the caller's credentials (a hash of the Authorization header), so two
   callers never share a key. A POST without the header is not affected.
+- PSP webhooks (``/v1/webhooks/``) are not handled here: each event is stored once by its own
+  id (``services/psp_events.py``), whatever headers come with it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ LEASE = timedelta(seconds=60)
 WAIT = timedelta(seconds=10)
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 _KEPT_HEADERS = ("content-type", "location")
+_EXEMPT_PREFIXES = ("/v1/webhooks/",)  # deduplicated by event id instead
 
 log = structlog.stdlib.get_logger("api")
 
@@ -72,7 +75,7 @@ class IdempotencyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith(_EXEMPT_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

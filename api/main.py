@@ -35,7 +35,7 @@ from api.middleware import (
     new_request_id,
 )
 from api.openapi import install as install_openapi
-from api.routers import health_router, v1_router
+from api.routers import health_router, v1_router, webhooks_router
 from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -101,6 +101,7 @@ def create_app(
     FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz")
     app.include_router(health_router)
     app.include_router(v1_router)
+    app.include_router(webhooks_router)
     return app
 
 

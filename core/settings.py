@@ -32,6 +32,7 @@ class TraceExporter(StrEnum):
 
 
 _ISSUER_FIELDS = ("issuer_name", "issuer_address", "issuer_tax_id")
+_PSP_SECRETS = ("stripe_api_key", "stripe_webhook_secret")
 
 
 class Settings(BaseSettings):
@@ -88,6 +89,12 @@ class Settings(BaseSettings):
     # PSP_EMULATOR_PORT and points the stack at it; production sets a real key and leaves it unset.
     stripe_api_base: str | None = Field(default=None, description="Base URL of the Stripe API; unset: Stripe itself")
     stripe_api_key: str = "sk_test_local_emulator"
+    stripe_webhook_secret: str = Field(
+        default="whsec_local_emulator", min_length=1, description="Signing secret of the webhook endpoint"
+    )
+    stripe_timeout: float = Field(
+        default=30.0, gt=0, le=300, description="Seconds one PSP request may take; then its outcome is unknown"
+    )
     psp_emulator_port: int = 12111
 
     api_host: str = "127.0.0.1"
@@ -115,6 +122,15 @@ class Settings(BaseSettings):
             if demo:
                 names = ", ".join(n.upper() for n in demo)
                 raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are a demo company)")
+        return self
+
+    @model_validator(mode="after")
+    def _production_needs_real_psp_secrets(self) -> Settings:
+        if self.environment is Environment.production:
+            local = [n for n in _PSP_SECRETS if getattr(self, n) == type(self).model_fields[n].default]
+            if local:
+                names = ", ".join(n.upper() for n in local)
+                raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are for the emulator)")
         return self
 
     @property

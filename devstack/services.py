@@ -202,11 +202,14 @@ def start_api(
 def start_psp_emulator(
     settings: Settings, *, python: str = sys.executable, cwd: Path = PROJECT_ROOT
 ) -> tuple[Child, str]:
-    """The local Stripe-compatible PSP emulator (devstack/psp); its base URL."""
+    """The local Stripe-compatible PSP emulator (devstack/psp); its base URL. It signs its events with
+    STRIPE_WEBHOOK_SECRET and delivers them to the API's webhook (retrying while the API starts)."""
     host, port = "127.0.0.1", settings.psp_emulator_port
     if port_in_use(host, port):
         raise ServiceError(f"port {host}:{port} is taken; stop that process or set PSP_EMULATOR_PORT")
+    webhook = f"{api_base_url(settings)}/v1/webhooks/stripe"
     argv = [python, "-m", "devstack.psp", "--host", host, "--port", str(port)]
+    argv += ["--webhook-url", webhook, "--webhook-secret", settings.stripe_webhook_secret]
     child = Child("psp", argv, cwd=cwd).start()
     log.info("psp emulator starting", pid=child.pid, port=port)
     return child, f"http://{host}:{port}"

@@ -429,3 +429,31 @@ class IdempotencyRecord(SQLModel, table=True):
     response_body: bytes | None = Field(default=None, sa_type=LargeBinary)
     created_at: datetime = _ts(default_factory=utcnow)
     locked_at: datetime = _ts(default_factory=utcnow)
+
+
+class PspEventStatus(StrEnum):
+    received = "received"  # verified and stored; a type we handle, not processed yet
+    processed = "processed"
+    ignored = "ignored"  # verified and stored; a type we do not handle
+
+
+class PspEvent(SQLModel, table=True):
+    """A verified PSP webhook event, stored once by its id (replay protection), body as sent.
+
+    Written only by ``services/psp_events.py`` after the signature was checked; ``created`` is the
+    PSP's own time of the event (order events by it, not by arrival).
+    """
+
+    __tablename__ = "psp_events"
+    __table_args__ = (
+        Index("ix_psp_events_object_id", "object_id"),
+        Index("ix_psp_events_received", "created", postgresql_where=text("status = 'received'")),
+    )
+
+    id: str = Field(primary_key=True, max_length=255)  # evt_...
+    type: str = Field(max_length=100)
+    created: datetime = _ts()
+    payload: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    received_at: datetime = _ts(default_factory=utcnow)
+    status: PspEventStatus = Field(sa_type=_enum(PspEventStatus))
+    object_id: str | None = Field(default=None, max_length=255)  # data.object.id: pi_..., ch_..., po_...

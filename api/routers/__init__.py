@@ -1,4 +1,5 @@
-"""Every router of the API, gathered once: ``/healthz`` and the authenticated ``/v1`` tree."""
+"""Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, and the
+PSP's webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from api.routers import (
     subscriptions,
     tenants,
     usage,
+    webhooks,
 )
 
 health_router = health.router
@@ -23,3 +25,6 @@ health_router = health.router
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
 for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices):
     v1_router.include_router(_module.router)
+
+webhooks_router = APIRouter(prefix="/v1")
+webhooks_router.include_router(webhooks.router)
