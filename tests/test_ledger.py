@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import col, select
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from billing.pricing import LineKind
 from schema.db import execute_sql
@@ -36,6 +38,7 @@ from schema.models import (
 from services import invoicing, ledger
 from services.errors import Conflict, InvalidInput
 from services.invoicing import InvoiceTerms
+from workflows.contracts import IssueInvoiceInput
 
 pytestmark = pytest.mark.db
 
@@ -403,3 +406,31 @@ async def test_every_finalization_balances_and_each_receivable_is_its_open_invoi
             invoice.total for owner, invoice in written if owner is sub and statuses[invoice.id] is InvoiceStatus.open
         )
         assert totals.get((f"receivable:{sub.tenant_id}", "USD"), 0) == open_total
+
+
+async def test_an_invoice_whose_lines_miss_its_total_is_not_finalized_and_the_activity_does_not_retry(
+    sessions, activities
+):
+    async with sessions() as s:
+        sub = await _subscription(s, uuid.uuid4().hex[:8])
+        invoice = Invoice(
+            tenant_id=sub.tenant_id,
+            subscription_id=sub.id,
+            period_start=AT,
+            period_end=AT + timedelta(days=31),
+            currency="USD",
+            subtotal=100,
+            total=100,
+            workflow_id="wf-broken",
+        )
+        s.add(invoice)
+        await s.commit()
+    with pytest.raises(ApplicationError) as err:
+        await ActivityEnvironment().run(activities.issue_invoice, IssueInvoiceInput(invoice.id))
+    assert err.value.type == "InvalidInput" and err.value.non_retryable
+    assert "lines sum to 0, its total is 100" in str(err.value)
+    async with sessions() as s:
+        after = await s.get(Invoice, invoice.id)
+        postings = (await s.exec(select(func.count()).select_from(LedgerPosting))).one()
+    assert after is not None and after.status is InvoiceStatus.draft and after.number is None  # rolled back whole
+    assert postings == 0
