@@ -29,6 +29,7 @@ from billing.pricing import PricingError
 from core.settings import get_settings
 from services import invoicing
 from services.documents import render_invoice_html
+from services.errors import ServiceError
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,
@@ -124,6 +125,8 @@ class BillingActivities:
                 raise ApplicationError(str(err), type=ERR_PRICING, non_retryable=True) from err
             except invoicing.DraftInvoiceError as err:  # a workflow out of order: retrying cannot help
                 raise ApplicationError(str(err), type=ERR_INVOICE_NOT_FINALIZED, non_retryable=True) from err
+            except ServiceError as err:  # refused by a rule (e.g. a posting that does not balance): retrying won't help
+                raise ApplicationError(str(err), type=type(err).__name__, non_retryable=True) from err
 
     @activity.defn(name=ACT_LIST_DUE_PERIODS)
     async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:

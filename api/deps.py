@@ -46,6 +46,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    """For a response streamed after the handler returns: it opens its own session."""
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    return sessions
+
+
 def get_temporal_client(request: Request) -> Client:
     client: Client = request.app.state.temporal_client
     return client
@@ -59,5 +65,6 @@ def get_document_store(request: Request) -> DocumentStore:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
 DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]

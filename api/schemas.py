@@ -18,7 +18,16 @@ from pydantic import (
     StringConstraints,
 )
 
-from schema.models import Aggregation, Interval, InvoiceStatus, PriceModel, PromoDuration, SubscriptionStatus, utcnow
+from schema.models import (
+    Aggregation,
+    Interval,
+    InvoiceStatus,
+    LedgerAccountKind,
+    PriceModel,
+    PromoDuration,
+    SubscriptionStatus,
+    utcnow,
+)
 from services.ingestion import RowStatus
 from services.inputs import (
     Code,
@@ -431,3 +440,34 @@ class InvoiceDetail(InvoicePublic):
 
 class Health(BaseModel):
     status: str
+
+
+# Ledger
+
+
+class LedgerEntryPublic(Public):
+    id: uuid.UUID
+    posting_id: uuid.UUID
+    source_type: str = Field(description="What the posting records: invoice, payment, payout, refund")
+    source_id: str = Field(description="The id of that thing (ours, or the PSP's)")
+    posting_kind: str = Field(description="invoice_finalized, payment_captured, psp_fee, payout, refund, write_off")
+    description: str
+    account: str = Field(description="The account's code, e.g. revenue:rent or receivable:<tenant id>")
+    account_kind: LedgerAccountKind
+    account_tenant_id: uuid.UUID | None = Field(description="The tenant of a per-tenant account")
+    currency: str
+    amount: int = Field(description="Minor units: debit positive, credit negative")
+    posted_at: datetime
+    created_at: datetime
+
+
+class LedgerBalancePublic(Public):
+    account_id: uuid.UUID
+    account: str = Field(description="The account's code")
+    name: str
+    kind: LedgerAccountKind
+    tenant_id: uuid.UUID | None
+    currency: str
+    debits: int = Field(description="Sum of the debit entries, minor units")
+    credits: int = Field(description="Sum of the credit entries, minor units (positive)")
+    balance: int = Field(description="debits - credits: positive is a debit balance")

@@ -6,6 +6,8 @@
 - a finalized invoice and its lines are immutable but for the status transitions payments make
   and attaching its PDF once: triggers (migration 0004, ``docs/invoices.md``)
 - invoice numbers are gap-free per prefix: ``invoice_number_counters``, taken at finalization
+- the ledger is append-only and every posting balances per currency: triggers (migration 0008,
+  ``docs/ledger.md``); one posting per (source_type, source_id, kind): ``uq_ledger_posting_source``
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    ForeignKeyConstraint,
     Identity,
     Index,
     LargeBinary,
@@ -457,3 +460,79 @@ class PspEvent(SQLModel, table=True):
     received_at: datetime = _ts(default_factory=utcnow)
     status: PspEventStatus = Field(sa_type=_enum(PspEventStatus))
     object_id: str | None = Field(default=None, max_length=255)  # data.object.id: pi_..., ch_..., po_...
+
+
+class LedgerAccountKind(StrEnum):
+    asset = "asset"
+    liability = "liability"
+    revenue = "revenue"
+    expense = "expense"
+    contra = "contra"  # contra revenue: discounts
+
+
+class LedgerAccount(SQLModel, table=True):
+    """One account in one currency (``receivable:<tenant>`` or ``revenue:rent``), created on first use."""
+
+    __tablename__ = "ledger_accounts"
+    __table_args__ = (
+        UniqueConstraint("code", "currency", name="uq_ledger_account_code_currency"),
+        # The target of the entries' (account_id, currency) key: an entry is in its account's currency.
+        UniqueConstraint("id", "currency", name="uq_ledger_account_id_currency"),
+        CheckConstraint("currency ~ '^[A-Z]{3}$'", name="ck_ledger_account_currency"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=100)
+    name: str = Field(max_length=200)
+    kind: LedgerAccountKind = Field(sa_type=_enum(LedgerAccountKind))
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id", index=True)  # per-tenant accounts
+    currency: str = Field(max_length=3)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class LedgerPosting(SQLModel, table=True):
+    """One business event in the ledger, at most once per (source_type, source_id, kind).
+
+    Append-only (a trigger refuses UPDATE and DELETE); its entries are written in the transaction
+    that inserts it (``created_xact``, stamped by a trigger) and sum to zero per currency at commit.
+    """
+
+    __tablename__ = "ledger_postings"
+    __table_args__ = (
+        UniqueConstraint("source_type", "source_id", "kind", name="uq_ledger_posting_source"),
+        Index("ix_ledger_posting_posted_at", "posted_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    source_type: str = Field(max_length=32)  # invoice, payment, payout, refund, ...
+    source_id: str = Field(max_length=200)  # our row id or the PSP's object id
+    kind: str = Field(max_length=32)  # invoice_finalized, payment_captured, psp_fee, ...
+    description: str = Field(max_length=300)
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id")
+    posted_at: datetime = _ts()  # when the event happened
+    created_at: datetime = _ts(default_factory=utcnow)
+    created_xact: int = Field(sa_type=BigInteger)  # the writing transaction (set by the database)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One side of a posting: ``amount`` in minor units, debit positive, credit negative."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint("amount <> 0", name="ck_ledger_entry_amount"),
+        ForeignKeyConstraint(
+            ["account_id", "currency"],
+            ["ledger_accounts.id", "ledger_accounts.currency"],
+            name="fk_ledger_entry_account_currency",
+        ),
+        Index("ix_ledger_entry_account", "account_id", "created_at", "id"),
+        Index("ix_ledger_entry_posted_at", "posted_at", "id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    posting_id: uuid.UUID = Field(foreign_key="ledger_postings.id", index=True)
+    account_id: uuid.UUID
+    amount: int = Field(sa_type=BigInteger)
+    currency: str = Field(max_length=3)
+    posted_at: datetime = _ts()  # the posting's, for exports by date
+    created_at: datetime = _ts(default_factory=utcnow)  # the page key (with id)

@@ -30,7 +30,7 @@ from schema.models import (
     SubscriptionStatus,
     Tenant,
 )
-from services import drafting, usage_fence
+from services import drafting, ledger, usage_fence
 from services.documents import InvoiceDocument, InvoiceDocumentLine
 from services.drafting import NotFoundError, upcoming_invoice
 
@@ -379,12 +379,16 @@ async def finalize_in_transaction(
 
     Locks the invoice, then takes the next number of the prefix; the issuer is snapshotted, the
     issue date is ``now`` and the due date ``now`` + the payment terms in the invoice's time
-    zone. An invoice finalized before is left as it is and its number returned.
+    zone. The ledger posting of the finalization (``services.ledger.post_invoice_finalized``) is
+    written in the same transaction, so a finalized invoice has exactly one. An invoice finalized
+    before is left as it is and its number returned.
     """
     row = (await execute_sql(session, _LOCK_INVOICE, {"id": invoice_id})).first()
     if row is None:
         raise NotFoundError(f"invoice {invoice_id} not found")
     if row.status != InvoiceStatus.draft:
+        # Already finalized: its posting exists (or, finalized before the ledger, is written now, once).
+        await ledger.post_invoice_finalized(session, invoice_id, row.issued_at)
         return Finalized(row.number, row.issued_at, row.due_at, first=False)
     n = (await execute_sql(session, _NEXT_NUMBER, {"prefix": terms.number_prefix})).scalar_one()
     number, due = format_number(terms.number_prefix, n), due_at(now, row.timezone, terms.payment_terms_days)
@@ -401,6 +405,7 @@ async def finalize_in_transaction(
             "issuer_tax_id": terms.issuer_tax_id,
         },
     )
+    await ledger.post_invoice_finalized(session, invoice_id, now)  # committed with the number, or not at all
     return Finalized(number, now, due, first=True)
 
 

@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from billing.periods import Interval, local_midnight, period
 from schema.models import Interval as PlanInterval
 from schema.models import (
+    InvoiceLine,
     Meter,
     Plan,
     PlanCharge,
@@ -123,3 +124,16 @@ async def move(sessions: async_sessionmaker[AsyncSession], sub: Subscription, ro
         row.room_id, row.plan_id = room.id, room.plan_id
         s.add(row)
         await s.commit()
+
+
+def base_fee_line(invoice_id: uuid.UUID, amount: int) -> InvoiceLine:
+    """The one line of an invoice written by hand: its lines must sum to its total to be finalized."""
+    return InvoiceLine(
+        invoice_id=invoice_id,
+        position=1,
+        kind="base_fee",
+        description="Base fee",
+        quantity=Decimal(1),
+        unit_amount=Decimal(amount),
+        amount=amount,
+    )

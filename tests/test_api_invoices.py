@@ -97,6 +97,8 @@ async def invoice_row(sessions, sub, start: datetime) -> Invoice:
     )
     async with sessions() as s:
         s.add(invoice)
+        await s.flush()
+        s.add(factories.base_fee_line(invoice.id, 100))  # lines sum to the total: finalization posts them
         await s.commit()
     return invoice
 

@@ -57,7 +57,8 @@ SEED = [
     "(:mar, 'INV-000010', :tenant, :sub, '2026-03-10Z', '2026-04-10Z', 'draft', 'USD', 65000, 65000, NULL, 'w2', "
     "'2026-03-10T00:05Z', NULL, 2)",
     "INSERT INTO invoice_lines (id, invoice_id, position, kind, description, quantity, unit_amount, amount) VALUES "
-    "(gen_random_uuid(), :feb, 1, 'base_fee', 'Rent', 1, 65000, 65000)",
+    "(gen_random_uuid(), :feb, 1, 'base_fee', 'Rent', 1, 65000, 65000), "
+    "(gen_random_uuid(), :mar, 1, 'base_fee', 'Rent', 1, 65000, 65000)",
 ]
 
 
@@ -100,7 +101,7 @@ async def test_existing_invoices_are_migrated_and_guarded(old_database):
         (None, "draft", "Room B", "Standard room", "Europe/Berlin", None, None),  # moved Feb 12
     ]  # fmt: skip
     assert await rows(engine, "SELECT prefix, last_number FROM invoice_number_counters") == [("INV", 9)]
-    assert await rows(engine, "SELECT discount_amounts FROM invoice_lines") == [([],)]
+    assert await rows(engine, "SELECT discount_amounts FROM invoice_lines") == [([],), ([],)]
     assert await rows(engine, "SELECT 1 FROM pg_class WHERE relname = 'invoice_number_seq'") == []
 
     with pytest.raises(DBAPIError, match="is finalized"):

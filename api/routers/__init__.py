@@ -10,6 +10,7 @@ from api.routers import (
     billing_runs,
     health,
     invoices,
+    ledger,
     meters,
     plans,
     promo_codes,
@@ -23,7 +24,7 @@ from api.routers import (
 health_router = health.router
 
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
-for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices):
+for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices, ledger):
     v1_router.include_router(_module.router)
 
 webhooks_router = APIRouter(prefix="/v1")
