@@ -89,7 +89,7 @@ class IdempotencyMiddleware:
         body = await _read_body(receive)
         caller = hashlib.sha256(headers.get("authorization", "").encode()).hexdigest()
         query = scope.get("query_string", b"")
-        fingerprint = hashlib.sha256(b"\n".join([b"POST", scope["path"].encode(), query, body])).hexdigest()
+        fingerprint = _fingerprint(scope["path"], query, headers.get("content-type", ""), body)
         sessions: async_sessionmaker[AsyncSession] = scope["app"].state.sessionmaker
         params = {"scope": caller, "key": key, "fingerprint": fingerprint, "method": "POST", "path": scope["path"]}
 
@@ -156,6 +156,18 @@ class IdempotencyMiddleware:
                         {"id": record_id, "status": status, "headers": json.dumps(kept), "body": b"".join(chunks)},
                     )
                 await session.commit()
+
+
+def _fingerprint(path: str, query: bytes, content_type: str, body: bytes) -> str:
+    """What makes two requests "the same": method, path, query and body. A multipart body is
+    compared without its boundary, which a client draws anew for every send of the same upload."""
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() == "multipart/form-data":
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "boundary" and value.strip('"'):
+                body = body.replace(value.strip('"').encode("latin-1"), b"BOUNDARY")
+    return hashlib.sha256(b"\n".join([b"POST", path.encode(), query, body])).hexdigest()
 
 
 def _header_error(message: str, kind: str = "idempotency_key") -> dict[str, Any]:

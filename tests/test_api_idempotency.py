@@ -94,3 +94,29 @@ async def test_refusals_are_replayed_and_an_abandoned_key_is_taken_over(api, ses
 async def test_a_malformed_key_is_refused(api):
     response = await api.post("/v1/plans", json=PLAN, headers={"Idempotency-Key": "has space"})
     assert response.status_code == 422 and error_locs(response) == [["header", "Idempotency-Key"]]
+
+
+async def test_a_retried_csv_upload_with_a_new_multipart_boundary_is_the_same_request(api, sessions):
+    tenant = await api.post(
+        "/v1/tenants", json={"name": "T", "email": "t@example.com", "currency": "USD", "timezone": "UTC"}
+    )
+    await api.post("/v1/meters", json={"code": "kwh", "name": "kWh", "unit": "kWh"})
+    csv = (
+        f"tenant_id,meter,quantity,occurred_at,idempotency_key\n{tenant.json()['id']},kwh,1,2026-01-05T10:00:00Z,k-1\n"
+    )
+
+    def upload(boundary: str, content: str = csv) -> bytes:
+        return (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="u.csv"\r\n'
+            f"Content-Type: text/csv\r\n\r\n{content}\r\n--{boundary}--\r\n"
+        ).encode()
+
+    async def send(boundary: str, content: str = csv):
+        headers = {"Idempotency-Key": "csv-1", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return await api.post("/v1/usage/csv", content=upload(boundary, content), headers=headers)
+
+    first, again = await send("aaaa1111"), await send("bbbb2222")
+    assert first.status_code == again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json() and first.json()["accepted"] == 1
+    other = await send("cccc3333", csv.replace(",1,", ",2,"))
+    assert error_locs(other) == [["header", "Idempotency-Key"]]
