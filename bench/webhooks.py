@@ -22,9 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +30,13 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import uvicorn
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, LogFormat, Settings, get_settings
+from devstack.services import serving
 from schema.db import libpq_url, scratch_database
 
 SECRET = "whsec_bench"
@@ -109,26 +107,11 @@ async def baseline(url: str, bodies: list[bytes], clients: int) -> Measurement:
     return Measurement(f"(a) baseline: asyncpg INSERT per event, {clients} connections", len(bodies), seconds)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_until_started(server: uvicorn.Server, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise SystemExit("the API did not start")
-        time.sleep(0.05)
-
-
 async def real(url: str, bodies: list[bytes], clients: int, data_dir: Path) -> Measurement:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
         data_converter=pydantic_data_converter,
     )
-    port = _free_port()
     settings = Settings(
         database_url=url,
         temporal_address=env.client.service_client.config.target_host,
@@ -137,10 +120,6 @@ async def real(url: str, bodies: list[bytes], clients: int, data_dir: Path) -> M
         log_format=LogFormat.json,
         log_level="WARNING",
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    await asyncio.to_thread(_wait_until_started, server)
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
@@ -153,13 +132,12 @@ async def real(url: str, bodies: list[bytes], clients: int, data_dir: Path) -> M
             answers.append(response.status_code)
 
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            started = time.perf_counter()
-            await asyncio.gather(*(work(client) for _ in range(clients)))
-            seconds = time.perf_counter() - started
+        with serving(create_app(settings)) as api:
+            async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+                started = time.perf_counter()
+                await asyncio.gather(*(work(client) for _ in range(clients)))
+                seconds = time.perf_counter() - started
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
         await env.shutdown()
     if set(answers) != {200}:
         raise SystemExit(f"unexpected answers: {sorted(set(answers))}")

@@ -12,13 +12,17 @@ import asyncio
 import os
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
+import uvicorn
+from starlette.types import ASGIApp
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
@@ -74,6 +78,33 @@ async def migrate(url: str) -> None:
 
 
 # --- Temporal ---------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(app: ASGIApp, *, max_wait: float = 30.0) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a thread of this process (its own event
+    loop, lifespan run), for tests and benchmarks; its base URL, stopped at the end."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + max_wait
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ServiceError("the app did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import stripe
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from devstack.services import free_port
 
 
 @dataclass
@@ -30,6 +26,11 @@ class RunningEmulator:
         answer.raise_for_status()
         result: dict[str, Any] = answer.json()
         return result
+
+    def client(self, key: str = "sk_test_roomly", **options: Any) -> stripe.StripeClient:
+        """The real stripe SDK pointed at the emulator, without the SDK's own retries unless asked."""
+        options.setdefault("max_network_retries", 0)
+        return stripe.StripeClient(key, base_addresses={"api": self.url}, **options)
 
     def charges(self, **query: str) -> int:
         answer = self.admin.get("/_emulator/charges/count", params=query)

@@ -8,34 +8,24 @@ failure reproduces.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 from api.main import create_app
 from core.settings import Settings
+from devstack.services import serving
 
 pytestmark = pytest.mark.db
 
 FUZZ_EXAMPLES = 30
 
 schema = schemathesis.openapi.from_dict(create_app(Settings(database_url=None)).openapi())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +40,8 @@ def live_api(database_url: str, temporal_env, tmp_path_factory: pytest.TempPathF
         data_dir=data_dir,
         api_max_body_bytes=256 * 1024,
     )
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,13 +19,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import stripe
-import uvicorn
 from sqlalchemy import text
 
 from adapters.psp import StripePsp
 from api.main import create_app
 from core.settings import Settings
-from tests.psp_support import RunningEmulator, free_port, running_emulator
+from devstack.services import serving
+from tests.psp_support import RunningEmulator, running_emulator
 from tests.test_api_support import api_client
 
 pytestmark = pytest.mark.db
@@ -234,22 +233,8 @@ def live_api(database_url: str, temporal_env, tmp_path_factory: pytest.TempPathF
         data_dir=tmp_path_factory.mktemp("webhooks"),
         stripe_webhook_secret=SECRET,
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

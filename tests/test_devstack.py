@@ -25,6 +25,7 @@ from core.settings import Settings
 from devstack import demo
 from devstack.child import Child, group_alive
 from devstack.services import (
+    free_port,
     migrate,
     port_in_use,
     redact_url,
@@ -391,15 +392,8 @@ async def test_embedded_database_starts_migrates_and_stops(tmp_path: Path):
 # --- the real Temporal dev server -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_temporal_dev_server_starts_and_stops_cleanly(tmp_path: Path):
-    port, ui_port = _free_port(), _free_port()
+    port, ui_port = free_port(), free_port()
     settings = Settings(temporal_address=f"127.0.0.1:{port}", temporal_namespace="default", data_dir=tmp_path)
     child = start_temporal_dev_server(settings, port=port, ui_port=ui_port, db_file=tmp_path / "temporal.sqlite")
     try:
@@ -419,13 +413,13 @@ async def test_temporal_dev_server_refuses_a_taken_port(tmp_path: Path):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match="taken"):
-            start_temporal_dev_server(Settings(data_dir=tmp_path), port=port, ui_port=_free_port())
+            start_temporal_dev_server(Settings(data_dir=tmp_path), port=port, ui_port=free_port())
 
 
 async def test_the_psp_emulator_starts_answers_the_stripe_sdk_and_stops_cleanly(tmp_path: Path):
     import stripe
 
-    port = _free_port()
+    port = free_port()
     child, url = start_psp_emulator(Settings(data_dir=tmp_path, psp_emulator_port=port))
     try:
         await wait_for_http(f"{url}/_emulator/health", max_wait=30, child=child)

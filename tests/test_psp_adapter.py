@@ -18,7 +18,8 @@ import stripe
 
 from adapters.psp import Bug, Declined, StripePsp, Transient, Unknown, _decide
 from core.settings import Settings
-from tests.psp_support import RunningEmulator, free_port, running_emulator
+from devstack.services import free_port
+from tests.psp_support import RunningEmulator, running_emulator
 
 KEY = "sk_test_roomly_adapter"
 TIMEOUT = 0.5  # the adapter's request timeout here; the emulator holds a "timeout" answer longer

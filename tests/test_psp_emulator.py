@@ -10,9 +10,6 @@ Stripe's 2.9% + 30 minor units, rounded half away from zero.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,20 +22,16 @@ import httpx
 import pytest
 import stripe
 
+from devstack.services import free_port
+from tests.psp_support import RunningEmulator, running_emulator
+
 SECRET = "whsec_emulator_test_secret"
-KEY = "sk_test_roomly"
 T = TypeVar("T")
 
 
 def some(value: T | None) -> T:
     assert value is not None
     return value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -109,27 +102,6 @@ def start_receiver() -> tuple[Receiver, ThreadingHTTPServer]:
     return receiver, server
 
 
-@dataclass
-class Emulator:
-    url: str
-    admin: httpx.Client
-
-    def knob(self, name: str, /, **body: Any) -> dict[str, Any]:
-        answer = self.admin.post(f"/_emulator/{name}", json=body)
-        answer.raise_for_status()
-        result: dict[str, Any] = answer.json()
-        return result
-
-    def charges(self, **query: str) -> int:
-        answer = self.admin.get("/_emulator/charges/count", params=query)
-        answer.raise_for_status()
-        return int(answer.json()["count"])
-
-    def client(self, **options: Any) -> stripe.StripeClient:
-        options.setdefault("max_network_retries", 0)
-        return stripe.StripeClient(KEY, base_addresses={"api": self.url}, **options)
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     receiver, server = start_receiver()
@@ -139,47 +111,16 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def emulator(receiver: Receiver) -> Iterator[Emulator]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devstack.psp",
-            "--port",
-            str(port),
-            "--webhook-url",
-            receiver.url,
-            "--webhook-secret",
-            SECRET,
-            "--available-after",
-            "3600",
-            "--retry-base",
-            "0.05",
-            "--max-attempts",
-            "4",
-        ]
-    )
-    url = f"http://127.0.0.1:{port}"
-    admin = httpx.Client(base_url=url, timeout=10)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if admin.get("/_emulator/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, "the emulator exited"
-        assert time.monotonic() < deadline, "the emulator did not start"
-        time.sleep(0.05)
-    yield Emulator(url, admin)
-    admin.close()
-    process.terminate()
-    process.wait(10)
+def emulator(receiver: Receiver) -> Iterator[RunningEmulator]:
+    with running_emulator(
+        "--webhook-url", receiver.url, "--webhook-secret", SECRET,
+        "--available-after", "3600", "--retry-base", "0.05", "--max-attempts", "4",
+    ) as running:  # fmt: skip
+        yield running
 
 
 @pytest.fixture
-def psp(emulator: Emulator, receiver: Receiver) -> Iterator[Emulator]:
+def psp(emulator: RunningEmulator, receiver: Receiver) -> Iterator[RunningEmulator]:
     emulator.knob("webhooks/flush", within=5)
     emulator.knob("reset")
     with receiver.cond:
@@ -215,7 +156,7 @@ def pay(client: stripe.StripeClient, customer: str, pm: str, amount: int, key: s
 
 
 @pytest.mark.parametrize(("amount", "fee"), [(2000, 88), (1050, 60), (500, 45), (1550, 75)])
-def test_off_session_payment_succeeds_with_a_charge_and_a_fee(psp: Emulator, receiver: Receiver, amount, fee):
+def test_off_session_payment_succeeds_with_a_charge_and_a_fee(psp: RunningEmulator, receiver: Receiver, amount, fee):
     # 2000 * 2.9% = 58 -> 88; 1050 -> 30.45 -> 60; 500 -> 14.5 -> 15 (half away) -> 45; 1550 -> 44.95 -> 75
     client = psp.client()
     customer, pm = customer_with_card(client)
@@ -252,7 +193,7 @@ def test_off_session_payment_succeeds_with_a_charge_and_a_fee(psp: Emulator, rec
     ],
 )
 def test_declined_cards_raise_card_error_with_their_decline_code(
-    psp: Emulator, receiver: Receiver, token, decline_code, message
+    psp: RunningEmulator, receiver: Receiver, token, decline_code, message
 ):
     client = psp.client()
     customer = client.v1.customers.create(params={"email": "t@example.com"})
@@ -280,7 +221,7 @@ def test_declined_cards_raise_card_error_with_their_decline_code(
     assert refused.value.error is not None and refused.value.error.decline_code == decline_code
 
 
-def test_a_saved_card_that_fails_when_charged(psp: Emulator):
+def test_a_saved_card_that_fails_when_charged(psp: RunningEmulator):
     client = psp.client()
     customer, pm = customer_with_card(client, "pm_card_chargeCustomerFail")
     with pytest.raises(stripe.CardError) as raised:
@@ -291,7 +232,7 @@ def test_a_saved_card_that_fails_when_charged(psp: Emulator):
     assert some(some(intent.last_payment_error).payment_method).id == pm
 
 
-def test_invalid_requests_name_the_param_and_headers_follow_stripe(psp: Emulator):
+def test_invalid_requests_name_the_param_and_headers_follow_stripe(psp: RunningEmulator):
     client = psp.client()
     with pytest.raises(stripe.InvalidRequestError) as missing:
         client.v1.payment_intents.create(params={"currency": "usd"})  # type: ignore[typeddict-item]
@@ -329,7 +270,7 @@ def test_invalid_requests_name_the_param_and_headers_follow_stripe(psp: Emulator
 # -- idempotency and injected failures ---------------------------------------------------------
 
 
-def test_idempotent_replay_and_mismatch(psp: Emulator):
+def test_idempotent_replay_and_mismatch(psp: RunningEmulator):
     client = psp.client()
     customer, pm = customer_with_card(client)
     first = pay(client, customer, pm, 3000, key="invoice:1:attempt:1")
@@ -367,7 +308,7 @@ def test_idempotent_replay_and_mismatch(psp: Emulator):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_a_500_raises_and_a_retry_with_the_same_key_charges_once(psp: Emulator, when):
+def test_a_500_raises_and_a_retry_with_the_same_key_charges_once(psp: RunningEmulator, when):
     client = psp.client()
     customer, pm = customer_with_card(client)
     psp.knob("failures", mode="500", count=1, when=when, path="/v1/payment_intents")
@@ -384,7 +325,7 @@ def test_a_500_raises_and_a_retry_with_the_same_key_charges_once(psp: Emulator, 
     assert [pi.id for pi in client.v1.payment_intents.list(params={"customer": customer}).data] == [retried.id]
 
 
-def test_the_sdk_retries_a_500_by_itself_with_its_own_key(psp: Emulator):
+def test_the_sdk_retries_a_500_by_itself_with_its_own_key(psp: RunningEmulator):
     client = psp.client(max_network_retries=2)
     customer, pm = customer_with_card(client)
     psp.knob("failures", mode="500", count=1, when="after", path="/v1/payment_intents")
@@ -394,7 +335,7 @@ def test_the_sdk_retries_a_500_by_itself_with_its_own_key(psp: Emulator):
     assert psp.charges() == 1
 
 
-def test_a_call_held_before_it_runs_and_a_retry_with_the_same_key_charge_once(psp: Emulator):
+def test_a_call_held_before_it_runs_and_a_retry_with_the_same_key_charge_once(psp: RunningEmulator):
     # The PSP is slow: the client gives up, retries at once with its key, and the first call
     # only runs afterwards; it finds the key used and replays instead of charging again.
     client = psp.client(http_client=stripe.RequestsClient(timeout=0.3))
@@ -410,7 +351,7 @@ def test_a_call_held_before_it_runs_and_a_retry_with_the_same_key_charge_once(ps
     assert psp.admin.get("/_emulator/stats").json()["idempotent_replays"] == 1
 
 
-def test_a_timeout_then_a_retry_with_the_same_key_charges_once_and_a_new_key_twice(psp: Emulator):
+def test_a_timeout_then_a_retry_with_the_same_key_charges_once_and_a_new_key_twice(psp: RunningEmulator):
     client = psp.client(http_client=stripe.RequestsClient(timeout=0.4))
     customer, pm = customer_with_card(client)
     psp.knob("failures", mode="timeout", seconds=1.0, count=1, when="after", path="/v1/payment_intents")
@@ -425,7 +366,7 @@ def test_a_timeout_then_a_retry_with_the_same_key_charges_once_and_a_new_key_twi
     assert psp.charges() == 2  # the blind retry charges twice: why the adapter keeps its key
 
 
-def test_concurrent_requests_with_one_key_charge_once(psp: Emulator):
+def test_concurrent_requests_with_one_key_charge_once(psp: RunningEmulator):
     client = psp.client()
     customer, pm = customer_with_card(client)
     with ThreadPoolExecutor(8) as pool:
@@ -436,7 +377,7 @@ def test_concurrent_requests_with_one_key_charge_once(psp: Emulator):
 # -- refunds, balance, payouts ----------------------------------------------------------------
 
 
-def test_refunds_full_and_partial(psp: Emulator, receiver: Receiver):
+def test_refunds_full_and_partial(psp: RunningEmulator, receiver: Receiver):
     client = psp.client()
     customer, pm = customer_with_card(client)
     intent = pay(client, customer, pm, 5000)
@@ -469,7 +410,7 @@ def test_refunds_full_and_partial(psp: Emulator, receiver: Receiver):
     assert {some(e.data.previous_attributes).amount_refunded for e in events} == {0, 1500}
 
 
-def test_concurrent_partial_refunds_never_exceed_the_charge(psp: Emulator):
+def test_concurrent_partial_refunds_never_exceed_the_charge(psp: RunningEmulator):
     client = psp.client()
     customer, pm = customer_with_card(client)
     intent = pay(client, customer, pm, 5000)
@@ -488,7 +429,7 @@ def test_concurrent_partial_refunds_never_exceed_the_charge(psp: Emulator):
     assert (charge.amount_refunded, charge.refunded) == (5000, True)
 
 
-def test_cancel_a_payment_intent(psp: Emulator, receiver: Receiver):
+def test_cancel_a_payment_intent(psp: RunningEmulator, receiver: Receiver):
     client = psp.client()
     customer, pm = customer_with_card(client)
     open_intent = client.v1.payment_intents.create(
@@ -504,7 +445,7 @@ def test_cancel_a_payment_intent(psp: Emulator, receiver: Receiver):
     assert psp.charges() == 0
 
 
-def test_payout_pays_out_the_available_balance_and_emits_payout_paid(psp: Emulator, receiver: Receiver):
+def test_payout_pays_out_the_available_balance_and_emits_payout_paid(psp: RunningEmulator, receiver: Receiver):
     client = psp.client()
     customer, pm = customer_with_card(client)
     first = pay(client, customer, pm, 2000)  # net 2000 - 88 = 1912
@@ -543,7 +484,7 @@ def test_payout_pays_out_the_available_balance_and_emits_payout_paid(psp: Emulat
 # -- webhooks ----------------------------------------------------------------------------------
 
 
-def test_webhook_signature_verifies_and_a_tampered_body_does_not(psp: Emulator, receiver: Receiver):
+def test_webhook_signature_verifies_and_a_tampered_body_does_not(psp: RunningEmulator, receiver: Receiver):
     client = psp.client()
     customer, pm = customer_with_card(client)
     intent = pay(client, customer, pm, 1800, key="invoice:5:attempt:1")
@@ -568,7 +509,7 @@ def test_webhook_signature_verifies_and_a_tampered_body_does_not(psp: Emulator, 
     assert json.loads(stale.body)["type"] == "refund.created"
 
 
-def test_failed_deliveries_are_retried_with_backoff(psp: Emulator, receiver: Receiver):
+def test_failed_deliveries_are_retried_with_backoff(psp: RunningEmulator, receiver: Receiver):
     client = psp.client(max_network_retries=0)
     with receiver.cond:
         receiver.fail_next = 2
@@ -591,7 +532,7 @@ def test_failed_deliveries_are_retried_with_backoff(psp: Emulator, receiver: Rec
         psp.knob("webhooks/endpoint", url=receiver.url, secret=SECRET, enabled_events=["*"])
 
 
-def test_duplicate_delayed_dropped_and_out_of_order_deliveries(psp: Emulator, receiver: Receiver):
+def test_duplicate_delayed_dropped_and_out_of_order_deliveries(psp: RunningEmulator, receiver: Receiver):
     client = psp.client()
     customer, pm = customer_with_card(client)
     psp.knob("webhooks/endpoint", url=receiver.url, secret=SECRET, enabled_events=["payment_intent.succeeded"])
@@ -633,7 +574,7 @@ def test_duplicate_delayed_dropped_and_out_of_order_deliveries(psp: Emulator, re
 # -- lists, search ------------------------------------------------------------------------------
 
 
-def test_list_pagination(psp: Emulator):
+def test_list_pagination(psp: RunningEmulator):
     client = psp.client()
     made = [client.v1.customers.create(params={"name": f"c{i}", "email": f"c{i}@example.com"}).id for i in range(7)]
     newest_first = made[::-1]
@@ -660,7 +601,7 @@ def test_list_pagination(psp: Emulator):
     assert too_many.value.param == "limit"
 
 
-def test_search_payment_intents_by_metadata(psp: Emulator):
+def test_search_payment_intents_by_metadata(psp: RunningEmulator):
     client = psp.client()
     customer, pm = customer_with_card(client)
     wanted = pay(client, customer, pm, 1000, metadata={"invoice": "inv-42", "attempt": "2"})
@@ -672,7 +613,9 @@ def test_search_payment_intents_by_metadata(psp: Emulator):
     assert bad.value.param == "query"
 
 
-def test_throughput_of_confirmed_payment_intents(psp: Emulator, receiver: Receiver, capsys: pytest.CaptureFixture[str]):
+def test_throughput_of_confirmed_payment_intents(
+    psp: RunningEmulator, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+):
     """Figures for the report: confirmed off-session PaymentIntents per second through the SDK.
 
     Measured with webhooks to the receiver switched off, whose verification would compete

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from adapters.pdf import owner_dir_name, reap_orphaned_profiles
 from core.settings import PROJECT_ROOT, Settings
 from devstack.child import Child
-from devstack.services import start_temporal_dev_server, wait_for_temporal
+from devstack.services import free_port, start_temporal_dev_server, wait_for_temporal
 from schema.models import (
     Invoice,
     InvoiceLine,
@@ -278,13 +277,6 @@ async def test_create_invoice_twice_at_once_writes_one_invoice(sessions):
 
 
 # --- a Temporal server restart mid-run --------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_a_run_survives_a_temporal_server_restart_within_seconds(sessions, settings, database_url, tmp_path):
