@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.errors import Conflict, NotFound, ServiceError
-from services.errors import conflict_on_unique as conflict_on_unique
 
 UNIQUE_VIOLATION = "23505"
 LOCATIONS = ("body", "query", "path", "header", "cookie")
@@ -125,10 +124,6 @@ def body_error(loc: Loc, msg: str, kind: str = "value_error") -> RequestValidati
     return body_errors([(loc, msg, kind)])
 
 
-def unknown_reference(field: str, what: str, ref: uuid.UUID) -> RequestValidationError:
-    return body_error((field,), f"{what} {ref} does not exist", "not_found")
-
-
 def not_found(what: str, ref: object, *, field: str = "id") -> ApiError:
     return ApiError(status.HTTP_404_NOT_FOUND, "not_found", f"{what} {ref} not found", field, "path")
 
@@ -142,14 +137,6 @@ async def get_or_404(session: AsyncSession, model: type[Row], ref: uuid.UUID, wh
     row = await session.get(model, ref)
     if row is None:
         raise not_found(what, ref)
-    return row
-
-
-async def get_referenced(session: AsyncSession, model: type[Row], ref: uuid.UUID, field: str, what: str) -> Row:
-    """The row that body field ``field`` refers to, or a 422 naming that field."""
-    row = await session.get(model, ref)
-    if row is None:
-        raise unknown_reference(field, what, ref)
     return row
 
 
