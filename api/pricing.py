@@ -15,13 +15,11 @@ from fastapi.exceptions import RequestValidationError
 
 from api.errors import Loc, body_errors
 from api.schemas import ChargeCreate, MeterCreate, PlanCreate, PromoCodeCreate, TierIn
-from billing.periods import Interval as EngineInterval
 from billing.pricing.errors import FieldError
 from billing.pricing.models import Graduated, Package, PerUnit, Price, Tier, Volume
 from billing.pricing.plans import MeteredCharge
 from billing.pricing.plans import Plan as EnginePlan
 from billing.pricing.promos import Promo
-from billing.pricing.usage import Aggregation as EngineAggregation
 from billing.pricing.usage import Meter as EngineMeter
 from schema.models import Aggregation, Meter, PriceModel
 from services.mapping import meter_of, promo_of
@@ -70,7 +68,7 @@ def engine_meter(body: MeterCreate) -> EngineMeter:
     if body.property_name is not None and body.aggregation is not Aggregation.unique_count:
         raise field_error(FieldError("property_name", f"only a unique_count meter has one, not {body.aggregation}"))
     try:
-        return EngineMeter(body.code, body.unit, EngineAggregation(body.aggregation.value), body.property_name)
+        return EngineMeter(body.code, body.unit, body.aggregation, body.property_name)
     except FieldError as exc:
         raise field_error(exc) from None
 
@@ -138,7 +136,7 @@ def engine_plan(body: PlanCreate, meters: Mapping[str, Meter]) -> EnginePlan:
                 code=body.code,
                 name=body.name,
                 currency=body.currency,
-                interval=EngineInterval(body.interval.value),
+                interval=body.interval,
                 base_fee=body.base_fee,
                 trial_days=body.trial_days,
                 charges=tuple(charges),
