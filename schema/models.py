@@ -40,19 +40,21 @@ from billing.periods import Interval as Interval
 from billing.pricing.models import PriceModel as PriceModel
 from billing.pricing.promos import PromoDuration as PromoDuration
 from billing.pricing.usage import Aggregation as Aggregation
+from billing.states import AttemptStatus as AttemptStatus
+from billing.states import InvoiceStatus as InvoiceStatus
 
 # Quantities and per-unit prices: exact decimals, never floats.
 QUANTITY = Numeric(24, 9)
 UNIT_AMOUNT = Numeric(24, 9)
 
 
-def _enum(kind: type[StrEnum]) -> Any:
+def _enum(kind: type[StrEnum], length: int = 16) -> Any:
     """A VARCHAR with a CHECK constraint, not a native PostgreSQL enum (those are hard to migrate)."""
     return SAEnum(
         kind,
         native_enum=False,
         create_constraint=True,
-        length=16,
+        length=length,
         name=f"ck_{kind.__name__.lower()}",
         values_callable=lambda e: [m.value for m in e],
     )
@@ -69,16 +71,6 @@ def _ts(nullable: bool = False, **kw: Any) -> Any:
 class SubscriptionStatus(StrEnum):
     active = "active"
     canceled = "canceled"
-
-
-class InvoiceStatus(StrEnum):
-    """Stripe's lifecycle. Only a draft can change; a finalized invoice only moves on by status."""
-
-    draft = "draft"  # lines written, no number yet
-    open = "open"  # finalized: numbered, issued, due; the document never changes again
-    paid = "paid"
-    void = "void"
-    uncollectible = "uncollectible"
 
 
 class UsageSource(StrEnum):
@@ -107,6 +99,9 @@ class Tenant(SQLModel, table=True):
     address_country: str | None = Field(default=None, max_length=2)  # ISO 3166-1 alpha-2
     # When the last time-zone change takes effect for billing (docs/pricing.md "Time-zone change").
     timezone_effective_at: datetime | None = _ts(nullable=True, default=None)
+    # The tenant at the PSP: its customer and the saved card charged off-session (docs/payments.md).
+    psp_customer_id: str | None = Field(default=None, max_length=255, unique=True)
+    default_payment_method: str | None = Field(default=None, max_length=255)
 
 
 class Meter(SQLModel, table=True):
@@ -281,6 +276,12 @@ class Invoice(SQLModel, table=True):
             "AND (status <> 'uncollectible' OR marked_uncollectible_at IS NOT NULL)",
             name="ck_invoice_status_time",
         ),
+        # amount_due = total - amount_paid - amount_credited never goes below zero; paid means nothing is due.
+        CheckConstraint(
+            "amount_paid >= 0 AND amount_credited >= 0 AND amount_paid + amount_credited <= total "
+            "AND (status <> 'paid' OR amount_paid + amount_credited = total)",
+            name="ck_invoice_amounts",
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -318,6 +319,9 @@ class Invoice(SQLModel, table=True):
     paid_at: datetime | None = _ts(nullable=True, default=None)
     voided_at: datetime | None = _ts(nullable=True, default=None)
     marked_uncollectible_at: datetime | None = _ts(nullable=True, default=None)
+    # Collection (billing/states.py): what was paid, and what credit notes took off before payment.
+    amount_paid: int = Field(default=0, sa_type=BigInteger)
+    amount_credited: int = Field(default=0, sa_type=BigInteger)
 
 
 class InvoiceNumberCounter(SQLModel, table=True):
@@ -536,3 +540,72 @@ class LedgerEntry(SQLModel, table=True):
     currency: str = Field(max_length=3)
     posted_at: datetime = _ts()  # the posting's, for exports by date
     created_at: datetime = _ts(default_factory=utcnow)  # the page key (with id)
+
+
+class PaymentSource(StrEnum):
+    automatic = "automatic"  # the invoice's workflow, after finalization
+    portal = "portal"  # the tenant paying with the saved method
+    operator = "operator"  # recorded by an operator (a bank transfer, cash)
+    dunning = "dunning"  # a retry of the dunning campaign
+
+
+class PaymentMethodKind(StrEnum):
+    card = "card"  # through the PSP
+    bank_transfer = "bank_transfer"  # out of band, recorded by an operator
+    other = "other"  # out of band
+
+
+class PaymentAttempt(SQLModel, table=True):
+    """One try to collect an invoice, numbered per invoice; ``idempotency_key`` is the PSP's key.
+
+    The status follows ``billing.states.ATTEMPT_TRANSITIONS`` (a trigger refuses anything else,
+    migration 0010); at most one attempt per invoice is in flight (``uq_payment_attempt_in_flight``).
+    """
+
+    __tablename__ = "payment_attempts"
+    __table_args__ = (
+        UniqueConstraint("invoice_id", "number", name="uq_payment_attempt_number"),
+        UniqueConstraint("idempotency_key", name="uq_payment_attempt_key"),
+        UniqueConstraint("psp_payment_intent_id", name="uq_payment_attempt_intent"),
+        Index(
+            "uq_payment_attempt_in_flight",
+            "invoice_id",
+            unique=True,
+            postgresql_where=text("status IN ('initiated', 'processing', 'unknown')"),
+        ),
+        Index("ix_payment_attempt_tenant", "tenant_id", "created_at"),
+        Index("ix_payment_attempt_charge", "psp_charge_id"),
+        CheckConstraint("amount > 0", name="ck_payment_attempt_amount"),
+        CheckConstraint("number >= 1", name="ck_payment_attempt_number"),
+        CheckConstraint("amount_refunded >= 0 AND amount_refunded <= amount", name="ck_payment_attempt_refunded"),
+        CheckConstraint("psp_fee IS NULL OR psp_fee >= 0", name="ck_payment_attempt_fee"),
+        CheckConstraint(
+            "(status IN ('succeeded', 'partially_refunded', 'refunded')) = (succeeded_at IS NOT NULL)",
+            name="ck_payment_attempt_succeeded_at",
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    invoice_id: uuid.UUID = Field(foreign_key="invoices.id")
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    number: int  # 1, 2, ... per invoice
+    idempotency_key: str = Field(max_length=200)  # invoice:{id}:attempt:{n}
+    source: PaymentSource = Field(sa_type=_enum(PaymentSource))
+    method: PaymentMethodKind = Field(sa_type=_enum(PaymentMethodKind))
+    amount: int = Field(sa_type=BigInteger)
+    currency: str = Field(max_length=3)
+    status: AttemptStatus = Field(default=AttemptStatus.initiated, sa_type=_enum(AttemptStatus, 24))
+    psp_payment_intent_id: str | None = Field(default=None, max_length=255)
+    psp_charge_id: str | None = Field(default=None, max_length=255)
+    psp_fee: int | None = Field(default=None, sa_type=BigInteger)  # what the PSP kept, from the balance transaction
+    decline_code: str | None = Field(default=None, max_length=64)
+    failure_message: str | None = Field(default=None, max_length=500)
+    amount_refunded: int = Field(default=0, sa_type=BigInteger)
+    reference: str | None = Field(default=None, max_length=200)  # an out-of-band payment's reference
+    actor: str | None = Field(default=None, max_length=200)  # who asked (an operator's action)
+    reason: str | None = Field(default=None, max_length=500)
+    receipt_location: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
+    succeeded_at: datetime | None = _ts(nullable=True, default=None)
+    failed_at: datetime | None = _ts(nullable=True, default=None)

@@ -137,6 +137,8 @@ ALLOWED = [
     ["uncollectible", "void"],
 ]
 STAMP = {"paid": "paid_at", "void": "voided_at", "uncollectible": "marked_uncollectible_at"}
+# Paid means nothing is due (ck_invoice_amounts): the payment comes with the status.
+PAY = {"paid": ", amount_paid = total", "void": "", "uncollectible": ""}
 
 
 @pytest.mark.parametrize("path", ALLOWED, ids=[">".join(["open", *p]) for p in ALLOWED])
@@ -146,7 +148,7 @@ async def test_the_status_transitions_payments_make_are_allowed_with_their_times
     for i, status in enumerate(path):
         changed = await sql(
             sessions,
-            f"UPDATE invoices SET status = :status, {STAMP[status]} = :at WHERE id = :id",
+            f"UPDATE invoices SET status = :status, {STAMP[status]} = :at{PAY[status]} WHERE id = :id",
             status=status,
             at=at + timedelta(days=i),
             id=invoice_id,
@@ -161,7 +163,7 @@ async def test_the_status_transitions_payments_make_are_allowed_with_their_times
 REFUSED = {
     "open>draft": (None, "status = 'draft'", "cannot change from open to draft"),
     "paid>void": ("paid", "status = 'void', voided_at = now()", "cannot change from paid to void"),
-    "void>paid": ("void", "status = 'paid', paid_at = now()", "cannot change from void to paid"),
+    "void>paid": ("void", "status = 'paid', paid_at = now(), amount_paid = total", "cannot change from void to paid"),
     "paid>uncollectible": (
         "paid",
         "status = 'uncollectible', marked_uncollectible_at = now()",
@@ -186,7 +188,7 @@ async def test_other_status_changes_are_refused(sessions, sub, before: str | Non
     if before is not None:
         await sql(
             sessions,
-            f"UPDATE invoices SET status = :s, {STAMP[before]} = now() WHERE id = :id",
+            f"UPDATE invoices SET status = :s, {STAMP[before]} = now(){PAY[before]} WHERE id = :id",
             s=before,
             id=invoice_id,
         )
@@ -197,7 +199,7 @@ async def test_other_status_changes_are_refused(sessions, sub, before: str | Non
 async def test_a_status_needs_its_timestamp(sessions, sub):
     invoice_id = await invoice_with_lines(sessions, sub, finalized=True)
     with pytest.raises(IntegrityError, match="ck_invoice_status_time"):
-        await sql(sessions, "UPDATE invoices SET status = 'paid' WHERE id = :id", id=invoice_id)
+        await sql(sessions, "UPDATE invoices SET status = 'paid', amount_paid = total WHERE id = :id", id=invoice_id)
 
 
 async def test_the_pdf_location_is_set_once(sessions, sub):

@@ -373,7 +373,7 @@ async def test_every_finalization_balances_and_each_receivable_is_its_open_invoi
                     await ledger.post_payment_captured(s, f"pi-{invoice.id}", sub.tenant_id, "USD", total, start)
                 await execute_sql(
                     s,
-                    text("UPDATE invoices SET status = 'paid', paid_at = :at WHERE id = :id"),
+                    text("UPDATE invoices SET status = 'paid', paid_at = :at, amount_paid = total WHERE id = :id"),
                     {"at": start, "id": invoice.id},
                 )
                 await s.commit()
