@@ -210,3 +210,179 @@ ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
 ACT_FINALIZE_INVOICE = "finalize_invoice"
 ACT_ISSUE_INVOICE = "issue_invoice"
 ACT_ATTACH_INVOICE_PDF = "attach_invoice_pdf"
+
+
+# --- Collection (docs/payments.md "Collection"): one workflow per finalized invoice owns it ------
+
+COLLECTION_WORKFLOW = "InvoiceCollection"
+PSP_EVENT_WORKFLOW = "ProcessPspEvent"
+PSP_EVENT_SWEEP_WORKFLOW = "SweepPspEvents"
+# Messages of the collection workflow.
+COLLECTION_STATE_QUERY = "state"
+COLLECTION_PSP_SIGNAL = "psp_event"  # a PSP event about one of the invoice's PaymentIntents
+COLLECTION_PAY_UPDATE = "pay"  # the tenant pays with the saved method (portal)
+COLLECTION_RECORD_PAYMENT_UPDATE = "record_payment"  # an operator records money received out of band
+COLLECTION_VOID_UPDATE = "void"
+COLLECTION_MARK_UNCOLLECTIBLE_UPDATE = "mark_uncollectible"
+
+# Error types of collection (ApplicationError.type); the API answers each with 409 naming the field.
+ERR_NOT_COLLECTABLE = "NotCollectable"  # the invoice is draft, paid or void (field: status)
+ERR_PAYMENT_IN_PROGRESS = "PaymentInProgress"  # an attempt is in flight (field: status)
+ERR_NO_PAYMENT_METHOD = "NoPaymentMethod"  # the tenant has no saved method (field: payment_method)
+ERR_PSP_BUG = "PspBug"  # the PSP refused our request as invalid: a bug, never retried
+
+
+def collection_workflow_id(invoice_id: uuid.UUID) -> str:
+    """The business key of an invoice's collection: every way of paying goes through this one workflow."""
+    return f"invoice-collection:{invoice_id}"
+
+
+def psp_event_workflow_id(event_id: str) -> str:
+    return f"psp-event:{event_id}"
+
+
+@dataclass
+class CollectionInput:
+    invoice_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None  # for log context
+    automatic: bool = True  # charge the saved method at once (False: started by a webhook or an operator)
+    confirm_wait: timedelta | None = None  # how long to wait for the PSP's webhook before asking; None: 60 s
+
+
+@dataclass
+class AttemptView:
+    """A payment attempt as collection sees it."""
+
+    attempt_id: uuid.UUID
+    number: int
+    status: str  # billing.states.AttemptStatus
+    amount: int
+    currency: str
+    source: str
+    payment_intent_id: str | None = None
+    decline_code: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class CollectionSnapshot:
+    """The invoice's collection state, read from the database by every activity that changes it."""
+
+    invoice_id: uuid.UUID
+    status: str  # billing.states.InvoiceStatus
+    total: int
+    amount_paid: int
+    amount_credited: int
+    amount_due: int
+    currency: str
+    due_at: datetime | None
+    has_payment_method: bool
+    in_flight: AttemptView | None = None  # an attempt left in flight (a restarted workflow resumes it)
+    attempts: int = 0
+
+
+@dataclass
+class CollectionState:
+    """The ``state`` query: the snapshot, the attempt in flight and every attempt's outcome."""
+
+    snapshot: CollectionSnapshot | None
+    in_flight: AttemptView | None
+    attempts: list[AttemptView] = field(default_factory=list)
+
+
+@dataclass
+class PrepareCollectionInput:
+    invoice_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class OpenAttemptInput:
+    invoice_id: uuid.UUID
+    attempt_id: uuid.UUID  # minted by the workflow: a retried activity opens the same attempt
+    source: str  # schema.models.PaymentSource
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class AttemptInput:
+    attempt_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class SettleResult:
+    attempt: AttemptView
+    snapshot: CollectionSnapshot
+    found_at_psp: bool = True  # False: an unknown attempt the PSP never saw; submit it again with its key
+
+
+@dataclass
+class PayRequest:
+    actor: str | None = None
+
+
+@dataclass
+class RecordPaymentRequest:
+    amount: int
+    method: str  # bank_transfer | other
+    reference: str | None = None
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RecordPaymentInput:
+    invoice_id: uuid.UUID
+    attempt_id: uuid.UUID  # minted by the workflow
+    request: RecordPaymentRequest
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class InvoiceActionRequest:
+    """Void or mark uncollectible: who asks and why (kept on the ledger posting's description)."""
+
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class InvoiceActionInput:
+    invoice_id: uuid.UUID
+    request: InvoiceActionRequest
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class PspSignal:
+    event_id: str
+    event_type: str
+    payment_intent_id: str
+
+
+@dataclass
+class CollectionResult:
+    invoice_id: uuid.UUID
+    status: str
+    amount_paid: int
+    attempts: list[AttemptView] = field(default_factory=list)
+
+
+@dataclass
+class PspEventInput:
+    event_id: str
+
+
+# Activity names of collection and PSP event processing.
+ACT_PREPARE_COLLECTION = "prepare_collection"
+ACT_OPEN_ATTEMPT = "open_payment_attempt"
+ACT_SUBMIT_ATTEMPT = "submit_payment_attempt"
+ACT_SETTLE_ATTEMPT = "settle_payment_attempt"
+ACT_SETTLE_INTENT = "settle_payment_intent"
+ACT_RENDER_RECEIPT = "render_receipt_pdf"
+ACT_RECORD_PAYMENT = "record_offline_payment"
+ACT_VOID_INVOICE = "void_invoice"
+ACT_MARK_UNCOLLECTIBLE = "mark_invoice_uncollectible"
+ACT_PROCESS_PSP_EVENT = "process_psp_event"
+ACT_SWEEP_PSP_EVENTS = "sweep_psp_events"
