@@ -28,7 +28,9 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
+from activities.collection import CollectionActivities
 from adapters.pdf import ChromiumPdfRenderer
+from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
@@ -36,6 +38,7 @@ from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
+from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 
@@ -55,12 +58,15 @@ def build_worker(
     *,
     max_cached_workflows: int = 1000,
     extra_workflows: Sequence[type] = (),
+    collection: CollectionActivities | None = None,
 ) -> Worker:
+    """The worker of the billing task queue; with ``collection``, invoices are collected too."""
+    collecting = [InvoiceCollectionWorkflow] if collection is not None else []
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[*WORKFLOWS, *extra_workflows],
-        activities=activities.all(),
+        workflows=[*WORKFLOWS, *collecting, *extra_workflows],
+        activities=[*activities.all(), *(collection.all() if collection is not None else [])],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
@@ -120,25 +126,30 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
     )
     await renderer.start()
+    psp = StripePsp.from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
+        sessions = make_sessionmaker(engine)
+        store = LocalDocumentStore(settings.documents_root)
         activities = activities_type(
-            make_sessionmaker(engine),
+            sessions,
             renderer,
-            LocalDocumentStore(settings.documents_root),
+            store,
             InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
-        worker = build_worker(client, settings, activities)
+        collection = CollectionActivities(sessions, psp, renderer, store)
+        worker = build_worker(client, settings, activities, collection=collection)
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()
             log.info("worker stopping")
     finally:
+        await psp.aclose()
         await renderer.close()
         await engine.dispose()
         if provider is not None:

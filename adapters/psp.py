@@ -157,6 +157,10 @@ class Psp(Protocol):
         search, whose index lags); None when the PSP has none."""
         ...
 
+    async def charge_fee(self, charge_id: str) -> int | None:
+        """The fee the PSP kept on a charge (its balance transaction), None while it has none."""
+        ...
+
     async def refund(
         self, payment_intent_id: str, *, amount: int | None, key: str, metadata: Mapping[str, str] | None = None
     ) -> Refund:
@@ -339,6 +343,16 @@ class StripePsp:
             ids = [p.id for p in found]
             raise Bug(f"{len(ids)} PaymentIntents for invoice {invoice_id} attempt {attempt}: {ids}")
         return found[0] if found else None
+
+    async def charge_fee(self, charge_id: str) -> int | None:
+        v1 = self._client.v1
+        charge = await self._call(
+            lambda: v1.charges.retrieve_async(charge_id, params={"expand": ["balance_transaction"]}), mutating=False
+        )
+        transaction = charge.balance_transaction
+        if transaction is None or isinstance(transaction, str):
+            return None
+        return int(transaction.fee)
 
     async def refund(
         self, payment_intent_id: str, *, amount: int | None, key: str, metadata: Mapping[str, str] | None = None

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from babel.dates import format_date, format_datetime
 from babel.numbers import format_currency
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 
 from billing.money import check_currency, format_money, minor_units
 
@@ -28,6 +28,11 @@ _env = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def template(name: str) -> Template:
+    """A document template of ``services/templates`` (autoescaped, strict about undefined names)."""
+    return _env.get_template(name)
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
     usage_period = _span_text(doc.usage_start, doc.usage_end, zone)
     if final and doc.usage_start is not None:  # usage up to the end instant, not to a midnight
         usage_period = f"{_show_date(_local_date(doc.usage_start, zone))} \u2013 {ended_at}"
-    return _env.get_template(_TEMPLATE).render(
+    return template(_TEMPLATE).render(
         doc=doc,
         currency=check_currency(doc.currency),
         issuer_address=[part.strip() for part in doc.issuer_address.splitlines() if part.strip()],

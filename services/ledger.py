@@ -307,6 +307,9 @@ PSP_FEE = "psp_fee"
 PAYOUT = "payout"
 REFUND = "refund"
 WRITE_OFF = "write_off"
+PAYMENT_RECEIVED = "payment_received"  # money received out of band (a bank transfer an operator records)
+WRITE_OFF_RECOVERED = "write_off_recovered"  # a payment on an invoice written off: the write-off undone by it
+INVOICE_VOIDED = "invoice_voided"  # the finalization (and a write-off) reversed
 
 
 def invoice_lines(tenant_id: uuid.UUID, currency: str, total: int, lines: Iterable[tuple[str, int]]) -> list[Line]:
@@ -455,6 +458,81 @@ async def post_write_off(
     lines = [debit(bad_debt(currency), amount), credit(receivable(tenant_id, currency), amount)]
     return await post(
         session, "invoice", str(invoice_id), WRITE_OFF, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    )
+
+
+async def post_payment_received(
+    session: AsyncSession,
+    payment_id: str,
+    tenant_id: uuid.UUID,
+    currency: str,
+    amount: int,
+    posted_at: datetime,
+    *,
+    description: str = "Payment received out of band",
+) -> Posted:
+    """Money received outside the PSP (a bank transfer): bank debited, the tenant's receivable credited."""
+    _positive("amount", amount)
+    lines = [debit(bank(currency), amount), credit(receivable(tenant_id, currency), amount)]
+    return await post(
+        session, "payment", payment_id, PAYMENT_RECEIVED, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    )
+
+
+async def post_write_off_recovered(
+    session: AsyncSession,
+    payment_id: str,
+    tenant_id: uuid.UUID,
+    currency: str,
+    amount: int,
+    posted_at: datetime,
+    *,
+    description: str = "Written-off invoice paid after all",
+) -> Posted:
+    """A payment on an invoice written off as uncollectible: the receivable back from bad debt, so the
+    payment's own posting settles it (receivable debited, bad debt credited)."""
+    _positive("amount", amount)
+    lines = [debit(receivable(tenant_id, currency), amount), credit(bad_debt(currency), amount)]
+    return await post(
+        session,
+        "payment",
+        payment_id,
+        WRITE_OFF_RECOVERED,
+        description,
+        lines,
+        posted_at=posted_at,
+        tenant_id=tenant_id,
+    )
+
+
+async def post_reversal(
+    session: AsyncSession,
+    source_type: str,
+    source_id: str,
+    kinds: Sequence[str],
+    kind: str,
+    description: str,
+    posted_at: datetime,
+    *,
+    tenant_id: uuid.UUID | None = None,
+) -> Posted:
+    """One posting (key ``source_type, source_id, kind``) that undoes the postings ``kinds`` of the same
+    source: every entry of theirs with the opposite sign. It balances because they did."""
+    rows = (
+        await session.exec(
+            select(LedgerAccount, LedgerEntry.amount)
+            .join(LedgerEntry, col(LedgerEntry.account_id) == LedgerAccount.id)
+            .join(LedgerPosting, col(LedgerPosting.id) == LedgerEntry.posting_id)
+            .where(
+                LedgerPosting.source_type == source_type,
+                LedgerPosting.source_id == source_id,
+                col(LedgerPosting.kind).in_(list(kinds)),
+            )
+        )
+    ).all()
+    lines = [Line(Account(a.code, a.name, a.kind, a.currency, a.tenant_id), -int(amount)) for a, amount in rows]
+    return await post(
+        session, source_type, source_id, kind, description, lines, posted_at=posted_at, tenant_id=tenant_id
     )
 
 

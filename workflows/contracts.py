@@ -318,6 +318,11 @@ class SettleResult:
 
 
 @dataclass
+class SettleIntentResult:
+    settled: SettleResult | None = None  # None: the PaymentIntent is not one of our attempts
+
+
+@dataclass
 class PayRequest:
     actor: str | None = None
 

@@ -11,7 +11,9 @@ import uuid
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
@@ -20,8 +22,10 @@ with workflow.unsafe.imports_passed_through():
         ACT_FINALIZE_INVOICE,
         ACT_ISSUE_INVOICE,
         ACT_RENDER_INVOICE_PDF,
+        COLLECTION_WORKFLOW,
         INVOICE_WORKFLOW,
         AttachInvoicePdfInput,
+        CollectionInput,
         CreateInvoiceInput,
         CreateInvoiceResult,
         FinalizeInvoiceInput,
@@ -31,9 +35,12 @@ with workflow.unsafe.imports_passed_through():
         IssueInvoiceResult,
         RenderInvoicePdfInput,
         RenderInvoicePdfResult,
+        collection_workflow_id,
     )
 
 NUMBER_AT_FINALIZATION = "invoice-number-at-finalization"
+# Workflows that record this marker hand the finalized invoice to its InvoiceCollection workflow.
+PATCH_COLLECTION = "invoice-collection"
 
 # Database work: short, retried with backoff until it works (a database outage heals).
 DB_TIMEOUT = timedelta(seconds=30)
@@ -90,6 +97,8 @@ class InvoiceCycleWorkflow:
                 retry_policy=DB_RETRY,
             )
             number: str | None = issued.number
+            if workflow.patched(PATCH_COLLECTION):
+                await self._start_collection(invoice.invoice_id, tenant)
         else:
             pdf = await self._render(invoice, tenant, heartbeats)
             await workflow.execute_activity(
@@ -109,6 +118,19 @@ class InvoiceCycleWorkflow:
             created=invoice.created,
             pdf_location=pdf.location,
         )
+
+    async def _start_collection(self, invoice_id: uuid.UUID, tenant: uuid.UUID | None) -> None:
+        """Hand the finalized invoice to its collection workflow, which outlives this one."""
+        try:
+            await workflow.start_child_workflow(
+                COLLECTION_WORKFLOW,
+                CollectionInput(invoice_id, tenant_id=tenant),
+                id=collection_workflow_id(invoice_id),
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            )
+        except WorkflowAlreadyStartedError:  # a re-run of this invoice: its collection exists
+            pass
 
     async def _render(
         self, invoice: CreateInvoiceResult, tenant: uuid.UUID | None, heartbeats: bool

@@ -1,0 +1,333 @@
+"""Collection inside the invoice's own workflow: real billing runs on the time-skipping Temporal
+server, real PostgreSQL, real Chromium, and the real stripe SDK against the PSP emulator process.
+
+Amounts are worked by hand: the base fee is 65000; the emulator's fee is 2.9 % + 30, so
+65000 -> 1885 + 30 = 1915 and the PSP clearing keeps 65000 - 1915 = 63085.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+from pypdf import PdfReader
+from sqlmodel import col, select
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+
+from activities.collection import CollectionActivities
+from adapters.psp import StripePsp
+from adapters.storage import LocalDocumentStore
+from billing.states import is_terminal
+from schema.models import (
+    AttemptStatus,
+    Invoice,
+    InvoiceStatus,
+    LedgerAccount,
+    LedgerEntry,
+    PaymentAttempt,
+    PaymentSource,
+    Tenant,
+)
+from services import payments
+from tests import factories
+from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_billing_workflows import START, start_run
+from tests.test_invoice_immutability import invoice_with_lines
+from worker import build_worker
+from workflows.contracts import (
+    COLLECTION_PAY_UPDATE,
+    COLLECTION_RECORD_PAYMENT_UPDATE,
+    COLLECTION_STATE_QUERY,
+    COLLECTION_VOID_UPDATE,
+    COLLECTION_WORKFLOW,
+    ERR_PAYMENT_IN_PROGRESS,
+    AttemptView,
+    CollectionInput,
+    CollectionResult,
+    CollectionState,
+    InvoiceActionRequest,
+    PayRequest,
+    RecordPaymentRequest,
+    collection_workflow_id,
+)
+
+pytestmark = pytest.mark.db
+
+FEE_65000 = 1915
+WAIT = timedelta(seconds=1)  # no webhook reaches these tests: ask the PSP after 1 s
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[RunningEmulator]:
+    with running_emulator() as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def psp(emulator: RunningEmulator) -> AsyncIterator[StripePsp]:
+    emulator.knob("reset")
+    async with StripePsp("sk_test_roomly", api_base=emulator.url, timeout=1.0) as client:
+        yield client
+
+
+@pytest.fixture
+def collection(sessions, psp, renderer, settings) -> CollectionActivities:
+    return CollectionActivities(sessions, psp, renderer, LocalDocumentStore(settings.documents_root))
+
+
+async def save_card(sessions, psp: StripePsp, tenant_id: uuid.UUID, token: str = "pm_card_visa") -> None:
+    customer = await psp.ensure_customer(str(tenant_id), name="Ada", email=None, key=f"tenant:{tenant_id}:customer")
+    method = await psp.attach_default_payment_method(customer, token, key=f"tenant:{tenant_id}:pm")
+    async with sessions() as s:
+        tenant = await s.get(Tenant, tenant_id)
+        assert tenant is not None
+        tenant.psp_customer_id, tenant.default_payment_method = customer, method
+        s.add(tenant)
+        await s.commit()
+
+
+async def first_invoice(sessions, tenant_id: uuid.UUID) -> Invoice:
+    async with sessions() as s:
+        query = select(Invoice).where(Invoice.tenant_id == tenant_id).order_by(col(Invoice.number))
+        return (await s.exec(query)).all()[0]
+
+
+async def balances(sessions, tenant_id: uuid.UUID) -> dict[str, int]:
+    async with sessions() as s:
+        rows = (
+            await s.exec(
+                select(LedgerAccount.code, LedgerEntry.amount).join(
+                    LedgerEntry, col(LedgerEntry.account_id) == LedgerAccount.id
+                )
+            )
+        ).all()
+    out: dict[str, int] = {}
+    for code, amount in rows:
+        key = code.replace(str(tenant_id), "t")
+        out[key] = out.get(key, 0) + amount
+    return {k: v for k, v in out.items() if v}
+
+
+async def attempts(sessions, invoice_id: uuid.UUID) -> list[PaymentAttempt]:
+    async with sessions() as s:
+        return await payments.attempts_of(s, invoice_id)
+
+
+def collection_handle(env, invoice_id: uuid.UUID) -> WorkflowHandle[object, CollectionResult]:
+    return env.client.get_workflow_handle(collection_workflow_id(invoice_id), result_type=CollectionResult)
+
+
+async def settled_state(handle: WorkflowHandle[object, CollectionResult]) -> CollectionState:
+    """The collection's state once its first attempt has ended (polled: at most ~10 s)."""
+    for _ in range(200):
+        state = await handle.query(COLLECTION_STATE_QUERY, result_type=CollectionState)
+        if state.attempts and is_terminal_or_paid(state.attempts[0].status):
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the first attempt did not end: {state}")
+
+
+def is_terminal_or_paid(status: str) -> bool:
+    return status == "succeeded" or is_terminal(AttemptStatus(status))
+
+
+async def test_a_billing_run_collects_the_invoice_once_posts_it_and_issues_a_receipt(
+    temporal_env, sessions, activities, collection, settings, emulator
+):
+    sub = await factories.subscriber(sessions, await factories.catalog(sessions), START)
+    await save_card(sessions, collection._psp, sub.tenant_id)  # type: ignore[arg-type]
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        await (await start_run(temporal_env, settings, as_of=START + timedelta(days=1))).result()
+        invoice = await first_invoice(sessions, sub.tenant_id)
+        # No webhook reaches this test: past the confirmation wait the workflow asks the PSP itself.
+        await temporal_env.sleep(timedelta(seconds=61))
+        state = await settled_state(collection_handle(temporal_env, invoice.id))
+    # The test server does not answer a long poll on a workflow started as another's child: poll the query.
+    assert state.snapshot is not None and state.snapshot.status == "paid" and state.snapshot.amount_paid == 65000
+    assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
+    [attempt] = await attempts(sessions, invoice.id)
+    assert (attempt.number, attempt.status, attempt.amount, attempt.psp_fee) == (1, "succeeded", 65000, FEE_65000)
+    assert attempt.idempotency_key == f"invoice:{invoice.id}:attempt:1"
+    async with sessions() as s:
+        paid = await s.get(Invoice, invoice.id)
+    assert paid is not None and paid.status == InvoiceStatus.paid and paid.amount_paid == 65000
+    assert await balances(sessions, sub.tenant_id) == {
+        "revenue:rent": -65000,
+        "psp_clearing": 65000 - FEE_65000,
+        "psp_fees": FEE_65000,
+    }  # the receivable is settled: it nets to zero
+    assert attempt.receipt_location is not None
+    pdf = await LocalDocumentStore(settings.documents_root).get(attempt.receipt_location)
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    assert f"Receipt {invoice.number}-1" in text and "$650.00" in text
+
+
+async def test_a_declined_card_leaves_the_invoice_open_and_overdue_with_the_decline_code(
+    temporal_env, sessions, activities, collection, settings, emulator
+):
+    sub = await factories.subscriber(sessions, await factories.catalog(sessions), START)
+    await save_card(sessions, collection._psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # type: ignore[arg-type]
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        await (await start_run(temporal_env, settings, as_of=START + timedelta(days=1))).result()
+        invoice = await first_invoice(sessions, sub.tenant_id)
+        state = await settled_state(collection_handle(temporal_env, invoice.id))
+    [attempt] = state.attempts
+    assert (attempt.status, attempt.decline_code) == ("failed", "generic_decline")
+    assert state.snapshot is not None and state.snapshot.status == "open" and state.snapshot.amount_due == 65000
+    assert emulator.charges(status="failed", **{"metadata.invoice_id": str(invoice.id)}) == 1
+    assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 0
+    assert invoice.due_at is not None
+    assert not payments.is_overdue(InvoiceStatus.open, invoice.due_at, invoice.due_at)
+    assert payments.is_overdue(InvoiceStatus.open, invoice.due_at, invoice.due_at + timedelta(seconds=1))
+    assert not payments.is_overdue(InvoiceStatus.paid, invoice.due_at, invoice.due_at + timedelta(days=1))
+    assert await balances(sessions, sub.tenant_id) == {"receivable:t": 65000, "revenue:rent": -65000}
+
+
+async def _open_invoice(
+    sessions, psp, token: str | None = "pm_card_visa", cat: factories.Catalog | None = None
+) -> Invoice:
+    """A finalized invoice of 65566 without a workflow, for collection tests that start their own."""
+    sub = await factories.subscriber(sessions, cat or await factories.catalog(sessions), START, name=uuid.uuid4().hex)
+    if token:
+        await save_card(sessions, psp, sub.tenant_id, token)
+    invoice_id = await invoice_with_lines(sessions, sub, finalized=True)
+    async with sessions() as s:
+        invoice = await s.get(Invoice, invoice_id)
+    assert invoice is not None
+    return invoice
+
+
+async def test_automatic_capture_and_a_portal_payment_racing_charge_once(
+    temporal_env, sessions, activities, collection, settings, psp, emulator
+):
+    invoice = await _open_invoice(sessions, psp)  # total 65566
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        handle = await temporal_env.client.start_workflow(
+            COLLECTION_WORKFLOW,
+            CollectionInput(invoice.id, automatic=True, confirm_wait=WAIT),
+            id=collection_workflow_id(invoice.id),
+            task_queue=settings.task_queue,
+            result_type=CollectionResult,
+        )
+        refusals = 0
+        for _ in range(5):  # the tenant clicks "pay" while automatic capture runs
+            try:
+                await handle.execute_update(COLLECTION_PAY_UPDATE, PayRequest(), result_type=AttemptView)
+            except WorkflowUpdateFailedError as refused:
+                assert isinstance(refused.cause, ApplicationError)
+                assert refused.cause.type in (ERR_PAYMENT_IN_PROGRESS, "NotCollectable")
+                refusals += 1
+        result = await handle.result()
+    assert result.status == "paid" and result.amount_paid == 65566
+    assert refusals >= 4
+    assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 1
+
+
+async def test_a_timed_out_psp_call_is_resolved_by_lookup_not_a_second_charge(
+    temporal_env, sessions, activities, collection, settings, psp, emulator
+):
+    invoice = await _open_invoice(sessions, psp)
+    # The PaymentIntent is created, then its answer is held past the client's 1 s timeout.
+    emulator.knob("failures", mode="timeout", when="after", seconds=3, path="/v1/payment_intents", method="POST")
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        handle = await temporal_env.client.start_workflow(
+            COLLECTION_WORKFLOW,
+            CollectionInput(invoice.id, confirm_wait=WAIT),
+            id=collection_workflow_id(invoice.id),
+            task_queue=settings.task_queue,
+            result_type=CollectionResult,
+        )
+        result = await handle.result()
+    assert result.status == "paid"
+    assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
+    [attempt] = await attempts(sessions, invoice.id)
+    assert attempt.status == "succeeded" and attempt.failure_message is not None  # it went through unknown
+
+
+async def test_a_psp_500_is_retried_with_the_same_key_and_charges_once(
+    temporal_env, sessions, activities, collection, settings, psp, emulator
+):
+    invoice = await _open_invoice(sessions, psp)
+    emulator.knob("failures", mode="500", when="after", count=2, path="/v1/payment_intents", method="POST")
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        handle = await temporal_env.client.start_workflow(
+            COLLECTION_WORKFLOW,
+            CollectionInput(invoice.id, confirm_wait=WAIT),
+            id=collection_workflow_id(invoice.id),
+            task_queue=settings.task_queue,
+            result_type=CollectionResult,
+        )
+        assert (await handle.result()).status == "paid"
+    assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
+    assert emulator.stats()["idempotent_replays"] >= 2
+
+
+async def test_an_operator_records_a_bank_transfer_then_voids_another_invoice(
+    temporal_env, sessions, activities, collection, settings, psp, emulator
+):
+    cat = await factories.catalog(sessions)
+    invoice = await _open_invoice(sessions, psp, token=None, cat=cat)  # no saved card: nothing is charged
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        handle = await temporal_env.client.start_workflow(
+            COLLECTION_WORKFLOW,
+            CollectionInput(invoice.id, confirm_wait=WAIT),
+            id=collection_workflow_id(invoice.id),
+            task_queue=settings.task_queue,
+            result_type=CollectionResult,
+        )
+        with pytest.raises(WorkflowUpdateFailedError):  # more than is due
+            await handle.execute_update(
+                COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(amount=65567, method="bank_transfer")
+            )
+        part = await handle.execute_update(
+            COLLECTION_RECORD_PAYMENT_UPDATE,
+            RecordPaymentRequest(amount=60000, method="bank_transfer", reference="SEPA-1", actor="ops@roomly"),
+            result_type=AttemptView,
+        )
+        assert (part.status, part.amount, part.source) == ("succeeded", 60000, "operator")
+        with pytest.raises(WorkflowUpdateFailedError):  # it has a payment now: void is refused
+            await handle.execute_update(COLLECTION_VOID_UPDATE, InvoiceActionRequest(actor="ops"))
+        await handle.execute_update(
+            COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(amount=5566, method="other", actor="ops@roomly")
+        )
+        assert (await handle.result()).status == "paid"
+
+        other = await _open_invoice(sessions, psp, token=None, cat=cat)
+        voiding = await temporal_env.client.start_workflow(
+            COLLECTION_WORKFLOW,
+            CollectionInput(other.id),
+            id=collection_workflow_id(other.id),
+            task_queue=settings.task_queue,
+            result_type=CollectionResult,
+        )
+        await voiding.execute_update(COLLECTION_VOID_UPDATE, InvoiceActionRequest(actor="ops", reason="duplicate"))
+        assert (await voiding.result()).status == "void"
+    assert emulator.charges() == 0
+    # Paid by bank: bank 65566, receivable 0. Voided: its finalization reversed to nothing.
+    assert await balances(sessions, invoice.tenant_id) == {
+        "bank": 65566,
+        "revenue:rent": -65000,
+        "revenue:usage": -566,
+    }
+
+
+async def test_two_attempts_opened_at_once_leave_one_in_flight(sessions, psp):
+    invoice = await _open_invoice(sessions, psp)
+
+    async def open_one() -> object:
+        async with sessions() as s:
+            try:
+                return await payments.open_attempt(s, invoice.id, uuid.uuid4(), PaymentSource.portal)
+            except Exception as refused:  # the unique index, when both passed the check
+                return refused
+
+    results = await asyncio.gather(*(open_one() for _ in range(4)))
+    opened = [r for r in results if isinstance(r, payments.Attempt)]
+    assert len(opened) == 1 and opened[0].number == 1
+    assert len(await attempts(sessions, invoice.id)) == 1
