@@ -19,6 +19,7 @@ from pypdf import PdfReader
 from sqlmodel import col, select
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 from activities.collection import CollectionActivities
 from adapters.psp import StripePsp
@@ -95,7 +96,8 @@ async def save_card(sessions, psp: StripePsp, tenant_id: uuid.UUID, token: str =
 async def first_invoice(sessions, tenant_id: uuid.UUID) -> Invoice:
     async with sessions() as s:
         query = select(Invoice).where(Invoice.tenant_id == tenant_id).order_by(col(Invoice.number))
-        return (await s.exec(query)).all()[0]
+        found: Invoice = (await s.exec(query)).all()[0]
+        return found
 
 
 async def balances(sessions, tenant_id: uuid.UUID) -> dict[str, int]:
@@ -119,14 +121,14 @@ async def attempts(sessions, invoice_id: uuid.UUID) -> list[PaymentAttempt]:
         return await payments.attempts_of(s, invoice_id)
 
 
-def collection_handle(env, invoice_id: uuid.UUID) -> WorkflowHandle[object, CollectionResult]:
+def collection_handle(env: WorkflowEnvironment, invoice_id: uuid.UUID) -> WorkflowHandle[object, CollectionResult]:
     return env.client.get_workflow_handle(collection_workflow_id(invoice_id), result_type=CollectionResult)
 
 
 async def settled_state(handle: WorkflowHandle[object, CollectionResult]) -> CollectionState:
     """The collection's state once its first attempt has ended (polled: at most ~10 s)."""
     for _ in range(200):
-        state = await handle.query(COLLECTION_STATE_QUERY, result_type=CollectionState)
+        state: CollectionState = await handle.query(COLLECTION_STATE_QUERY, result_type=CollectionState)
         if state.attempts and is_terminal_or_paid(state.attempts[0].status):
             return state
         await asyncio.sleep(0.05)
@@ -141,7 +143,7 @@ async def test_a_billing_run_collects_the_invoice_once_posts_it_and_issues_a_rec
     temporal_env, sessions, activities, collection, settings, emulator
 ):
     sub = await factories.subscriber(sessions, await factories.catalog(sessions), START)
-    await save_card(sessions, collection._psp, sub.tenant_id)  # type: ignore[arg-type]
+    await save_card(sessions, collection._psp, sub.tenant_id)
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
         await (await start_run(temporal_env, settings, as_of=START + timedelta(days=1))).result()
         invoice = await first_invoice(sessions, sub.tenant_id)
@@ -172,7 +174,7 @@ async def test_a_declined_card_leaves_the_invoice_open_and_overdue_with_the_decl
     temporal_env, sessions, activities, collection, settings, emulator
 ):
     sub = await factories.subscriber(sessions, await factories.catalog(sessions), START)
-    await save_card(sessions, collection._psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # type: ignore[arg-type]
+    await save_card(sessions, collection._psp, sub.tenant_id, "pm_card_chargeCustomerFail")
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
         await (await start_run(temporal_env, settings, as_of=START + timedelta(days=1))).result()
         invoice = await first_invoice(sessions, sub.tenant_id)
@@ -198,7 +200,7 @@ async def _open_invoice(
         await save_card(sessions, psp, sub.tenant_id, token)
     invoice_id = await invoice_with_lines(sessions, sub, finalized=True)
     async with sessions() as s:
-        invoice = await s.get(Invoice, invoice_id)
+        invoice: Invoice | None = await s.get(Invoice, invoice_id)
     assert invoice is not None
     return invoice
 
