@@ -132,9 +132,11 @@ def conflict(field: str, message: str) -> ApiError:
     return ApiError(status.HTTP_409_CONFLICT, "conflict", message, field)
 
 
-async def get_or_404(session: AsyncSession, model: type[Row], ref: uuid.UUID, what: str) -> Row:
-    """The row with primary key ``ref`` named in the path, or a 404."""
-    row = await session.get(model, ref)
+async def get_or_404(
+    session: AsyncSession, model: type[Row], ref: uuid.UUID, what: str, *, refresh: bool = False
+) -> Row:
+    """The row with primary key ``ref`` named in the path, or a 404 (``refresh``: read again, not from the session)."""
+    row = await session.get(model, ref, populate_existing=refresh)
     if row is None:
         raise not_found(what, ref)
     return row

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -413,6 +413,48 @@ class InvoicePublic(Public):
     paid_at: datetime | None
     voided_at: datetime | None
     marked_uncollectible_at: datetime | None
+    amount_paid: int = Field(description="Minor units paid so far")
+    amount_credited: int = Field(description="Minor units taken off by credit notes before payment")
+    amount_due: int = Field(description="total - amount_paid - amount_credited")
+    overdue: bool = Field(description="Still to be paid (open or uncollectible) and past due_at")
+
+
+class PaymentAttemptPublic(Public):
+    id: uuid.UUID
+    invoice_id: uuid.UUID
+    number: int = Field(description="1, 2, ... per invoice; the PSP key is invoice:{invoice_id}:attempt:{number}")
+    status: str = Field(description="initiated, processing, succeeded, failed, unknown, partially_refunded, refunded")
+    source: str = Field(description="automatic, portal, operator or dunning")
+    method: str = Field(description="card, bank_transfer or other")
+    amount: int
+    currency: str
+    amount_refunded: int
+    decline_code: str | None
+    failure_message: str | None
+    psp_payment_intent_id: str | None
+    psp_fee: int | None
+    reference: str | None
+    actor: str | None
+    reason: str | None
+    receipt_url: str | None
+    created_at: datetime
+    succeeded_at: datetime | None
+    failed_at: datetime | None
+
+
+class PaymentRecordCreate(BaseModel):
+    """Money received outside the PSP, recorded by an operator."""
+
+    amount: int = Field(gt=0, le=2**62, description="Minor units; at most what is due")
+    method: Literal["bank_transfer", "other"]
+    reference: Annotated[str, stripped(200), PgText] | None = None
+    reason: Annotated[str, stripped(500), PgText] | None = None
+
+
+class InvoiceActionCreate(BaseModel):
+    reason: Annotated[str, stripped(500), PgText] | None = Field(
+        default=None, description="Why (kept with the ledger posting)"
+    )
 
 
 class InvoiceLinePublic(Public):

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 
+import httpx
 import pytest
 import pytest_asyncio
 from pypdf import PdfReader
@@ -38,6 +39,7 @@ from schema.models import (
 from services import payments
 from tests import factories
 from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_api_support import api_client
 from tests.test_billing_workflows import START, start_run
 from tests.test_invoice_immutability import invoice_with_lines
 from worker import build_worker
@@ -333,3 +335,62 @@ async def test_two_attempts_opened_at_once_leave_one_in_flight(sessions, psp):
     opened = [r for r in results if isinstance(r, payments.Attempt)]
     assert len(opened) == 1 and opened[0].number == 1
     assert len(await attempts(sessions, invoice.id)) == 1
+
+
+# --- Through the API: every action is an Update of the invoice's collection workflow ----------
+
+
+@pytest_asyncio.fixture
+async def api(settings, temporal_env) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings, temporal_env.client) as client:
+        yield client
+
+
+async def test_the_api_pays_records_and_refuses_what_the_state_does_not_allow(
+    temporal_env, sessions, activities, collection, settings, psp, emulator, api
+):
+    cat = await factories.catalog(sessions)
+    invoice = await _open_invoice(sessions, psp, cat=cat)  # 65566, a saved card
+    unpaid = await _open_invoice(sessions, psp, token=None, cat=cat)
+    async with build_worker(temporal_env.client, settings, activities, collection=collection):
+        # No card: paying is refused, naming the payment method; the collection workflow stays.
+        refused = await api.post(f"/v1/invoices/{unpaid.id}/pay")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["errors"][0]["field"] == "payment_method"
+        bad = await api.post(f"/v1/invoices/{unpaid.id}/payments", json={"amount": 65567, "method": "bank_transfer"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "amount", bad.text
+        wrong = await api.post(f"/v1/invoices/{unpaid.id}/payments", json={"amount": 1, "method": "card"})
+        assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "method"
+        recorded = await api.post(
+            f"/v1/invoices/{unpaid.id}/payments", json={"amount": 65566, "method": "bank_transfer", "reference": "T-1"}
+        )
+        assert recorded.status_code == 201, recorded.text
+        assert (recorded.json()["status"], recorded.json()["source"]) == ("succeeded", "operator")
+
+        paying = await api.post(f"/v1/invoices/{invoice.id}/pay")
+        assert paying.status_code == 202, paying.text
+        assert paying.json()["status"] == "processing" and paying.json()["number"] == 1
+        again = await api.post(f"/v1/invoices/{invoice.id}/pay")  # one in flight: refused
+        assert again.status_code == 409 and again.json()["errors"][0]["field"] == "status"
+        await temporal_env.sleep(timedelta(seconds=61))  # past the webhook wait: the PSP is asked
+        for _ in range(100):
+            shown = (await api.get(f"/v1/invoices/{invoice.id}")).json()
+            if shown["status"] == "paid":
+                break
+            await asyncio.sleep(0.05)
+        assert (shown["status"], shown["amount_paid"], shown["amount_due"], shown["overdue"]) == (
+            "paid",
+            65566,
+            0,
+            False,
+        )
+        for action in ("pay", "void", "mark-uncollectible"):
+            late = await api.post(f"/v1/invoices/{invoice.id}/{action}")
+            assert late.status_code == 409 and late.json()["errors"][0]["field"] == "status", (action, late.text)
+    listed = (await api.get(f"/v1/invoices/{invoice.id}/payments")).json()
+    assert [(p["number"], p["status"], p["psp_fee"]) for p in listed] == [(1, "succeeded", 1931)]  # 1901 + 30
+    receipt = await api.get(listed[0]["receipt_url"])
+    assert receipt.status_code == 200 and receipt.content.startswith(b"%PDF")
+    assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
+    missing = await api.post(f"/v1/invoices/{uuid.uuid4()}/pay")
+    assert missing.status_code == 404

@@ -252,7 +252,9 @@ async def test_a_worker_killed_after_create_invoice_committed_bills_once(dev_ser
     # Feb 10: 10 kWh x 0.285 = 2.85 + fee 650.00 = 652.85; 10 % = 65.285 -> 65.29; 587.56 - 115.00 = 472.56.
     assert (first.total, first.credit_carried_forward) == (0, 11500)
     assert (second.total, second.credit_carried_forward) == (47256, 0)
-    assert all(i.status == InvoiceStatus.open and i.pdf_location for i in (first, second))
+    assert first.pdf_location and second.pdf_location and second.status == InvoiceStatus.open
+    # Nothing is due on the first (total 0): its collection workflow marks it paid, soon or already.
+    assert first.status in (InvoiceStatus.open, InvoiceStatus.paid)
     async with sessions() as s:
         lines = (await s.exec(select(InvoiceLine).where(InvoiceLine.invoice_id == first.id))).all()
     assert sorted(line.amount for line in lines) == [-58500, -6500, 65000]
