@@ -1,9 +1,10 @@
 """The Temporal worker process: billing workflows and activities on one task queue.
 
 Start-up: logging and tracing, the Temporal client, the database engine, one headless
-browser with its page pool, the daily billing Schedule (created or updated idempotently),
-then the worker. SIGINT/SIGTERM stop polling, let running activities finish (up to the
-graceful timeout), then close the browser and the database pool.
+browser with its page pool, the PSP adapter (payout reconciliation), the daily billing Schedule
+(created or updated idempotently), then the worker. SIGINT/SIGTERM stop polling, let running
+activities finish (up to the graceful timeout), then close the browser, the PSP adapter and the
+database pool.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
+from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
+from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
@@ -38,10 +41,11 @@ from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 from workflows.invoice_cycle import InvoiceCycleWorkflow
+from workflows.reconciliation import PayoutReconciliationWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, PayoutReconciliationWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -55,12 +59,13 @@ def build_worker(
     *,
     max_cached_workflows: int = 1000,
     extra_workflows: Sequence[type] = (),
+    reconciliation: ReconciliationActivities | None = None,
 ) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[*WORKFLOWS, *extra_workflows],
-        activities=activities.all(),
+        activities=[*activities.all(), *(reconciliation.all() if reconciliation else ())],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
@@ -120,6 +125,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
     )
     await renderer.start()
+    psp = StripePsp.from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,13 +139,15 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
-        worker = build_worker(client, settings, activities)
+        reconciliation = ReconciliationActivities(make_sessionmaker(engine), psp)
+        worker = build_worker(client, settings, activities, reconciliation=reconciliation)
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()
             log.info("worker stopping")
     finally:
         await renderer.close()
+        await psp.aclose()
         await engine.dispose()
         if provider is not None:
             provider.shutdown()

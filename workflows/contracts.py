@@ -210,3 +210,34 @@ ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
 ACT_FINALIZE_INVOICE = "finalize_invoice"
 ACT_ISSUE_INVOICE = "issue_invoice"
 ACT_ATTACH_INVOICE_PDF = "attach_invoice_pdf"
+
+
+# --- Payout reconciliation (services/reconciliation.py, docs/reconciliation.md) ---------------
+
+PAYOUT_RECONCILIATION_WORKFLOW = "PayoutReconciliation"
+ACT_RECONCILE_PAYOUT = "reconcile_payout"
+ERR_PSP_TRANSIENT = "PspTransient"  # retryable: rate limit, 5xx, the PSP unreachable
+ERR_PSP_BUG = "PspBug"  # non-retryable: the PSP refused our request (e.g. an unknown payout id)
+
+
+def reconciliation_workflow_id(payout_id: str) -> str:
+    """One reconciliation workflow per payout: a second ``payout.paid`` delivery joins or is refused."""
+    return f"reconcile-payout:{payout_id}"
+
+
+@dataclass
+class ReconcilePayoutInput:
+    payout_id: str = ""  # po_...
+
+
+@dataclass
+class ReconcilePayoutResult:
+    payout_id: str = ""
+    currency: str = ""
+    amount: int = 0
+    matched: int = 0
+    missing_ours: int = 0
+    missing_psp: int = 0
+    amount_mismatch: int = 0
+    all_matched: bool = False
+    postings_created: int = 0
