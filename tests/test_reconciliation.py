@@ -9,6 +9,7 @@ Fees are the emulator's 2.9% + 30, worked by hand: 2000 -> 88, 1050 -> 60, 500 -
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import dataclasses
 import io
@@ -20,6 +21,8 @@ import httpx
 import pytest
 import pytest_asyncio
 from sqlmodel import func, select
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 from activities.reconciliation import ReconciliationActivities
 from adapters.psp import Bug, PaymentIntent, StripePsp
@@ -40,6 +43,7 @@ from tests.psp_support import RunningEmulator, running_emulator
 from tests.test_invoice_immutability import BASE, invoice_with_lines
 from worker import build_worker
 from workflows.contracts import (
+    ERR_PSP_BUG,
     PAYOUT_RECONCILIATION_WORKFLOW,
     ReconcilePayoutInput,
     ReconcilePayoutResult,
@@ -407,3 +411,72 @@ async def test_the_api_lists_shows_and_exports_reconciliations(
         assert "po_nothing" in error["message"]
     bad = await api.get("/v1/reconciliation/payouts", params={"cursor": "nonsense"})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"
+
+
+async def test_the_adapter_reads_a_payout_and_pages_through_its_transactions(
+    psp: StripePsp, emulator: RunningEmulator, shop: Shop
+):
+    """More transactions than one list page (100): every one comes back, once."""
+    charges = set()
+    for _ in range(102):
+        intent, _fee = await shop.pay(500)  # fee 45, net 455 each
+        charges.add(intent.latest_charge)
+    payout_id = payout_now(emulator)
+    payout = await psp.retrieve_payout(payout_id)
+    assert (payout.amount, payout.currency, payout.status) == (102 * 455, "USD", "paid")
+    assert payout.created <= payout.arrival_date and payout.balance_transaction is not None
+    txns = await psp.list_payout_balance_transactions(payout_id)
+    assert len(txns) == 103 and len({t.id for t in txns}) == 103
+    assert {t.source for t in txns if t.type == "charge"} == charges
+    assert {(t.amount, t.fee, t.net, t.currency) for t in txns if t.type == "charge"} == {(500, 45, 455, "USD")}
+    (own,) = [t for t in txns if t.type == "payout"]
+    assert (own.id, own.source, own.amount, own.net) == (payout.balance_transaction, payout_id, -46410, -46410)
+    assert (await psp.balance()).total("USD") == 0
+    with pytest.raises(Bug):
+        await psp.retrieve_payout("po_unknown")
+
+
+async def test_two_reconciliations_of_one_payout_at_once_store_one_result_and_post_once(
+    sessions, psp: StripePsp, emulator: RunningEmulator, shop: Shop
+):
+    await shop.paid_and_recorded(2000)
+    await shop.record(amount=700, charge_id="ch_never_paid_out", fee=None)
+    payout_id = payout_now(emulator)
+    first, second = await asyncio.gather(reconcile(sessions, psp, payout_id), reconcile(sessions, psp, payout_id))
+    assert first.postings_created + second.postings_created == 1
+    assert dataclasses.replace(first.report, reconciled_at=second.report.reconciled_at) == second.report
+    assert await postings(sessions, "payout", ledger.PAYOUT) == 1
+    async with sessions() as s:
+        stored = await reconciliation.get_report(s, payout_id)
+    assert [i.outcome for i in stored.items] == [M.matched, M.matched, M.missing_psp]
+
+
+async def test_the_workflow_retries_a_psp_outage_and_fails_at_once_on_an_unknown_payout(
+    sessions, psp: StripePsp, emulator: RunningEmulator, shop: Shop, temporal_env, settings, activities
+):
+    await shop.paid_and_recorded(1050)
+    payout_id = payout_now(emulator)
+    emulator.knob("failures", mode="500", count=2, method="GET", path="/v1/payouts")
+    recon = ReconciliationActivities(sessions, psp)
+    async with build_worker(temporal_env.client, settings, activities, reconciliation=recon):
+        result = await temporal_env.client.execute_workflow(
+            PAYOUT_RECONCILIATION_WORKFLOW,
+            ReconcilePayoutInput(payout_id),
+            id=reconciliation_workflow_id(payout_id),
+            task_queue=settings.task_queue,
+            result_type=ReconcilePayoutResult,
+        )
+        assert (result.amount, result.matched, result.all_matched) == (990, 2, True)
+        assert emulator.stats()["injected_failures"] == 2
+        handle = await temporal_env.client.start_workflow(
+            PAYOUT_RECONCILIATION_WORKFLOW,
+            ReconcilePayoutInput("po_unknown"),
+            id=reconciliation_workflow_id("po_unknown"),
+            task_queue=settings.task_queue,
+        )
+        with pytest.raises(WorkflowFailureError) as failed:
+            await handle.result()
+    cause = failed.value.cause
+    assert isinstance(cause, ActivityError) and isinstance(cause.cause, ApplicationError)
+    assert cause.cause.type == ERR_PSP_BUG and cause.cause.non_retryable
+    assert cause.retry_state == RetryState.NON_RETRYABLE_FAILURE
