@@ -271,6 +271,20 @@ async def _candidates(session: AsyncSession, payout: Payout, charges_here: set[s
     return [row for row in rows if row.psp_charge_id is None or row.psp_charge_id not in charges_here]
 
 
+async def _fee_postings(session: AsyncSession, payment_ids: Sequence[str]) -> set[str]:
+    """Which of these payments already have their PSP fee posting (one query, not one per payment)."""
+    if not payment_ids:
+        return set()
+    rows = await session.exec(
+        select(LedgerPosting.source_id).where(
+            LedgerPosting.source_type == "payment",
+            LedgerPosting.kind == ledger.PSP_FEE,
+            col(LedgerPosting.source_id).in_(payment_ids),
+        )
+    )
+    return set(rows.all())
+
+
 async def clearing_balance(session: AsyncSession, currency: str) -> int:
     """The ``psp_clearing`` account's balance (debits - credits) in ``currency``; 0 without entries."""
     total = (
@@ -365,7 +379,10 @@ async def reconcile_payout(session: AsyncSession, psp: Psp, payout_id: str) -> R
             session, payout.id, payout.currency, payout.amount, payout.arrival_date, description=f"Payout {payout.id}"
         )
         created += posted.created
+    fee_posted = await _fee_postings(session, [str(attempt.id) for attempt, _ in fees])
     for attempt, txn in fees:
+        if str(attempt.id) in fee_posted:
+            continue  # posted at capture (or by an earlier run); `post` would return it and add nothing
         fee = attempt.psp_fee if attempt.psp_fee is not None else txn.fee
         if fee > 0:
             posted = await ledger.post_psp_fee(
