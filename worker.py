@@ -1,9 +1,10 @@
 """The Temporal worker process: billing workflows and activities on one task queue.
 
 Start-up: logging and tracing, the Temporal client, the database engine, one headless
-browser with its page pool, the daily billing Schedule (created or updated idempotently),
-then the worker. SIGINT/SIGTERM stop polling, let running activities finish (up to the
-graceful timeout), then close the browser and the database pool.
+browser with its page pool, the PSP adapter (payout reconciliation), the daily billing Schedule
+(created or updated idempotently), then the worker. SIGINT/SIGTERM stop polling, let running
+activities finish (up to the graceful timeout), then close the browser, the PSP adapter and the
+database pool.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
+from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
@@ -41,10 +43,11 @@ from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
 from workflows.invoice_cycle import InvoiceCycleWorkflow
+from workflows.reconciliation import PayoutReconciliationWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, PayoutReconciliationWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -59,6 +62,7 @@ def build_worker(
     max_cached_workflows: int = 1000,
     extra_workflows: Sequence[type] = (),
     collection: CollectionActivities | None = None,
+    reconciliation: ReconciliationActivities | None = None,
 ) -> Worker:
     """The worker of the billing task queue; with ``collection``, invoices are collected too."""
     collecting = [InvoiceCollectionWorkflow] if collection is not None else []
@@ -66,7 +70,11 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=[*WORKFLOWS, *collecting, *extra_workflows],
-        activities=[*activities.all(), *(collection.all() if collection is not None else [])],
+        activities=[
+            *activities.all(),
+            *(collection.all() if collection is not None else []),
+            *(reconciliation.all() if reconciliation is not None else []),
+        ],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
@@ -143,7 +151,8 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
         collection = CollectionActivities(sessions, psp, renderer, store)
-        worker = build_worker(client, settings, activities, collection=collection)
+        reconciliation = ReconciliationActivities(sessions, psp)
+        worker = build_worker(client, settings, activities, collection=collection, reconciliation=reconciliation)
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()

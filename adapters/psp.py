@@ -20,6 +20,7 @@ See ``docs/payments.md``.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,12 @@ from typing import Any, Protocol, Self, TypeVar
 
 import httpx
 import stripe
-from stripe.params import CustomerCreateParams, PaymentIntentCreateParams, RefundCreateParams
+from stripe.params import (
+    BalanceTransactionListParams,
+    CustomerCreateParams,
+    PaymentIntentCreateParams,
+    RefundCreateParams,
+)
 
 from core.settings import Settings
 
@@ -106,6 +112,47 @@ class Refund:
 
 
 @dataclass(frozen=True)
+class Payout:
+    """A payout to our bank. ``currency`` is upper-case ISO 4217 here (the PSP's is lower-case)."""
+
+    id: str  # po_...
+    amount: int  # minor units, positive
+    currency: str
+    status: str  # pending, in_transit, paid, failed, canceled
+    arrival_date: datetime
+    created: datetime
+    balance_transaction: str | None = None  # its own ``payout`` balance transaction
+
+
+@dataclass(frozen=True)
+class BalanceTransaction:
+    """One movement of the PSP balance; ``currency`` upper-case. ``amount`` and ``net`` are signed
+    (a refund or payout is negative), ``fee`` is what the PSP kept (``net = amount - fee``)."""
+
+    id: str  # txn_...
+    type: str  # charge, refund, payout, adjustment, ...
+    amount: int
+    fee: int
+    net: int
+    currency: str
+    source: str | None  # ch_..., re_..., po_...
+    status: str  # pending, available
+    created: datetime
+
+
+@dataclass(frozen=True)
+class PspBalance:
+    """The PSP balance per upper-case currency: ``available`` (can be paid out) and ``pending``."""
+
+    available: dict[str, int]
+    pending: dict[str, int]
+
+    def total(self, currency: str) -> int:
+        """Pending plus available in ``currency`` (0 when the PSP reports none)."""
+        return self.available.get(currency, 0) + self.pending.get(currency, 0)
+
+
+@dataclass(frozen=True)
 class VerifiedEvent:
     """A webhook event whose signature was checked: the parsed body and what we index it by."""
 
@@ -167,6 +214,18 @@ class Psp(Protocol):
         """Refund ``amount`` (default: what is left) of a succeeded PaymentIntent."""
         ...
 
+    async def retrieve_payout(self, payout_id: str) -> Payout: ...
+
+    async def list_payout_balance_transactions(self, payout_id: str) -> list[BalanceTransaction]:
+        """Every balance transaction the payout paid out, and its own ``payout`` one (every page)."""
+        ...
+
+    async def list_source_balance_transactions(self, source_id: str) -> list[BalanceTransaction]:
+        """The balance transactions of one source (a charge ``ch_...``, a refund ``re_...``)."""
+        ...
+
+    async def balance(self) -> PspBalance: ...
+
 
 # --- the Stripe implementation ---------------------------------------------------------------
 
@@ -225,6 +284,38 @@ def _refund(refund: stripe.Refund) -> Refund:
         currency=refund.currency,
         payment_intent=intent if isinstance(intent, str) or intent is None else intent.id,
         charge=charge if isinstance(charge, str) or charge is None else charge.id,
+    )
+
+
+def _at(timestamp: int) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _payout(payout: stripe.Payout) -> Payout:
+    own = payout.balance_transaction
+    return Payout(
+        id=payout.id,
+        amount=payout.amount,
+        currency=payout.currency.upper(),
+        status=str(payout.status),
+        arrival_date=_at(payout.arrival_date),
+        created=_at(payout.created),
+        balance_transaction=own if isinstance(own, str) or own is None else own.id,
+    )
+
+
+def _balance_transaction(txn: stripe.BalanceTransaction) -> BalanceTransaction:
+    source = txn.source
+    return BalanceTransaction(
+        id=txn.id,
+        type=str(txn.type),
+        amount=txn.amount,
+        fee=txn.fee,
+        net=txn.net,
+        currency=txn.currency.upper(),
+        source=source if isinstance(source, str) or source is None else source.id,
+        status=str(txn.status),
+        created=_at(txn.created),
     )
 
 
@@ -367,6 +458,34 @@ class StripePsp:
             lambda: v1.refunds.create_async(params=params, options={"idempotency_key": key}), mutating=True
         )
         return _refund(created)
+
+    async def retrieve_payout(self, payout_id: str) -> Payout:
+        v1 = self._client.v1
+        return _payout(await self._call(lambda: v1.payouts.retrieve_async(payout_id), mutating=False))
+
+    async def _balance_transactions(self, params: BalanceTransactionListParams) -> list[BalanceTransaction]:
+        v1 = self._client.v1
+        page = await self._call(lambda: v1.balance_transactions.list_async(params=params), mutating=False)
+        try:
+            return [_balance_transaction(txn) async for txn in page.auto_paging_iter()]
+        except stripe.StripeError as error:
+            raise _decide(error, mutating=False) from error
+
+    async def list_payout_balance_transactions(self, payout_id: str) -> list[BalanceTransaction]:
+        return await self._balance_transactions({"payout": payout_id, "limit": _LIST_PAGE})
+
+    async def list_source_balance_transactions(self, source_id: str) -> list[BalanceTransaction]:
+        return await self._balance_transactions({"source": source_id, "limit": _LIST_PAGE})
+
+    async def balance(self) -> PspBalance:
+        v1 = self._client.v1
+        found = await self._call(lambda: v1.balance.retrieve_async(), mutating=False)
+        available: dict[str, int] = defaultdict(int)
+        pending: dict[str, int] = defaultdict(int)
+        for into, amounts in ((available, found.available), (pending, found.pending)):
+            for amount in amounts:
+                into[amount.currency.upper()] += amount.amount
+        return PspBalance(dict(available), dict(pending))
 
 
 # --- webhooks -------------------------------------------------------------------------------

@@ -609,3 +609,70 @@ class PaymentAttempt(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
     succeeded_at: datetime | None = _ts(nullable=True, default=None)
     failed_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class ReconciliationOutcome(StrEnum):
+    matched = "matched"  # both sides have it, same amount (and fee)
+    missing_ours = "missing_ours"  # the PSP has it, we have no record of it
+    missing_psp = "missing_psp"  # we have a captured payment the PSP never paid out
+    amount_mismatch = "amount_mismatch"  # both sides have it, the amount or fee differs
+
+
+class PayoutReconciliation(SQLModel, table=True):
+    """One PSP payout reconciled against our records (``services/reconciliation.py``).
+
+    Reconciling the payout again replaces this row's result and its items in one transaction,
+    with the row locked, so a payout has exactly one stored result (the latest run's).
+    """
+
+    __tablename__ = "payout_reconciliations"
+    __table_args__ = (
+        CheckConstraint(
+            "matched >= 0 AND missing_ours >= 0 AND missing_psp >= 0 AND amount_mismatch >= 0",
+            name="ck_payout_reconciliation_counts",
+        ),
+        Index("ix_payout_reconciliation_created", "created_at", "payout_id"),
+    )
+
+    payout_id: str = Field(primary_key=True, max_length=255)  # po_...
+    currency: str = Field(max_length=3)  # upper-case ISO 4217
+    amount: int = Field(sa_type=BigInteger)  # what the PSP paid out, minor units
+    payout_status: str = Field(max_length=32)  # the PSP's: paid, in_transit, failed, ...
+    arrival_date: datetime = _ts()
+    payout_created: datetime = _ts()
+    matched: int = 0
+    missing_ours: int = 0
+    missing_psp: int = 0
+    amount_mismatch: int = 0
+    all_matched: bool = False  # every item matched and nothing is missing
+    clearing_balance: int | None = Field(default=None, sa_type=BigInteger)  # psp_clearing in `currency` at the run
+    psp_balance: int | None = Field(default=None, sa_type=BigInteger)  # PSP pending + available then
+    created_at: datetime = _ts(default_factory=utcnow)  # the first reconciliation
+    reconciled_at: datetime = _ts(default_factory=utcnow)  # the latest
+
+
+class PayoutReconciliationItem(SQLModel, table=True):
+    """One line of a payout's reconciliation: a PSP balance transaction, or one of our payments
+    the PSP did not pay out (``missing_psp``, no balance transaction)."""
+
+    __tablename__ = "payout_reconciliation_items"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["payout_id"], ["payout_reconciliations.payout_id"], name="fk_payout_reconciliation_item_payout"
+        ),
+        Index("ix_payout_reconciliation_item_source", "source_id"),
+    )
+
+    payout_id: str = Field(primary_key=True, max_length=255)
+    position: int = Field(primary_key=True)  # 0, 1, ... in report order
+    balance_transaction_id: str | None = Field(default=None, max_length=255)  # txn_...
+    type: str = Field(max_length=64)  # charge, refund, payout, adjustment, ...
+    source_id: str | None = Field(default=None, max_length=255)  # ch_..., re_..., po_...
+    psp_amount: int | None = Field(default=None, sa_type=BigInteger)  # signed, as the PSP reports it
+    psp_fee: int | None = Field(default=None, sa_type=BigInteger)
+    psp_net: int | None = Field(default=None, sa_type=BigInteger)
+    our_amount: int | None = Field(default=None, sa_type=BigInteger)  # same sign convention as psp_amount
+    our_fee: int | None = Field(default=None, sa_type=BigInteger)
+    outcome: ReconciliationOutcome = Field(sa_type=_enum(ReconciliationOutcome))
+    payment_attempt_id: uuid.UUID | None = Field(default=None, foreign_key="payment_attempts.id")
+    message: str = Field(default="", max_length=500)

@@ -391,3 +391,33 @@ ACT_VOID_INVOICE = "void_invoice"
 ACT_MARK_UNCOLLECTIBLE = "mark_invoice_uncollectible"
 ACT_PROCESS_PSP_EVENT = "process_psp_event"
 ACT_SWEEP_PSP_EVENTS = "sweep_psp_events"
+
+
+# --- Payout reconciliation (services/reconciliation.py, docs/reconciliation.md) ---------------
+
+PAYOUT_RECONCILIATION_WORKFLOW = "PayoutReconciliation"
+ACT_RECONCILE_PAYOUT = "reconcile_payout"
+ERR_PSP_TRANSIENT = "PspTransient"  # retryable: rate limit, 5xx, the PSP unreachable
+
+
+def reconciliation_workflow_id(payout_id: str) -> str:
+    """One reconciliation workflow per payout: a second ``payout.paid`` delivery joins or is refused."""
+    return f"reconcile-payout:{payout_id}"
+
+
+@dataclass
+class ReconcilePayoutInput:
+    payout_id: str = ""  # po_...
+
+
+@dataclass
+class ReconcilePayoutResult:
+    payout_id: str = ""
+    currency: str = ""
+    amount: int = 0
+    matched: int = 0
+    missing_ours: int = 0
+    missing_psp: int = 0
+    amount_mismatch: int = 0
+    all_matched: bool = False
+    postings_created: int = 0

@@ -14,6 +14,7 @@ from api.routers import (
     meters,
     plans,
     promo_codes,
+    reconciliation,
     rooms,
     subscriptions,
     tenants,
@@ -24,7 +25,19 @@ from api.routers import (
 health_router = health.router
 
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
-for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices, ledger):
+for _module in (
+    tenants,
+    meters,
+    plans,
+    rooms,
+    promo_codes,
+    subscriptions,
+    usage,
+    billing_runs,
+    invoices,
+    ledger,
+    reconciliation,
+):
     v1_router.include_router(_module.router)
 
 webhooks_router = APIRouter(prefix="/v1")
