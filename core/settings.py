@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     )
     issuer_tax_id: str = Field(default="DE123456789", min_length=1, max_length=64)
     invoice_number_prefix: str = Field(default="INV", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+    credit_note_number_prefix: str = Field(default="CN", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
     payment_terms_days: int = Field(default=14, ge=0, le=365, description="Due date: issue date + this many local days")
 
     # The PSP (Stripe). Unset STRIPE_API_BASE: `make up` runs the local emulator (devstack/psp) on
