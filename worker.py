@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
@@ -28,7 +28,9 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
+from activities.credit_notes import CreditNoteActivities
 from adapters.pdf import ChromiumPdfRenderer
+from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
@@ -37,11 +39,12 @@ from schema.db import make_engine, make_sessionmaker
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from workflows.credit_note import CreditNoteWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, CreditNoteWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -55,12 +58,13 @@ def build_worker(
     *,
     max_cached_workflows: int = 1000,
     extra_workflows: Sequence[type] = (),
+    extra_activities: Sequence[Callable[..., object]] = (),
 ) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[*WORKFLOWS, *extra_workflows],
-        activities=activities.all(),
+        activities=[*activities.all(), *extra_activities],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
@@ -120,26 +124,31 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
     )
     await renderer.start()
+    psp = StripePsp.from_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
+        sessions = make_sessionmaker(engine)
+        store = LocalDocumentStore(settings.documents_root)
         activities = activities_type(
-            make_sessionmaker(engine),
+            sessions,
             renderer,
-            LocalDocumentStore(settings.documents_root),
+            store,
             InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
-        worker = build_worker(client, settings, activities)
+        credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
+        worker = build_worker(client, settings, activities, extra_activities=credit_notes.all())
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()
             log.info("worker stopping")
     finally:
         await renderer.close()
+        await psp.aclose()
         await engine.dispose()
         if provider is not None:
             provider.shutdown()
