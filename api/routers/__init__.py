@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from api.deps import current_principal
 from api.routers import (
     billing_runs,
+    credit_notes,
     health,
     invoices,
     ledger,
@@ -24,7 +25,19 @@ from api.routers import (
 health_router = health.router
 
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
-for _module in (tenants, meters, plans, rooms, promo_codes, subscriptions, usage, billing_runs, invoices, ledger):
+for _module in (
+    tenants,
+    meters,
+    plans,
+    rooms,
+    promo_codes,
+    subscriptions,
+    usage,
+    billing_runs,
+    invoices,
+    credit_notes,
+    ledger,
+):
     v1_router.include_router(_module.router)
 
 webhooks_router = APIRouter(prefix="/v1")
