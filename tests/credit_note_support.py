@@ -92,6 +92,7 @@ async def pay(
     intent: str | None = None,
     charge: str | None = None,
     at: datetime = AT + timedelta(days=1),
+    card: bool = True,  # False: a bank transfer recorded by an operator (nothing at the PSP)
 ) -> uuid.UUID:
     """A succeeded card payment of the invoice, as collection will record it: the attempt, the
     invoice's amount paid (paid when nothing is due) and the ledger's capture."""
@@ -104,13 +105,13 @@ async def pay(
             tenant_id=invoice.tenant_id,
             number=number,
             idempotency_key=f"invoice:{invoice_id}:attempt:{number}",
-            source=PaymentSource.automatic,
-            method=PaymentMethodKind.card,
+            source=PaymentSource.automatic if card else PaymentSource.operator,
+            method=PaymentMethodKind.card if card else PaymentMethodKind.bank_transfer,
             amount=amount,
             currency=invoice.currency,
             status=AttemptStatus.succeeded,
-            psp_payment_intent_id=intent or f"pi_{uuid.uuid4().hex[:14]}",
-            psp_charge_id=charge or f"ch_{uuid.uuid4().hex[:14]}",
+            psp_payment_intent_id=(intent or f"pi_{uuid.uuid4().hex[:14]}") if card else None,
+            psp_charge_id=(charge or f"ch_{uuid.uuid4().hex[:14]}") if card else None,
             succeeded_at=at,
         )
         s.add(attempt)

@@ -70,23 +70,26 @@ async def paid_invoice(sessions, psp: StripePsp) -> tuple[uuid.UUID, list[uuid.U
     return invoice_id, lines, intent.id
 
 
-async def run_workflow(temporal_env, settings, sessions, renderer, psp, note_id) -> CreditNoteResult:
+async def run_workflow(temporal_env, settings, sessions, renderer, psp, note_id, record=None) -> CreditNoteResult:
     extra = CreditNoteActivities(sessions, renderer, LocalDocumentStore(settings.documents_root), psp)
     billing = BillingActivities(sessions, renderer, LocalDocumentStore(settings.documents_root))
     async with build_worker(temporal_env.client, settings, billing, extra_activities=extra.all()):
-        result: CreditNoteResult = await temporal_env.client.execute_workflow(
+        handle = await temporal_env.client.start_workflow(
             CREDIT_NOTE_WORKFLOW,
             CreditNoteInput(note_id),
             id=credit_note_workflow_id(note_id),
             task_queue=settings.task_queue,
             result_type=CreditNoteResult,
         )
+        result: CreditNoteResult = await handle.result()
+    if record is not None:
+        await record(handle, "credit_note_current")
     return result
 
 
 @pytest.mark.parametrize("failure", ["500", "timeout"])
 async def test_a_refund_survives_a_psp_failure_and_is_made_once(
-    sessions, settings, temporal_env, renderer, psp, emulator: RunningEmulator, failure
+    sessions, settings, temporal_env, renderer, psp, emulator: RunningEmulator, failure, record_history
 ):
     invoice_id, (rent_line, _), intent = await paid_invoice(sessions, psp)
     async with sessions() as s:
@@ -98,7 +101,8 @@ async def test_a_refund_survives_a_psp_failure_and_is_made_once(
     # The first refund call is carried out by the PSP, and its answer is lost (a 500, or a timeout).
     emulator.knob("failures", mode=failure, when="after", seconds=TIMEOUT * 4, method="POST", path="/v1/refunds")
 
-    result = await run_workflow(temporal_env, settings, sessions, renderer, psp, note.id)
+    record = record_history if failure == "500" else None
+    result = await run_workflow(temporal_env, settings, sessions, renderer, psp, note.id, record)
 
     assert result.refunded == 15000 and len(result.psp_refund_ids) == 1
     stats = emulator.stats()

@@ -254,9 +254,9 @@ async def test_after_payment_a_note_left_as_credit_is_applied_by_the_next_invoic
     assert first.total == 65000
     await pay(sessions, first.invoice_id, 65000)
     async with sessions() as s:
-        with pytest.raises(Conflict) as no_card:  # a note left as credit needs no card; a refund would
+        with pytest.raises(Conflict) as too_much:  # 70000 > 65000
             await credit_notes.issue_credit_note(s, first.invoice_id, [Line("x", 70000)], "order_change", refund=False)
-        assert no_card.value.field == "lines"  # 70000 > 65000
+        assert too_much.value.field == "lines"
         note = await credit_notes.issue_credit_note(
             s, first.invoice_id, [Line("Room not ready for 5 days", 10000, rent_line)], "product_unsatisfactory",
             refund=False,
@@ -379,3 +379,19 @@ async def test_a_refund_is_limited_to_what_card_payments_left(sessions):
     async with sessions() as s:
         pending = (await s.exec(select(Refund.amount).where(Refund.status == RefundStatus.pending))).all()
     assert sorted(pending) == [10000, 14000]
+
+
+async def test_a_payment_made_outside_the_psp_cannot_be_refunded_through_it(sessions):
+    """Paid 64000 by bank transfer (no PaymentIntent): a refund is refused naming ``refund``; the
+    same note left as tenant credit is issued."""
+    sub = await subscription(sessions)
+    invoice_id, _ = await finalized_invoice(sessions, sub)
+    await pay(sessions, invoice_id, 64000, card=False)
+    async with sessions() as s:
+        with pytest.raises(Conflict) as refused:
+            await credit_notes.issue_credit_note(s, invoice_id, [Line("Goodwill", 3000)], "order_change")
+        assert refused.value.field == "refund" and "only 0 of the 3000" in refused.value.message
+        note = await credit_notes.issue_credit_note(
+            s, invoice_id, [Line("Goodwill", 3000)], "order_change", refund=False
+        )
+    assert (note.number, note.credit_amount) == ("CN-000001", 3000)  # the refusal took no number
