@@ -134,6 +134,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are for the emulator)")
         return self
 
+    @model_validator(mode="after")
+    def _credit_notes_have_their_own_prefix(self) -> Settings:
+        # Both count in invoice_number_counters: one prefix would interleave the two sequences.
+        if self.credit_note_number_prefix == self.invoice_number_prefix:
+            raise ValueError("CREDIT_NOTE_NUMBER_PREFIX must differ from INVOICE_NUMBER_PREFIX")
+        return self
+
     @property
     def documents_root(self) -> Path:
         return self.documents_dir or self.data_dir / "documents"

@@ -8,6 +8,7 @@ import uuid
 import pytest
 import pytest_asyncio
 
+from core.settings import Settings
 from schema.models import CreditNote
 from tests.credit_note_support import finalized_invoice, pay, subscription
 from tests.test_api_support import api_client
@@ -137,3 +138,11 @@ async def test_issue_read_list_and_refuse(api, sessions, settings, temporal_env)
     assert served.status_code == 200 and served.content == b"%PDF-1.4 test"
     assert served.headers["content-type"] == "application/pdf"
     assert (await api.get(f"/v1/credit-notes/{note['id']}")).json()["pdf_url"] == f"/v1/credit-notes/{note['id']}/pdf"
+
+
+def test_credit_notes_and_invoices_are_numbered_apart():
+    assert Settings().credit_note_number_prefix == "CN"
+    with pytest.raises(ValueError, match="CREDIT_NOTE_NUMBER_PREFIX must differ"):
+        Settings(invoice_number_prefix="DOC", credit_note_number_prefix="DOC")
+    with pytest.raises(ValueError, match="credit_note_number_prefix"):
+        Settings(credit_note_number_prefix="CN 1")
