@@ -669,6 +669,7 @@ class CreditNoteLine(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("credit_note_id", "position", name="uq_credit_note_line_position"),
         CheckConstraint("amount > 0", name="ck_credit_note_line_amount"),
+        Index("ix_credit_note_line_invoice_line", "invoice_line_id"),  # what a line was credited already
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

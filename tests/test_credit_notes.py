@@ -395,3 +395,25 @@ async def test_a_payment_made_outside_the_psp_cannot_be_refunded_through_it(sess
             s, invoice_id, [Line("Goodwill", 3000)], "order_change", refund=False
         )
     assert (note.number, note.credit_amount) == ("CN-000001", 3000)  # the refusal took no number
+
+
+async def test_numbers_are_gap_free_while_sessions_race_and_some_are_refused(sessions):
+    """Four invoices of 64000, eight notes of 10000 each at once: six fit per invoice (60000), two
+    are refused; the 24 notes issued are numbered CN-000001 … CN-000024 with no gap."""
+    sub = await subscription(sessions)
+    invoices = [(await finalized_invoice(sessions, sub, start=AT + timedelta(days=31 * i)))[0] for i in range(4)]
+
+    async def issue(invoice_id: uuid.UUID) -> str | None:
+        async with sessions() as s:
+            try:
+                return (
+                    await credit_notes.issue_credit_note(s, invoice_id, [Line("Part", 10000)], "order_change")
+                ).number
+            except Conflict:
+                return None
+
+    numbers = await asyncio.gather(*(issue(invoice_id) for _ in range(8) for invoice_id in invoices))
+    issued = sorted(n for n in numbers if n is not None)
+    assert issued == [f"CN-{n:06d}" for n in range(1, 25)]
+    for invoice_id in invoices:
+        assert (await invoice_row(sessions, invoice_id)).amount_credited == 60000

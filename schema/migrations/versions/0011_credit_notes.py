@@ -193,6 +193,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("credit_note_id", "position", name="uq_credit_note_line_position"),
     )
     op.create_index("ix_credit_note_lines_credit_note_id", "credit_note_lines", ["credit_note_id"])
+    op.create_index("ix_credit_note_line_invoice_line", "credit_note_lines", ["invoice_line_id"])
     op.create_table(
         "refunds",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -269,6 +270,7 @@ def downgrade() -> None:
     op.drop_index("ix_refund_attempt", table_name="refunds")
     op.drop_index("ix_refunds_credit_note_id", table_name="refunds")
     op.drop_table("refunds")
+    op.drop_index("ix_credit_note_line_invoice_line", table_name="credit_note_lines")
     op.drop_index("ix_credit_note_lines_credit_note_id", table_name="credit_note_lines")
     op.drop_table("credit_note_lines")
     op.drop_index("ix_credit_note_tenant", table_name="credit_notes")
