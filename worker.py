@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
@@ -30,6 +30,7 @@ from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
+from activities.credit_notes import CreditNoteActivities
 from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
@@ -42,12 +43,13 @@ from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from workflows.credit_note import CreditNoteWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, PayoutReconciliationWorkflow)
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, PayoutReconciliationWorkflow, CreditNoteWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -63,6 +65,7 @@ def build_worker(
     extra_workflows: Sequence[type] = (),
     collection: CollectionActivities | None = None,
     reconciliation: ReconciliationActivities | None = None,
+    extra_activities: Sequence[Callable[..., object]] = (),
 ) -> Worker:
     """The worker of the billing task queue; with ``collection``, invoices are collected too."""
     collecting = [InvoiceCollectionWorkflow] if collection is not None else []
@@ -74,6 +77,7 @@ def build_worker(
             *activities.all(),
             *(collection.all() if collection is not None else []),
             *(reconciliation.all() if reconciliation is not None else []),
+            *extra_activities,
         ],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
@@ -152,7 +156,15 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         )
         collection = CollectionActivities(sessions, psp, renderer, store)
         reconciliation = ReconciliationActivities(sessions, psp)
-        worker = build_worker(client, settings, activities, collection=collection, reconciliation=reconciliation)
+        credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
+        worker = build_worker(
+            client,
+            settings,
+            activities,
+            collection=collection,
+            reconciliation=reconciliation,
+            extra_activities=credit_notes.all(),
+        )
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()

@@ -20,11 +20,13 @@ from pydantic import (
 
 from schema.models import (
     Aggregation,
+    CreditNoteReason,
     Interval,
     InvoiceStatus,
     LedgerAccountKind,
     PriceModel,
     PromoDuration,
+    RefundStatus,
     SubscriptionStatus,
     utcnow,
 )
@@ -513,3 +515,74 @@ class LedgerBalancePublic(Public):
     debits: int = Field(description="Sum of the debit entries, minor units")
     credits: int = Field(description="Sum of the credit entries, minor units (positive)")
     balance: int = Field(description="debits - credits: positive is a debit balance")
+
+
+# Credit notes
+
+
+class CreditNoteLineCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: Annotated[str, stripped(300), PgText]
+    amount: Annotated[int, Field(strict=True, gt=0, le=2**63 - 1)] = Field(description="Minor units, positive")
+    invoice_line_id: uuid.UUID | None = Field(
+        default=None, description="The invoice's charge line credited (its kind picks the revenue account)"
+    )
+
+
+class CreditNoteCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lines: list[CreditNoteLineCreate] = Field(min_length=1, max_length=100)
+    reason: CreditNoteReason
+    memo: Annotated[str, stripped(500), PgText] | None = None
+    refund: bool = Field(
+        default=True,
+        description="The part out of what was paid: refunded through the PSP (true) or left as tenant credit "
+        "for the next invoice (false). The part that reduces what is due is neither.",
+    )
+
+
+class CreditNoteLinePublic(Public):
+    position: int
+    description: str
+    amount: int
+    invoice_line_id: uuid.UUID | None
+
+
+class RefundPublic(Public):
+    id: uuid.UUID
+    payment_attempt_id: uuid.UUID
+    psp_refund_id: str | None
+    amount: int
+    currency: str
+    status: RefundStatus
+    failure_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    succeeded_at: datetime | None
+
+
+class CreditNotePublic(Public):
+    id: uuid.UUID
+    number: str = Field(description="Gap-free per prefix (CREDIT_NOTE_NUMBER_PREFIX), e.g. CN-000001")
+    invoice_id: uuid.UUID
+    tenant_id: uuid.UUID
+    currency: str
+    amount: int
+    pre_payment_amount: int = Field(description="Taken off the invoice's amount due")
+    post_payment_amount: int = Field(description="Out of what was paid: refund_amount + credit_amount")
+    refund_amount: int = Field(description="Refunded through the PSP")
+    credit_amount: int = Field(description="Left as tenant credit, applied by the next invoice")
+    reason: CreditNoteReason
+    memo: str | None
+    actor: str | None
+    pdf_url: str | None
+    issued_at: datetime
+    created_at: datetime
+
+
+class CreditNoteDetail(CreditNotePublic):
+    invoice_number: str | None
+    lines: list[CreditNoteLinePublic]
+    refunds: list[RefundPublic]

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     )
     issuer_tax_id: str = Field(default="DE123456789", min_length=1, max_length=64)
     invoice_number_prefix: str = Field(default="INV", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+    credit_note_number_prefix: str = Field(default="CN", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
     payment_terms_days: int = Field(default=14, ge=0, le=365, description="Due date: issue date + this many local days")
 
     # The PSP (Stripe). Unset STRIPE_API_BASE: `make up` runs the local emulator (devstack/psp) on
@@ -131,6 +132,13 @@ class Settings(BaseSettings):
             if local:
                 names = ", ".join(n.upper() for n in local)
                 raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are for the emulator)")
+        return self
+
+    @model_validator(mode="after")
+    def _credit_notes_have_their_own_prefix(self) -> Settings:
+        # Both count in invoice_number_counters: one prefix would interleave the two sequences.
+        if self.credit_note_number_prefix == self.invoice_number_prefix:
+            raise ValueError("CREDIT_NOTE_NUMBER_PREFIX must differ from INVOICE_NUMBER_PREFIX")
         return self
 
     @property

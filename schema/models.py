@@ -676,3 +676,109 @@ class PayoutReconciliationItem(SQLModel, table=True):
     outcome: ReconciliationOutcome = Field(sa_type=_enum(ReconciliationOutcome))
     payment_attempt_id: uuid.UUID | None = Field(default=None, foreign_key="payment_attempts.id")
     message: str = Field(default="", max_length=500)
+
+
+class CreditNoteReason(StrEnum):
+    """Stripe's credit note reasons."""
+
+    duplicate = "duplicate"
+    fraudulent = "fraudulent"
+    order_change = "order_change"
+    product_unsatisfactory = "product_unsatisfactory"
+
+
+class CreditNote(SQLModel, table=True):
+    """Money taken off a finalized invoice, numbered like invoices (``CN-000001``, gap-free per prefix).
+
+    ``amount = pre_payment_amount + post_payment_amount``: the first part reduced the invoice's
+    amount due (``invoices.amount_credited``), the rest came out of what was paid and was either
+    refunded through the PSP (``refund_amount``) or left as tenant credit (``credit_amount``).
+    Append-only but for ``pdf_location`` (set once); the sum of an invoice's credit notes never
+    exceeds its total and draft or void invoices get none (triggers, migration 0011).
+    """
+
+    __tablename__ = "credit_notes"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_credit_note_amount"),
+        CheckConstraint(
+            "pre_payment_amount >= 0 AND post_payment_amount >= 0 AND refund_amount >= 0 AND credit_amount >= 0 "
+            "AND pre_payment_amount + post_payment_amount = amount "
+            "AND refund_amount + credit_amount = post_payment_amount",
+            name="ck_credit_note_split",
+        ),
+        Index("ix_credit_note_invoice", "invoice_id"),
+        Index("ix_credit_note_tenant", "tenant_id", "created_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    number: str = Field(max_length=32, unique=True)
+    invoice_id: uuid.UUID = Field(foreign_key="invoices.id")
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    currency: str = Field(max_length=3)
+    amount: int = Field(sa_type=BigInteger)
+    pre_payment_amount: int = Field(sa_type=BigInteger)
+    post_payment_amount: int = Field(sa_type=BigInteger)
+    refund_amount: int = Field(sa_type=BigInteger)
+    credit_amount: int = Field(sa_type=BigInteger)
+    reason: CreditNoteReason = Field(sa_type=_enum(CreditNoteReason, 32))
+    memo: str | None = Field(default=None, max_length=500)
+    pdf_location: str | None = Field(default=None, max_length=500)
+    actor: str | None = Field(default=None, max_length=200)
+    issued_at: datetime = _ts()
+    created_at: datetime = _ts(default_factory=utcnow)
+    created_xact: int = Field(default=0, sa_type=BigInteger)  # the issuing transaction (set by the database)
+
+
+class CreditNoteLine(SQLModel, table=True):
+    """One credited amount; written with its note, in the same transaction, never changed."""
+
+    __tablename__ = "credit_note_lines"
+    __table_args__ = (
+        UniqueConstraint("credit_note_id", "position", name="uq_credit_note_line_position"),
+        CheckConstraint("amount > 0", name="ck_credit_note_line_amount"),
+        Index("ix_credit_note_line_invoice_line", "invoice_line_id"),  # what a line was credited already
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    credit_note_id: uuid.UUID = Field(foreign_key="credit_notes.id", index=True)
+    position: int
+    description: str = Field(max_length=300)
+    amount: int = Field(sa_type=BigInteger)
+    invoice_line_id: uuid.UUID | None = Field(default=None, foreign_key="invoice_lines.id")
+
+
+class RefundStatus(StrEnum):
+    pending = "pending"  # our row exists; the PSP has not confirmed it yet
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Refund(SQLModel, table=True):
+    """Money of a credit note going back through the PSP against one payment attempt.
+
+    ``idempotency_key`` (``credit-note:{id}:refund``) is the PSP's key: a retry replays the first
+    refund. ``pending -> succeeded | failed`` only (a trigger, migration 0011).
+    """
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        UniqueConstraint("psp_refund_id", name="uq_refund_psp_id"),
+        UniqueConstraint("idempotency_key", name="uq_refund_key"),
+        CheckConstraint("amount > 0", name="ck_refund_amount"),
+        CheckConstraint("(status = 'succeeded') = (succeeded_at IS NOT NULL)", name="ck_refund_succeeded_at"),
+        CheckConstraint("status <> 'succeeded' OR psp_refund_id IS NOT NULL", name="ck_refund_psp_id"),
+        Index("ix_refund_attempt", "payment_attempt_id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    credit_note_id: uuid.UUID = Field(foreign_key="credit_notes.id", index=True)
+    payment_attempt_id: uuid.UUID = Field(foreign_key="payment_attempts.id")
+    psp_refund_id: str | None = Field(default=None, max_length=255)
+    amount: int = Field(sa_type=BigInteger)
+    currency: str = Field(max_length=3)
+    status: RefundStatus = Field(default=RefundStatus.pending, sa_type=_enum(RefundStatus))
+    idempotency_key: str = Field(max_length=200)
+    failure_message: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
+    succeeded_at: datetime | None = _ts(nullable=True, default=None)

@@ -159,3 +159,80 @@ def render_invoice_html(doc: InvoiceDocument) -> str:
         subtotal=format_money(sum(line.amount for line in doc.lines if not line.reduction), doc.currency),
         total=format_money(doc.total, doc.currency),
     )
+
+
+# --- Credit notes -----------------------------------------------------------------------------
+
+_CREDIT_NOTE_TEMPLATE = "credit_note.html.j2"
+_REASONS = {
+    "duplicate": "Duplicate charge",
+    "fraudulent": "Fraudulent charge",
+    "order_change": "Order change",
+    "product_unsatisfactory": "Service unsatisfactory",
+}
+
+
+@dataclass(frozen=True)
+class CreditNoteDocumentLine:
+    description: str
+    amount: int  # minor units, positive: what is credited
+
+
+@dataclass(frozen=True)
+class CreditNoteDocument:
+    number: str
+    invoice_number: str
+    issued_at: datetime
+    timezone: str
+    currency: str
+    tenant_name: str
+    tenant_email: str
+    reason: str  # Stripe's reason code
+    memo: str
+    lines: tuple[CreditNoteDocumentLine, ...]
+    amount: int  # minor units
+    pre_payment_amount: int  # taken off what was due
+    refund_amount: int  # refunded to the payment method
+    credit_amount: int  # left as credit for the next invoice
+    invoice_total: int
+    issuer_name: str = "Roomly Billing"
+    issuer_address: str = ""
+    issuer_tax_id: str = ""
+
+    def __post_init__(self) -> None:
+        check_currency(self.currency)
+        if self.issued_at.tzinfo is None:
+            raise ValueError("credit note datetimes must be timezone-aware")
+        if (line_sum := sum(line.amount for line in self.lines)) != self.amount:
+            raise ValueError(f"credit note {self.number}: lines add up to {line_sum}, amount is {self.amount}")
+        if self.pre_payment_amount + self.refund_amount + self.credit_amount != self.amount:
+            raise ValueError(f"credit note {self.number}: its parts do not add up to its amount")
+
+
+def render_credit_note_html(doc: CreditNoteDocument) -> str:
+    """The credit note as a self-contained HTML page (inline CSS, no external assets)."""
+    zone = ZoneInfo(doc.timezone)
+
+    def money(amount: int) -> str:
+        return format_money(amount, doc.currency)
+
+    settlement = [
+        (label, money(amount))
+        for label, amount in (
+            ("Taken off the amount due", doc.pre_payment_amount),
+            ("Refunded to the original payment method", doc.refund_amount),
+            ("Credit for the next invoice", doc.credit_amount),
+        )
+        if amount
+    ]
+    return _env.get_template(_CREDIT_NOTE_TEMPLATE).render(
+        doc=doc,
+        currency=check_currency(doc.currency),
+        issuer_address=[part.strip() for part in doc.issuer_address.splitlines() if part.strip()],
+        issued_on=_show_date(_local_date(doc.issued_at, zone)),
+        reason=_REASONS.get(doc.reason, doc.reason),
+        lines=[{"description": line.description, "amount": money(line.amount)} for line in doc.lines],
+        total=money(doc.amount),
+        invoice_total=money(doc.invoice_total),
+        settlement=settlement,
+    )

@@ -30,6 +30,8 @@ from sqlmodel.sql.expression import SelectOfScalar
 from billing.money import UnknownCurrencyError, check_currency
 from billing.pricing import LineKind
 from schema.models import (
+    CreditNote,
+    CreditNoteLine,
     Invoice,
     InvoiceLine,
     LedgerAccount,
@@ -310,6 +312,7 @@ WRITE_OFF = "write_off"
 PAYMENT_RECEIVED = "payment_received"  # money received out of band (a bank transfer an operator records)
 WRITE_OFF_RECOVERED = "write_off_recovered"  # a payment on an invoice written off: the write-off undone by it
 INVOICE_VOIDED = "invoice_voided"  # the finalization (and a write-off) reversed
+CREDIT_NOTE = "credit_note"
 
 
 def invoice_lines(tenant_id: uuid.UUID, currency: str, total: int, lines: Iterable[tuple[str, int]]) -> list[Line]:
@@ -440,6 +443,62 @@ async def post_refund(
     lines = [debit(receivable(tenant_id, currency), amount), credit(psp_clearing(currency), amount)]
     return await post(
         session, "refund", refund_id, REFUND, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    )
+
+
+def revenue_account(kind: str | None, currency: str) -> Account:
+    """The revenue account a credited invoice line's kind was booked on (rent when unspecified)."""
+    match kind:
+        case None | LineKind.base_fee | LineKind.proration:
+            return revenue_rent(currency)
+        case LineKind.usage | LineKind.usage_adjustment:
+            return revenue_usage(currency)
+    raise InvalidInput("invoice_line_id", f"invoice lines of kind {kind!r} are not revenue and cannot be credited")
+
+
+def credit_note_lines(
+    tenant_id: uuid.UUID, currency: str, amount: int, credit_amount: int, lines: Iterable[tuple[str | None, int]]
+) -> list[Line]:
+    """A credit note: each line debits the revenue of its invoice line's kind (``None``: rent), the
+    tenant's receivable is credited by the whole amount; the part left as tenant credit moves from
+    the receivable to the tenant's credit (receivable Dr / tenant_credit Cr)."""
+    out = [debit(revenue_account(kind, currency), line_amount) for kind, line_amount in lines]
+    out.append(credit(receivable(tenant_id, currency), amount))
+    if credit_amount:
+        out += [
+            debit(receivable(tenant_id, currency), credit_amount),
+            credit(tenant_credit(tenant_id, currency), credit_amount),
+        ]
+    return out
+
+
+async def post_credit_note(session: AsyncSession, credit_note_id: uuid.UUID) -> Posted:
+    """The posting of an issued credit note, from its stored lines (once; see :func:`credit_note_lines`)."""
+    note = await session.get(CreditNote, credit_note_id)
+    if note is None:
+        raise NotFound("credit_note_id", f"credit note {credit_note_id} not found")
+    rows = (
+        await session.exec(
+            select(InvoiceLine.kind, CreditNoteLine.amount)
+            .select_from(CreditNoteLine)
+            .outerjoin(InvoiceLine, col(InvoiceLine.id) == CreditNoteLine.invoice_line_id)
+            .where(CreditNoteLine.credit_note_id == credit_note_id)
+            .order_by(col(CreditNoteLine.position))
+        )
+    ).all()
+    if (lines_sum := sum(amount for _, amount in rows)) != note.amount:
+        raise InvalidInput(
+            "lines", f"credit note {note.number}: its lines sum to {lines_sum}, its amount is {note.amount}"
+        )
+    return await post(
+        session,
+        "credit_note",
+        str(credit_note_id),
+        CREDIT_NOTE,
+        f"Credit note {note.number}",
+        credit_note_lines(note.tenant_id, note.currency, note.amount, note.credit_amount, rows),
+        posted_at=note.issued_at,
+        tenant_id=note.tenant_id,
     )
 
 

@@ -34,6 +34,7 @@ from workflows.contracts import (
     InvoiceCycleInput,
     InvoiceCycleResult,
 )
+from workflows.credit_note import CreditNoteWorkflow
 from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -57,7 +58,7 @@ def test_histories_are_committed():
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_committed_history_replays(path: Path):
-    result = await replayer(BillingRunWorkflow, InvoiceCycleWorkflow).replay_workflow(load(path))
+    result = await replayer(BillingRunWorkflow, InvoiceCycleWorkflow, CreditNoteWorkflow).replay_workflow(load(path))
     assert result.replay_failure is None
 
 

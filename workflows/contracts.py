@@ -421,3 +421,68 @@ class ReconcilePayoutResult:
     amount_mismatch: int = 0
     all_matched: bool = False
     postings_created: int = 0
+
+
+# --- Credit notes -------------------------------------------------------------------------
+
+CREDIT_NOTE_WORKFLOW = "CreditNote"
+
+ACT_RENDER_CREDIT_NOTE_PDF = "render_credit_note_pdf"
+ACT_ATTACH_CREDIT_NOTE_PDF = "attach_credit_note_pdf"
+ACT_REFUND_CREDIT_NOTE = "refund_credit_note"
+
+ERR_CREDIT_NOTE_NOT_FOUND = "CreditNoteNotFound"
+ERR_PSP_UNKNOWN = "PspUnknown"  # retryable: the refund may have happened; the same key replays it
+ERR_REFUND_DECLINED = "RefundDeclined"  # non-retryable
+
+
+def credit_note_workflow_id(credit_note_id: uuid.UUID) -> str:
+    """One workflow per credit note: its document and its refund."""
+    return f"credit-note:{credit_note_id}"
+
+
+@dataclass
+class CreditNoteInput:
+    credit_note_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None  # for log context
+
+
+@dataclass
+class CreditNoteResult:
+    credit_note_id: uuid.UUID
+    number: str = ""
+    pdf_location: str | None = None
+    refunded: int = 0  # minor units the PSP confirmed
+    psp_refund_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RenderCreditNotePdfInput:
+    credit_note_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class RenderCreditNotePdfResult:
+    location: str
+    number: str = ""
+    refund_amount: int = 0  # what the note refunds through the PSP
+
+
+@dataclass
+class AttachCreditNotePdfInput:
+    credit_note_id: uuid.UUID
+    pdf_location: str
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class RefundCreditNoteInput:
+    credit_note_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None
+
+
+@dataclass
+class RefundCreditNoteResult:
+    refunded: int = 0  # minor units the PSP confirmed (a pending refund is settled by its webhook)
+    psp_refund_ids: list[str] = field(default_factory=list)

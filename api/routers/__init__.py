@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from api.deps import current_principal
 from api.routers import (
     billing_runs,
+    credit_notes,
     health,
     invoices,
     ledger,
@@ -35,6 +36,7 @@ for _module in (
     usage,
     billing_runs,
     invoices,
+    credit_notes,
     ledger,
     reconciliation,
 ):

@@ -1,7 +1,7 @@
 """reconciliation: each PSP payout matched against our payments, refunds and fees
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-06 10:00:00
 
 - ``payout_reconciliations``: one row per payout (``po_...``), its figures and counts per outcome;
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012"
-down_revision: str | None = "0010"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
