@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     stripe_timeout: float = Field(
         default=30.0, gt=0, le=300, description="Seconds one PSP request may take; then its outcome is unknown"
     )
+    payment_confirm_wait: float = Field(
+        default=60.0, gt=0, le=86400, description="Seconds collection waits for the PSP's webhook before asking it"
+    )
     psp_emulator_port: int = 12111
 
     api_host: str = "127.0.0.1"

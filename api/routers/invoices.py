@@ -4,6 +4,7 @@ up on one are Updates of its InvoiceCollection workflow (the one owner of collec
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Response, status
@@ -162,7 +163,12 @@ async def _collection(
     await session.commit()
     return await client.start_workflow(
         COLLECTION_WORKFLOW,
-        CollectionInput(invoice.id, tenant_id=invoice.tenant_id, automatic=False),
+        CollectionInput(
+            invoice.id,
+            tenant_id=invoice.tenant_id,
+            automatic=False,
+            confirm_wait=timedelta(seconds=settings.payment_confirm_wait),
+        ),
         id=collection_workflow_id(invoice.id),
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
