@@ -1,16 +1,16 @@
-"""The Temporal worker process: billing workflows and activities on one task queue.
+"""The Temporal worker process: billing and PSP event workflows and activities on one task queue.
 
 Start-up: logging and tracing, the Temporal client, the database engine, one headless
-browser with its page pool, the daily billing Schedule (created or updated idempotently),
-then the worker. SIGINT/SIGTERM stop polling, let running activities finish (up to the
-graceful timeout), then close the browser and the database pool.
+browser with its page pool, the daily billing Schedule and the PSP events sweep Schedule
+(created or updated idempotently), then the worker. SIGINT/SIGTERM stop polling, let running
+activities finish (up to the graceful timeout), then close the browser and the database pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
@@ -19,6 +19,7 @@ from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
@@ -28,6 +29,7 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
+from activities.psp_events import PspEventActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.storage import LocalDocumentStore
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
@@ -36,12 +38,13 @@ from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
-from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
 from workflows.invoice_cycle import InvoiceCycleWorkflow
+from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow)
+WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, ProcessPspEventWorkflow, SweepPspEventsWorkflow)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -55,12 +58,13 @@ def build_worker(
     *,
     max_cached_workflows: int = 1000,
     extra_workflows: Sequence[type] = (),
+    extra_activities: Sequence[Callable[..., object]] = (),
 ) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[*WORKFLOWS, *extra_workflows],
-        activities=activities.all(),
+        activities=[*activities.all(), *extra_activities],
         interceptors=[LogContextInterceptor()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         max_cached_workflows=max_cached_workflows,
@@ -86,13 +90,38 @@ def billing_schedule(settings: Settings) -> Schedule:
     )
 
 
+def psp_events_sweep_schedule(settings: Settings) -> Schedule:
+    """Every PSP_EVENTS_SWEEP_INTERVAL seconds, start ``SweepPspEvents`` (overlap: skip)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            PSP_EVENT_SWEEP_WORKFLOW,
+            id=f"{settings.psp_events_sweep_schedule_id}-run",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(minutes=10),
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.psp_events_sweep_interval))]
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
 async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
     """Create the billing Schedule, or bring an existing one's spec, action and policy in line with
     the settings. Its state (paused by an operator, the note saying why) is left as it is."""
-    schedule = billing_schedule(settings)
+    await _ensure_schedule(client, settings.billing_schedule_id, billing_schedule(settings), "billing")
+
+
+async def ensure_psp_events_sweep_schedule(client: Client, settings: Settings) -> None:
+    """The PSP events sweep Schedule, created or updated like the billing one."""
+    schedule = psp_events_sweep_schedule(settings)
+    await _ensure_schedule(client, settings.psp_events_sweep_schedule_id, schedule, "psp events sweep")
+
+
+async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, what: str) -> None:
     try:
-        await client.create_schedule(settings.billing_schedule_id, schedule)
-        log.info("billing schedule created", schedule_id=settings.billing_schedule_id)
+        await client.create_schedule(schedule_id, schedule)
+        log.info(f"{what} schedule created", schedule_id=schedule_id)
     except ScheduleAlreadyRunningError:
 
         def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
@@ -102,8 +131,8 @@ async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
             existing.policy = schedule.policy
             return ScheduleUpdate(schedule=existing)
 
-        await client.get_schedule_handle(settings.billing_schedule_id).update(update)
-        log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
+        await client.get_schedule_handle(schedule_id).update(update)
+        log.info(f"{what} schedule updated", schedule_id=schedule_id)
 
 
 async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
@@ -126,14 +155,23 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
+        await ensure_psp_events_sweep_schedule(client, settings)
+        sessions = make_sessionmaker(engine)
         activities = activities_type(
-            make_sessionmaker(engine),
+            sessions,
             renderer,
             LocalDocumentStore(settings.documents_root),
             InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
-        worker = build_worker(client, settings, activities)
+        # Its client is the worker's own: processing signals and starts workflows with it.
+        psp = PspEventActivities(
+            sessions,
+            client,
+            task_queue=settings.task_queue,
+            sweep_age=timedelta(seconds=settings.psp_events_sweep_age),
+        )
+        worker = build_worker(client, settings, activities, extra_activities=psp.all())
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
             await stop.wait()

@@ -69,7 +69,8 @@ def create_app(
             app.state.engine = engine
             app.state.sessionmaker = make_sessionmaker(engine)
             tracer = provider.get_tracer("billing.api") if provider is not None else None
-            app.state.temporal_client = temporal_client or await connect(settings, tracer)
+            # Lazily: the API starts (and stores webhooks) while Temporal is unreachable.
+            app.state.temporal_client = temporal_client or await connect(settings, tracer, lazy=True)
             app.state.documents = LocalDocumentStore(settings.documents_root)
             log.info("api started", temporal=settings.temporal_target, task_queue=settings.task_queue)
             yield

@@ -386,3 +386,20 @@ ACT_VOID_INVOICE = "void_invoice"
 ACT_MARK_UNCOLLECTIBLE = "mark_invoice_uncollectible"
 ACT_PROCESS_PSP_EVENT = "process_psp_event"
 ACT_SWEEP_PSP_EVENTS = "sweep_psp_events"
+
+
+# --- Payout reconciliation (psp-events branch; the reconciliation branch owns the workflow) ------
+# Added here so PSP event processing can start it by name; if the reconciliation branch defines
+# these too, its definitions win at the merge (same name, same id).
+RECONCILIATION_WORKFLOW = "PayoutReconciliation"
+
+
+def reconciliation_workflow_id(payout_id: str) -> str:
+    """One reconciliation per payout: a second ``payout.paid`` (or a re-run) joins it."""
+    return f"payout-reconciliation:{payout_id}"
+
+
+@dataclass
+class PayoutReconciliationInput:
+    payout_id: str
+    event_id: str | None = None  # the payout.paid event that started it
