@@ -222,7 +222,9 @@ def event_id(body: bytes) -> str:
 # --- tests ----------------------------------------------------------------------------------------
 
 
-async def test_a_payment_of_our_invoice_signals_its_collection_and_is_processed(api, sessions, worker, temporal_env):
+async def test_a_payment_of_our_invoice_signals_its_collection_and_is_processed(
+    api, sessions, worker, temporal_env, record_history
+):
     invoice = await our_invoice(sessions)
     body = intent_event("payment_intent.succeeded", "pi_ours_1", invoice.id)
     assert (await deliver(api, body))["status"] == "received"
@@ -233,8 +235,9 @@ async def test_a_payment_of_our_invoice_signals_its_collection_and_is_processed(
     handle = client.get_workflow_handle(collection_workflow_id(invoice.id))
     started = await handle.query("started_with", result_type=CollectionInput)
     assert (started.invoice_id, started.tenant_id, started.automatic) == (invoice.id, invoice.tenant_id, False)
-    result = await client.get_workflow_handle(psp_event_workflow_id(event_id(body))).result()
-    assert result == "signal_collection"
+    processing = client.get_workflow_handle(psp_event_workflow_id(event_id(body)))
+    assert await processing.result() == "signal_collection"
+    await record_history(processing, "psp_event_processed")
 
 
 async def test_a_running_collection_is_signalled_not_started_again(api, sessions, worker, temporal_env):
@@ -367,7 +370,7 @@ async def test_a_refund_stays_received_until_a_refund_hook_handles_it(api, sessi
 
 
 async def test_events_stored_while_temporal_is_unreachable_are_swept_later(
-    database_url, sessions, temporal_env, tmp_path
+    database_url, sessions, temporal_env, tmp_path, record_history
 ):
     closed = free_port()  # nothing listens there
     settings = Settings(
@@ -393,10 +396,11 @@ async def test_events_stored_while_temporal_is_unreachable_are_swept_later(
     assert not await exists(temporal_env.client, psp_event_workflow_id(event_id(ours)))
 
     async with psp_worker(temporal_env.client, sessions):
-        swept = await temporal_env.client.execute_workflow(
+        sweep = await temporal_env.client.start_workflow(
             PSP_EVENT_SWEEP_WORKFLOW, id=f"sweep-{uuid.uuid4()}", task_queue=QUEUE
         )
-        assert swept == 2
+        assert await sweep.result() == 2
+        await record_history(sweep, "psp_events_sweep")
         final = await settled(sessions, [event_id(ours), event_id(foreign)])
         assert final == {event_id(ours): "processed", event_id(foreign): "ignored"}
         assert [s.event_id for s in await signals_of(temporal_env.client, invoice.id)] == [event_id(ours)]
