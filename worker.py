@@ -1,10 +1,11 @@
-"""The Temporal worker process: billing workflows and activities on one task queue.
+"""The Temporal worker process: billing and PSP event workflows and activities on one task queue.
 
 Start-up: logging and tracing, the Temporal client, the database engine, one headless
-browser with its page pool, the PSP adapter (payout reconciliation), the daily billing Schedule
-(created or updated idempotently), then the worker. SIGINT/SIGTERM stop polling, let running
-activities finish (up to the graceful timeout), then close the browser, the PSP adapter and the
-database pool.
+browser with its page pool, the PSP adapter, the daily billing Schedule and the PSP events sweep
+Schedule (created or updated idempotently), then the worker: billing runs, invoices, their
+collection, credit notes, payout reconciliation and PSP event processing. SIGINT/SIGTERM stop
+polling, let running activities finish (up to the graceful timeout), then close the browser, the
+PSP adapter and the database pool.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
@@ -31,6 +33,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
+from activities.psp_events import PspEventActivities
 from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
@@ -39,17 +42,26 @@ from core.observability import LogContextInterceptor, configure_logging, configu
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
+from services.credit_notes import apply_charge_refunded
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
-from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
 from workflows.credit_note import CreditNoteWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
+from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
 
 log = structlog.get_logger("worker")
 
-WORKFLOWS: Sequence[type] = (BillingRunWorkflow, InvoiceCycleWorkflow, PayoutReconciliationWorkflow, CreditNoteWorkflow)
+WORKFLOWS: Sequence[type] = (
+    BillingRunWorkflow,
+    InvoiceCycleWorkflow,
+    PayoutReconciliationWorkflow,
+    CreditNoteWorkflow,
+    ProcessPspEventWorkflow,
+    SweepPspEventsWorkflow,
+)
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
 # worker (with a full replay). The SDK's 10 s is what a killed worker's workflows would stall for.
@@ -104,13 +116,38 @@ def billing_schedule(settings: Settings) -> Schedule:
     )
 
 
+def psp_events_sweep_schedule(settings: Settings) -> Schedule:
+    """Every PSP_EVENTS_SWEEP_INTERVAL seconds, start ``SweepPspEvents`` (overlap: skip)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            PSP_EVENT_SWEEP_WORKFLOW,
+            id=f"{settings.psp_events_sweep_schedule_id}-run",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(minutes=10),
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.psp_events_sweep_interval))]
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
 async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
     """Create the billing Schedule, or bring an existing one's spec, action and policy in line with
     the settings. Its state (paused by an operator, the note saying why) is left as it is."""
-    schedule = billing_schedule(settings)
+    await _ensure_schedule(client, settings.billing_schedule_id, billing_schedule(settings), "billing")
+
+
+async def ensure_psp_events_sweep_schedule(client: Client, settings: Settings) -> None:
+    """The PSP events sweep Schedule, created or updated like the billing one."""
+    schedule = psp_events_sweep_schedule(settings)
+    await _ensure_schedule(client, settings.psp_events_sweep_schedule_id, schedule, "psp events sweep")
+
+
+async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, what: str) -> None:
     try:
-        await client.create_schedule(settings.billing_schedule_id, schedule)
-        log.info("billing schedule created", schedule_id=settings.billing_schedule_id)
+        await client.create_schedule(schedule_id, schedule)
+        log.info(f"{what} schedule created", schedule_id=schedule_id)
     except ScheduleAlreadyRunningError:
 
         def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
@@ -120,8 +157,8 @@ async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
             existing.policy = schedule.policy
             return ScheduleUpdate(schedule=existing)
 
-        await client.get_schedule_handle(settings.billing_schedule_id).update(update)
-        log.info("billing schedule updated", schedule_id=settings.billing_schedule_id)
+        await client.get_schedule_handle(schedule_id).update(update)
+        log.info(f"{what} schedule updated", schedule_id=schedule_id)
 
 
 async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
@@ -145,6 +182,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         loop.add_signal_handler(sig, stop.set)
     try:
         await ensure_billing_schedule(client, settings)
+        await ensure_psp_events_sweep_schedule(client, settings)
         sessions = make_sessionmaker(engine)
         store = LocalDocumentStore(settings.documents_root)
         activities = activities_type(
@@ -157,13 +195,21 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         collection = CollectionActivities(sessions, psp, renderer, store)
         reconciliation = ReconciliationActivities(sessions, psp)
         credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
+        # Its client is the worker's own: processing signals and starts workflows with it.
+        events = PspEventActivities(
+            sessions,
+            client,
+            task_queue=settings.task_queue,
+            sweep_age=timedelta(seconds=settings.psp_events_sweep_age),
+            refund_hook=apply_charge_refunded,  # records the refunds of ours a charge.refunded names
+        )
         worker = build_worker(
             client,
             settings,
             activities,
             collection=collection,
             reconciliation=reconciliation,
-            extra_activities=credit_notes.all(),
+            extra_activities=[*credit_notes.all(), *events.all()],
         )
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:

@@ -82,7 +82,12 @@ class Unknown(PspError):
 
 
 class Bug(PspError):
-    """Our request is wrong (invalid parameters, bad credentials, a key reused for another request)."""
+    """Our request is wrong (invalid parameters, bad credentials, a key reused for another request).
+    ``code`` is the PSP's error code when it gave one (``resource_missing``, ...)."""
+
+    def __init__(self, message: str, *, request_id: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, request_id=request_id)
+        self.code = code
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -251,7 +256,9 @@ def _decide(error: stripe.StripeError, *, mutating: bool) -> PspError:
         return Transient(f"another request with this key is in progress: {message}", request_id=request_id)
     if isinstance(error, stripe.APIError) or (error.http_status or 0) >= 500:
         return Transient(f"PSP error {error.http_status}: {message}", request_id=request_id)
-    return Bug(f"{type(error).__name__} ({error.http_status}, {error.code}): {message}", request_id=request_id)
+    return Bug(
+        f"{type(error).__name__} ({error.http_status}, {error.code}): {message}", request_id=request_id, code=error.code
+    )
 
 
 def _metadata(metadata: stripe.StripeObject | dict[str, str] | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from adapters.psp import Psp
 from adapters.storage import DocumentStore
 from core.settings import Settings
 
@@ -62,9 +63,16 @@ def get_document_store(request: Request) -> DocumentStore:
     return store
 
 
+def get_psp(request: Request) -> Psp:
+    """The PSP adapter, built once at start-up from the settings (closed at shutdown)."""
+    psp: Psp = request.app.state.psp
+    return psp
+
+
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
 DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]
+PspDep = Annotated[Psp, Depends(get_psp)]

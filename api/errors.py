@@ -31,7 +31,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
-from services.errors import Conflict, NotFound, ServiceError
+from services.errors import Conflict, NotFound, ServiceError, Unavailable
 
 UNIQUE_VIOLATION = "23505"
 LOCATIONS = ("body", "query", "path", "header", "cookie")
@@ -160,8 +160,14 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """A service's refusal: 422 for a bad body value, 404 for what the path names, 409 for a state."""
+    """A service's refusal: 422 for a bad body value, 404 for what the path names, 409 for a state,
+    503 with Retry-After for a dependency that cannot be reached now."""
     assert isinstance(exc, ServiceError)
+    if isinstance(exc, Unavailable):  # the PSP, say: retry the same request later
+        log.warning("dependency unavailable", error=_text(exc.message)[:500], error_type=type(exc).__name__)
+        item = ErrorItem(type=exc.kind, message=_text(exc.message))
+        headers = {"Connection": "close", "Retry-After": str(RETRY_AFTER_SECONDS)}
+        return JSONResponse(error_json([item]), status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
     if isinstance(exc, NotFound):
         code, where = status.HTTP_404_NOT_FOUND, "path"
     elif isinstance(exc, Conflict):

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
+from adapters.psp import Psp, StripePsp
 from adapters.storage import LocalDocumentStore
 from api.errors import (
     OUTAGE_ERRORS,
@@ -50,9 +51,11 @@ def create_app(
     *,
     temporal_client: Client | None = None,
     tracer_provider: TracerProvider | None = None,
+    psp: Psp | None = None,
 ) -> FastAPI:
     """The app for ``settings`` (default: the environment); ``temporal_client`` skips connecting;
-    ``tracer_provider`` (default: the global one the lifespan configures) receives the spans."""
+    ``tracer_provider`` (default: the global one the lifespan configures) receives the spans;
+    ``psp`` replaces the adapter built from the settings (and is not closed by the app)."""
     settings = settings or get_settings()
     configure_logging(settings)
 
@@ -65,15 +68,20 @@ def create_app(
         engine = make_engine(settings.database_url, settings.database_pool_size)
         instrument_engine(engine, provider)
         instrument_http_clients(provider)
+        built = StripePsp.from_settings(settings) if psp is None else None  # connects nothing yet
         try:
             app.state.engine = engine
             app.state.sessionmaker = make_sessionmaker(engine)
             tracer = provider.get_tracer("billing.api") if provider is not None else None
-            app.state.temporal_client = temporal_client or await connect(settings, tracer)
+            # Lazily: the API starts (and stores webhooks) while Temporal is unreachable.
+            app.state.temporal_client = temporal_client or await connect(settings, tracer, lazy=True)
             app.state.documents = LocalDocumentStore(settings.documents_root)
+            app.state.psp = psp or built
             log.info("api started", temporal=settings.temporal_target, task_queue=settings.task_queue)
             yield
         finally:
+            if built is not None:
+                await built.aclose()
             await engine.dispose()
             if configured is not None:
                 configured.shutdown()

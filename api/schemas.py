@@ -104,6 +104,29 @@ class TenantPublic(Public):
         "boundary not yet invoiced at the time of the change (null: never changed)"
     )
     created_at: datetime
+    psp_customer_id: str | None = Field(
+        default=None, description="The tenant's customer at the PSP (read-only; made when a card is saved)"
+    )
+    default_payment_method: str | None = Field(
+        default=None, description="The saved card charged off-session (read-only; POST .../payment-method)"
+    )
+
+
+class PaymentMethodSave(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payment_method: str = Field(
+        min_length=4,
+        max_length=200,
+        pattern=r"^pm_[A-Za-z0-9_]+$",
+        description="A PSP PaymentMethod id or test token, e.g. pm_card_visa",
+        examples=["pm_card_visa"],
+    )
+
+
+class PaymentMethodSaved(BaseModel):
+    psp_customer_id: str
+    default_payment_method: str
 
 
 # Meters

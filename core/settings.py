@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         default=60.0, gt=0, le=86400, description="Seconds collection waits for the PSP's webhook before asking it"
     )
     psp_emulator_port: int = 12111
+    # PSP event processing (docs/payments.md "Webhook processing"): a Schedule sweeps events the
+    # API stored but could not hand to Temporal.
+    psp_events_sweep_schedule_id: str = "psp-events-sweep"
+    psp_events_sweep_interval: int = Field(default=60, ge=1, description="Seconds between two sweeps")
+    psp_events_sweep_age: int = Field(
+        default=30, ge=0, description="A sweep processes events still received this many seconds after arrival"
+    )
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -10,15 +10,17 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from core.settings import Settings
 
 
-async def connect(settings: Settings, tracer: Tracer | None = None) -> Client:
+async def connect(settings: Settings, tracer: Tracer | None = None, *, lazy: bool = False) -> Client:
     """Connect to ``TEMPORAL_ADDRESS`` with the pydantic converter and the tracing interceptor.
 
     Workers built from this client inherit the interceptor, so activity and workflow spans
-    join the trace of whoever started them.
+    join the trace of whoever started them. ``lazy``: connect at the first call instead (the API
+    starts, and stores webhooks, while Temporal is unreachable; its calls fail until it is back).
     """
     return await Client.connect(
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
         interceptors=[TracingInterceptor(tracer)],
+        lazy=lazy,
     )

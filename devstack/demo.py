@@ -64,6 +64,7 @@ class DemoTenant:
     room: str
     days_ago: int  # the subscription starts this many days (at a whole hour) before `now`
     promo_code: str | None = None  # redeemed when the subscription is created
+    card: str = "pm_card_visa"  # the saved card (a PSP test token), POST /v1/tenants/{id}/payment-method
 
 
 METERS = (
@@ -111,9 +112,11 @@ ROOMS = (
     DemoRoom("S201", "Suite 201", "suite-monthly"),
     DemoRoom("S202", "Suite 202", "suite-monthly"),
 )
+DECLINING_CARD = "pm_card_chargeCustomerFail"
 TENANTS = (
     DemoTenant("Lena Hoffmann", "lena.hoffmann@example.de", "Europe/Berlin", "R101", 40),
-    DemoTenant("Marcus Reed", "marcus.reed@example.com", "America/New_York", "R102", 41),
+    # The demo's purposely declining card: it attaches, then every charge declines (generic_decline).
+    DemoTenant("Marcus Reed", "marcus.reed@example.com", "America/New_York", "R102", 41, card=DECLINING_CARD),
     DemoTenant("Aisha Okafor", "aisha.okafor@example.org", "UTC", "R103", 39),
     DemoTenant("Tomás Silva", "tomas.silva@example.net", "UTC", "S201", 42, promo_code="WELCOME10"),
 )
@@ -350,6 +353,12 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
             tenant = _check(await client.post("/v1/tenants", json=body), 201)
         _bump(summary, "tenants", spec.email not in tenants)
         summary.tenant_names[tenant["id"]] = tenant["name"]
+        if tenant.get("default_payment_method") is None:  # saved once; a later start keeps it
+            body = {"payment_method": spec.card}
+            _check(await client.post(f"/v1/tenants/{tenant['id']}/payment-method", json=body), 200)
+            _bump(summary, "cards", True)
+        else:
+            _bump(summary, "cards", False)
         tenant_ids[spec.room] = tenant["id"]
 
         room_id = rooms[spec.room]["id"]

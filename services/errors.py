@@ -3,7 +3,9 @@
 - :class:`InvalidInput`: a value the caller sent is wrong (``field`` names it) — HTTP 422,
   a non-retryable activity failure;
 - :class:`NotFound`: the thing the operation is about does not exist — HTTP 404;
-- :class:`Conflict`: the state does not allow the operation now (``field`` names what) — HTTP 409.
+- :class:`Conflict`: the state does not allow the operation now (``field`` names what) — HTTP 409;
+- :class:`Unavailable`: a dependency (the PSP) cannot be reached right now; nothing is known to
+  have happened and the same request may be retried — HTTP 503 with ``Retry-After``.
 
 ``kind`` is a stable machine-readable word (the API's error ``type``).
 """
@@ -37,6 +39,10 @@ class NotFound(ServiceError, LookupError):
 
 class Conflict(ServiceError):
     default_kind = "conflict"
+
+
+class Unavailable(ServiceError):
+    default_kind = "service_unavailable"
 
 
 UNIQUE_VIOLATION = "23505"

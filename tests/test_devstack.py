@@ -144,6 +144,12 @@ class FakeApi:
                 return httpx.Response(409, json={"detail": "code exists"})
             collections[path].append(item)
             return httpx.Response(201, json=item)
+        if path.startswith("/v1/tenants/") and path.endswith("/payment-method") and method == "POST":
+            tenant = next(t for t in self.tenants if t["id"] == path.split("/")[3])
+            tenant["psp_customer_id"] = tenant.get("psp_customer_id") or f"cus_{tenant['id'][:8]}"
+            tenant["default_payment_method"] = f"pm_{body['payment_method']}"
+            saved = {k: tenant[k] for k in ("psp_customer_id", "default_payment_method")}
+            return httpx.Response(200, json=saved)
         if path == "/v1/subscriptions" and method == "GET":
             tenant_id = request.url.params["tenant_id"]
             return self._page(request, [s for s in self.subscriptions if s["tenant_id"] == tenant_id])
@@ -204,7 +210,7 @@ async def test_seed_is_idempotent_through_the_api():
     async with httpx.AsyncClient(transport=httpx.MockTransport(api), base_url="http://api") as client:
         first = await demo.seed(client, NOW)
         assert first.created == {
-            "meters": 3, "plans": 2, "promo codes": 1, "rooms": 6, "tenants": 4, "subscriptions": 4
+            "meters": 3, "plans": 2, "promo codes": 1, "rooms": 6, "tenants": 4, "cards": 4, "subscriptions": 4
         }  # fmt: skip
         assert first.usage.accepted + first.csv.accepted == first.events == len(api.usage) > 100
         assert first.csv.accepted == api.csv_rows > 0
@@ -214,6 +220,9 @@ async def test_seed_is_idempotent_through_the_api():
         assert {"meter_code": "electricity", "unit_amount": "28.5"} in standard["charges"]
         assert {(t["timezone"]) for t in api.tenants} == {"Europe/Berlin", "America/New_York", "UTC"}
         assert [s["promo_code"] for s in api.subscriptions if "promo_code" in s] == ["WELCOME10"]
+        cards = {t["email"]: t["default_payment_method"] for t in api.tenants}
+        assert cards.pop("marcus.reed@example.com") == "pm_pm_card_chargeCustomerFail"  # the declining one
+        assert set(cards.values()) == {"pm_pm_card_visa"}
 
         # A later start: nothing created, every event a duplicate.
         second = await demo.seed(client, NOW + timedelta(days=2))

@@ -36,6 +36,7 @@ from workflows.contracts import (
 )
 from workflows.credit_note import CreditNoteWorkflow
 from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
+from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -53,12 +54,19 @@ def replayer(*workflows: type) -> Replayer:
 
 
 def test_histories_are_committed():
-    assert {p.stem for p in HISTORIES} >= {"billing_run", "invoice_cycle"}
+    assert {p.stem for p in HISTORIES} >= {"billing_run", "invoice_cycle", "psp_event_processed", "psp_events_sweep"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_committed_history_replays(path: Path):
-    result = await replayer(BillingRunWorkflow, InvoiceCycleWorkflow, CreditNoteWorkflow).replay_workflow(load(path))
+    workflows = (
+        BillingRunWorkflow,
+        InvoiceCycleWorkflow,
+        CreditNoteWorkflow,
+        ProcessPspEventWorkflow,
+        SweepPspEventsWorkflow,
+    )
+    result = await replayer(*workflows).replay_workflow(load(path))
     assert result.replay_failure is None
 
 

@@ -1,5 +1,5 @@
-"""The billing Schedule, created or updated idempotently at worker start, on the real dev server
-(the time-skipping test server has no Schedules)."""
+"""The billing and PSP events sweep Schedules, created or updated idempotently at worker start, on
+the real dev server (the time-skipping test server has no Schedules)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest_asyncio
-from temporalio.client import ScheduleActionStartWorkflow, ScheduleSpec, WorkflowExecutionStatus
+from temporalio.client import (
+    ScheduleActionStartWorkflow,
+    ScheduleOverlapPolicy,
+    ScheduleSpec,
+    WorkflowExecutionStatus,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from tests.conftest import VENV_BIN
-from worker import ensure_billing_schedule
-from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput
+from worker import ensure_billing_schedule, ensure_psp_events_sweep_schedule
+from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
 
 
 def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
@@ -88,3 +93,25 @@ async def test_a_paused_schedule_stays_paused_when_a_worker_starts(dev_server, t
     assert described.schedule.state.paused
     assert described.schedule.state.note == "month-end freeze, ask finance"
     assert when(described.schedule.spec) == (45, 3, (0, 6))
+
+
+async def test_the_psp_events_sweep_schedule_runs_every_interval_and_skips_overlaps(dev_server, tmp_path):
+    client = dev_server.client
+    settings = Settings(data_dir=tmp_path, task_queue="sweep-test", psp_events_sweep_schedule_id="sweep-test")
+    await ensure_psp_events_sweep_schedule(client, settings)
+    await ensure_psp_events_sweep_schedule(client, settings)  # a second worker start: the same one
+    ids = [s.id async for s in await client.list_schedules()]
+    assert ids.count("sweep-test") == 1
+
+    handle = client.get_schedule_handle("sweep-test")
+    described = await handle.describe()
+    [interval] = described.schedule.spec.intervals
+    assert interval.every == timedelta(seconds=60)
+    assert described.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    action = described.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert (action.workflow, action.task_queue) == (PSP_EVENT_SWEEP_WORKFLOW, "sweep-test")
+
+    await ensure_psp_events_sweep_schedule(client, settings.model_copy(update={"psp_events_sweep_interval": 15}))
+    [interval] = (await handle.describe()).schedule.spec.intervals
+    assert interval.every == timedelta(seconds=15)

@@ -8,14 +8,14 @@ import uuid
 from fastapi import APIRouter, status
 from sqlmodel import select
 
-from api.deps import SessionDep
-from api.errors import get_or_404
+from api.deps import PspDep, SessionDep
+from api.errors import error_responses, get_or_404
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
-from api.schemas import Address, TenantCreate, TenantPublic, TenantUpdate
+from api.schemas import Address, PaymentMethodSave, PaymentMethodSaved, TenantCreate, TenantPublic, TenantUpdate
 from schema.models import Tenant, utcnow
-from services import tenants
+from services import payment_methods, tenants
 
 router = APIRouter(prefix="/tenants", tags=["tenants"], route_class=DecimalJSONRoute)
 
@@ -30,6 +30,8 @@ def public(tenant: Tenant) -> TenantPublic:
         address=Address(**address) if (address := tenants.address_of(tenant)) is not None else None,
         timezone_effective_at=tenant.timezone_effective_at,
         created_at=tenant.created_at,
+        psp_customer_id=tenant.psp_customer_id,
+        default_payment_method=tenant.default_payment_method,
     )
 
 
@@ -69,3 +71,19 @@ async def update_tenant(tenant_id: uuid.UUID, body: TenantUpdate, session: Sessi
     if isinstance(sent.get("address"), Address):
         sent["address"] = sent["address"].model_dump()
     return public(await tenants.update(session, tenant_id, sent, utcnow()))
+
+
+@router.post("/{tenant_id}/payment-method", responses=error_responses(404, 409, 422, 503))
+async def save_payment_method(
+    tenant_id: uuid.UUID, body: PaymentMethodSave, session: SessionDep, psp: PspDep
+) -> PaymentMethodSaved:
+    """Save the tenant's card: its PSP customer is made once, the method attached and made the
+    default (charged off-session from then on). 422 naming ``payment_method`` for a card the PSP
+    declines (the decline code in the message) or does not know; 503 with Retry-After when the PSP
+    cannot be reached (retrying the same request is safe)."""
+    bind_tenant(tenant_id)
+    tenant = await payment_methods.save_payment_method(session, psp, tenant_id, body.payment_method)
+    assert tenant.psp_customer_id is not None and tenant.default_payment_method is not None
+    return PaymentMethodSaved(
+        psp_customer_id=tenant.psp_customer_id, default_payment_method=tenant.default_payment_method
+    )

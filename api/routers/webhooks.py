@@ -4,16 +4,56 @@ is the caller's credential."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Request, status
+import structlog
+from fastapi import APIRouter, BackgroundTasks, Header, Request, status
 from pydantic import BaseModel
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError, error_responses
+from schema.models import PspEventStatus
 from services import psp_events
+from workflows.contracts import PSP_EVENT_WORKFLOW, PspEventInput, psp_event_workflow_id
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+log = structlog.stdlib.get_logger("api")
+
+# How long handing an event to Temporal may take after the answer was sent; past it (or when
+# Temporal cannot be reached) the event stays received and the sweeper starts its processing.
+START_TIMEOUT = timedelta(seconds=5)
+
+
+async def start_processing(client: Client, event_id: str, task_queue: str) -> None:
+    """Start ``ProcessPspEvent`` for the stored event (a running one is joined, a completed one is
+    not run again); any failure is logged, never raised: the stored event is the sweeper's then."""
+    try:
+        await asyncio.wait_for(
+            client.start_workflow(
+                PSP_EVENT_WORKFLOW,
+                PspEventInput(event_id),
+                id=psp_event_workflow_id(event_id),
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                rpc_timeout=START_TIMEOUT,
+            ),
+            START_TIMEOUT.total_seconds(),
+        )
+    except WorkflowAlreadyStartedError:
+        pass  # processed by an earlier delivery's workflow
+    except Exception as error:  # Temporal unreachable, slow, refusing: the sweeper picks the event up
+        log.warning(
+            "psp event stored; processing not started, the sweeper will",
+            event_id=event_id,
+            error=str(error)[:300],
+            error_type=type(error).__name__,
+        )
 
 
 class WebhookAck(BaseModel):
@@ -38,15 +78,21 @@ async def stripe_webhook(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    client: TemporalClientDep,
+    background: BackgroundTasks,
     stripe_signature: Annotated[str | None, Header(description="t=<unix time>,v1=<HMAC-SHA256>")] = None,
 ) -> WebhookAck:
     """A Stripe event, verified and stored once: 200 for a new, duplicate or unhandled event;
-    400 for a missing, wrong or stale signature (nothing stored)."""
+    400 for a missing, wrong or stale signature (nothing stored). A stored ``received`` event is
+    handed to Temporal (``ProcessPspEvent``) after the answer is sent; when Temporal cannot be
+    reached the answer is still 200 and the sweeper processes the event later."""
     payload = await request.body()
     try:
         intake = await psp_events.record(session, payload, stripe_signature, settings.stripe_webhook_secret)
     except psp_events.SignatureRejected as refused:
         raise ApiError(status.HTTP_400_BAD_REQUEST, refused.kind, refused.message, refused.field, "header") from None
+    if intake.status is PspEventStatus.received:  # also a duplicate still received: its processing may have been lost
+        background.add_task(start_processing, client, intake.event_id, settings.task_queue)
     return WebhookAck(
         event_id=intake.event_id, type=intake.type, status=intake.status.value, duplicate=intake.duplicate
     )
