@@ -345,7 +345,7 @@ async def test_a_payout_starts_its_reconciliation_once(api, sessions, worker, te
     assert await settled(sessions, [event_id(second)]) == {event_id(second): "processed"}
     assert (await handle.describe()).run_id == run_id
     started = await handle.query("payout", result_type=ReconcilePayoutInput)
-    assert (started.payout_id, started.event_id) == ("po_123", event_id(first))
+    assert started.payout_id == "po_123"
 
 
 async def test_a_refund_stays_received_until_a_refund_hook_handles_it(api, sessions, temporal_env):
