@@ -454,9 +454,13 @@ def _day(value: str) -> str:
     return datetime.fromisoformat(value).date().isoformat()
 
 
-def invoice_table(invoices: Sequence[dict[str, Any]], tenant_names: dict[str, str]) -> str:
-    """A fixed-width table: number, tenant, period, total, status."""
-    header = ("Number", "Tenant", "Period (UTC)", "Total", "Status")
+def invoice_table(
+    invoices: Sequence[dict[str, Any]],
+    tenant_names: dict[str, str],
+    payments: dict[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """A fixed-width table: number, tenant, period, total, status, what is due, the last payment."""
+    header = ("Number", "Tenant", "Period (UTC)", "Total", "Status", "Due", "Last payment")
     rows = [
         (
             str(inv["number"] or "(draft)"),  # a draft has no number yet
@@ -464,6 +468,8 @@ def invoice_table(invoices: Sequence[dict[str, Any]], tenant_names: dict[str, st
             f"{_day(inv['period_start'])} .. {_day(inv['period_end'])}",
             format_money(int(inv["total"]), str(inv["currency"])),
             str(inv["status"]),
+            format_money(int(inv.get("amount_due", 0)), str(inv["currency"])),
+            _last_payment((payments or {}).get(str(inv.get("id")), [])),
         )
         for inv in sorted(invoices, key=lambda i: (str(i["period_start"]), str(i["number"])))
     ]
@@ -471,9 +477,81 @@ def invoice_table(invoices: Sequence[dict[str, Any]], tenant_names: dict[str, st
 
     def fmt(row: tuple[str, ...]) -> str:
         cells = [
-            cell.rjust(w) if c == 3 else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            cell.rjust(w) if c in (3, 5) else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(cells).rstrip()
 
     lines = [fmt(header), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)]
     return "\n".join(lines)
+
+
+def _last_payment(attempts: Sequence[dict[str, Any]]) -> str:
+    if not attempts:
+        return "-"
+    last = attempts[-1]
+    text = f"#{last['number']} {last['status']}"
+    return f"{text} ({last['decline_code']})" if last.get("decline_code") else text
+
+
+async def payments_of(client: httpx.AsyncClient, invoices: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for inv in invoices:
+        if inv["status"] != "draft":
+            out[str(inv["id"])] = _check(await client.get(f"/v1/invoices/{inv['id']}/payments"), 200)
+    return out
+
+
+def _settled(invoice: dict[str, Any], attempts: Sequence[dict[str, Any]]) -> bool:
+    """Collection has had its say: paid, nothing due, or the last attempt ended (a decline)."""
+    if invoice["status"] in ("paid", "void") or int(invoice.get("amount_due", 0)) == 0:
+        return True
+    return bool(attempts) and attempts[-1]["status"] in ("succeeded", "failed")
+
+
+async def wait_for_collection(
+    client: httpx.AsyncClient, *, max_wait: float = 90.0, poll_interval: float = 0.5
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Every invoice and its payment attempts once automatic capture has settled them (a card that
+    declines leaves its invoice open; a tenant without a card is not charged)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        invoices = await list_invoices(client)
+        payments = await payments_of(client, invoices)
+        waiting = [
+            inv
+            for inv in invoices
+            if inv["status"] == "open" and int(inv["amount_due"]) > 0 and not _settled(inv, payments[str(inv["id"])])
+        ]
+        if not waiting or time.monotonic() > deadline:
+            return invoices, payments
+        await asyncio.sleep(poll_interval)
+
+
+async def pay_out_and_reconcile(
+    client: httpx.AsyncClient, psp_url: str, *, max_wait: float = 60.0
+) -> list[dict[str, Any]]:
+    """The emulator's automatic payout of what is available, then its reconciliation reports
+    (started by the ``payout.paid`` webhook); the reports of the payouts made now."""
+    async with httpx.AsyncClient(base_url=psp_url, timeout=30.0) as psp:
+        made = (await psp.post("/_emulator/payouts")).json().get("payouts", [])
+    ids = {str(p["id"]) for p in made}
+    deadline = time.monotonic() + max_wait
+    while True:
+        reports = [r for r in await _list_all(client, "/v1/reconciliation/payouts") if str(r["payout_id"]) in ids]
+        if len(reports) == len(ids) or time.monotonic() > deadline:
+            return reports
+        await asyncio.sleep(0.5)
+
+
+async def ledger_lines(client: httpx.AsyncClient, tenant_names: dict[str, str]) -> list[str]:
+    """Each account's balance (debits - credits), tenants' accounts named."""
+    rows = await _list_all(client, "/v1/ledger/balances")
+    lines = []
+    for row in sorted(rows, key=lambda r: (str(r["currency"]), str(r["account"]))):
+        if int(row["balance"]) == 0:
+            continue
+        code = str(row["account"])
+        for tenant_id, name in tenant_names.items():
+            code = code.replace(tenant_id, name)
+        lines.append(f"  {code:<40} {format_money(int(row['balance']), str(row['currency'])):>14}")
+    return lines

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 import structlog
 
+from billing.money import format_money
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from devstack import demo
@@ -233,11 +234,24 @@ async def demo_and_billing(stack: Stack, now: datetime) -> None:
         )
         for failure in failures:
             log.warning("billing run failure", detail=failure)
-        invoices = await demo.list_invoices(client)
+        invoices, payments = await demo.wait_for_collection(client)
         names = await demo.tenant_names(client)
+        reports = await demo.pay_out_and_reconcile(client, stack.psp_url) if stack.psp_url else []
+        balances = await demo.ledger_lines(client, names)
     emit("")
-    emit(demo.invoice_table(invoices, names) if invoices else "no invoices yet")
+    emit(demo.invoice_table(invoices, names, payments) if invoices else "no invoices yet")
     emit(f"invoice PDFs: {stack.settings.documents_root}")
+    for report in reports:
+        emit(
+            f"payout {report['payout_id']}: {format_money(int(report['amount']), str(report['currency']))}"
+            f" reconciled, matched {report['matched']}, missing ours {report['missing_ours']},"
+            f" missing at the PSP {report['missing_psp']}, amount mismatches {report['amount_mismatch']}"
+            f"  ({stack.api_url}/v1/reconciliation/payouts/{report['payout_id']}/export.csv)"
+        )
+    emit("ledger balances (debits - credits):")
+    for line in balances:
+        emit(line)
+    emit(f"ledger: {stack.api_url}/v1/ledger/entries, /v1/ledger/balances, /v1/ledger/export.csv?from=...&to=...")
 
 
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:

@@ -256,6 +256,10 @@ def test_invoice_table_formats_money():
     table = demo.invoice_table([invoice], {"t1": "Lena Hoffmann"})
     assert "INV-000001" in table and "Lena Hoffmann" in table and "$12,345.67" in table
     assert "2026-02-17 .. 2026-03-17" in table
+    declined = {"number": 1, "status": "failed", "decline_code": "generic_decline"}
+    due = {**invoice, "id": "i1", "amount_due": 1234567}
+    table = demo.invoice_table([due], {"t1": "Lena Hoffmann"}, {"i1": [declined]})
+    assert "#1 failed (generic_decline)" in table and table.count("$12,345.67") == 2
 
 
 def test_redact_url():
