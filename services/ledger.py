@@ -312,6 +312,7 @@ WRITE_OFF = "write_off"
 PAYMENT_RECEIVED = "payment_received"  # money received out of band (a bank transfer an operator records)
 WRITE_OFF_RECOVERED = "write_off_recovered"  # a payment on an invoice written off: the write-off undone by it
 INVOICE_VOIDED = "invoice_voided"  # the finalization (and a write-off) reversed
+OVERPAYMENT = "overpayment"  # a payment beyond what its invoice still needed, kept as tenant credit
 CREDIT_NOTE = "credit_note"
 
 
@@ -561,6 +562,25 @@ async def post_write_off_recovered(
         lines,
         posted_at=posted_at,
         tenant_id=tenant_id,
+    )
+
+
+async def post_overpayment(
+    session: AsyncSession,
+    payment_id: str,
+    tenant_id: uuid.UUID,
+    currency: str,
+    amount: int,
+    posted_at: datetime,
+    *,
+    description: str = "Payment beyond what was due, kept as tenant credit",
+) -> Posted:
+    """What a payment brought beyond its invoice's due amount: the tenant's receivable debited (the
+    capture credited it with the whole payment), the tenant's credit credited."""
+    _positive("amount", amount)
+    lines = [debit(receivable(tenant_id, currency), amount), credit(tenant_credit(tenant_id, currency), amount)]
+    return await post(
+        session, "payment", payment_id, OVERPAYMENT, description, lines, posted_at=posted_at, tenant_id=tenant_id
     )
 
 

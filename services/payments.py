@@ -36,7 +36,7 @@ from billing.states import (
     attempt_transition,
     invoice_transition,
 )
-from schema.models import Invoice, PaymentAttempt, PaymentMethodKind, PaymentSource, Tenant, utcnow
+from schema.models import Invoice, PaymentAttempt, PaymentMethodKind, PaymentSource, Subscription, Tenant, utcnow
 from services import ledger
 from services.errors import Conflict, InvalidInput, NotFound
 
@@ -395,21 +395,29 @@ def _describe(row: PaymentAttempt, what: str) -> str:
 
 async def _pay_invoice(session: AsyncSession, row: PaymentAttempt, at: datetime) -> None:
     """Add a succeeded attempt to its invoice: paid when nothing is left; a written-off invoice's
-    receivable comes back from bad debt first."""
+    receivable comes back from bad debt first. What the invoice no longer needs (a credit note
+    issued while the charge was in flight) becomes the tenant's credit, applied to the next invoice."""
     invoice = await _invoice(session, row.invoice_id, lock=True)
     status = InvoiceStatus(invoice.status)
     due = amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited)
-    if status not in COLLECTABLE or row.amount > due:
-        # Collected twice (cannot happen: one attempt in flight, for what was due) or after a void.
-        raise Conflict("amount", f"invoice {invoice.number} is {status.value} with {due} due; {row.amount} arrived")
-    if status is InvoiceStatus.uncollectible:
-        await ledger.post_write_off_recovered(session, str(row.id), row.tenant_id, row.currency, row.amount, at)
-    invoice.amount_paid += row.amount
-    if amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited) == 0:
-        invoice_transition(status, InvoiceStatus.paid)
-        invoice.status = InvoiceStatus.paid
-        invoice.paid_at = at
-    session.add(invoice)
+    applied = min(row.amount, due) if status in COLLECTABLE else 0
+    if applied:
+        if status is InvoiceStatus.uncollectible:
+            await ledger.post_write_off_recovered(session, str(row.id), row.tenant_id, row.currency, applied, at)
+        invoice.amount_paid += applied
+        if amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited) == 0:
+            invoice_transition(status, InvoiceStatus.paid)
+            invoice.status = InvoiceStatus.paid
+            invoice.paid_at = at
+        session.add(invoice)
+    if excess := row.amount - applied:
+        subscription = (
+            await session.exec(select(Subscription).where(Subscription.id == invoice.subscription_id).with_for_update())
+        ).one()
+        subscription.credit_balance += excess
+        session.add(subscription)
+        await ledger.post_overpayment(session, str(row.id), row.tenant_id, row.currency, excess, at)
+        log.warning("payment exceeded what was due: kept as tenant credit", invoice=invoice.number, excess=excess)
 
 
 async def attempt_by_intent(session: AsyncSession, payment_intent_id: str) -> uuid.UUID | None:

@@ -35,9 +35,11 @@ from schema.models import (
     LedgerEntry,
     PaymentAttempt,
     PaymentSource,
+    Subscription,
     Tenant,
 )
 from services import payments
+from services.credit_notes import CreditNoteLineInput, issue_credit_note
 from tests import factories
 from tests.conftest import VENV_BIN
 from tests.psp_support import RunningEmulator, running_emulator
@@ -418,3 +420,24 @@ async def test_the_api_pays_records_and_refuses_what_the_state_does_not_allow(
     assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
     missing = await api.post(f"/v1/invoices/{uuid.uuid4()}/pay")
     assert missing.status_code == 404
+
+
+async def test_a_credit_note_issued_while_a_charge_is_in_flight_leaves_the_excess_as_tenant_credit(sessions, psp):
+    """65566 charged for what was due; a 1000 credit note lands before the charge is settled: the
+    invoice is paid with 64566 and credited 1000, and the 1000 the card brought on top is the
+    tenant's credit (on the subscription, applied to the next invoice; in the ledger)."""
+    invoice = await _open_invoice(sessions, psp)
+    async with sessions() as s:
+        opened = await payments.open_attempt(s, invoice.id, uuid.uuid4(), PaymentSource.automatic)
+        assert (await payments.submit_attempt(s, psp, opened.attempt_id)).status == "processing"
+    async with sessions() as s:
+        await issue_credit_note(s, invoice.id, [CreditNoteLineInput("Goodwill", 1000)], "order_change")
+    async with sessions() as s:
+        settled = await payments.settle_attempt(s, psp, opened.attempt_id)
+        subscription = await s.get(Subscription, invoice.subscription_id, populate_existing=True)
+    assert settled.attempt.status == "succeeded"
+    snapshot = settled.collection
+    assert (snapshot.status, snapshot.amount_paid, snapshot.amount_credited) == ("paid", 64566, 1000)
+    assert subscription is not None and subscription.credit_balance == 1000
+    totals = await balances(sessions, invoice.tenant_id)
+    assert totals["tenant_credit:t"] == -1000 and "receivable:t" not in totals
