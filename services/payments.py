@@ -191,15 +191,7 @@ async def open_attempt(
     tenant = await session.get(Tenant, invoice.tenant_id)
     if tenant is None or not tenant.psp_customer_id or not tenant.default_payment_method:
         raise Conflict("payment_method", f"tenant {invoice.tenant_id} has no saved payment method")
-    busy = (
-        await session.exec(
-            select(PaymentAttempt.number).where(
-                PaymentAttempt.invoice_id == invoice_id, col(PaymentAttempt.status).in_(list(IN_FLIGHT))
-            )
-        )
-    ).first()
-    if busy is not None:
-        raise Conflict("status", f"attempt {busy} of invoice {invoice.number} is still in flight")
+    await _refuse_if_in_flight(session, invoice)
     number = await _next_number(session, invoice_id)
     row = PaymentAttempt(
         id=attempt_id,
@@ -216,6 +208,20 @@ async def open_attempt(
     await session.commit()
     log.info("payment attempt opened", invoice=invoice.number, attempt=number, amount=row.amount)
     return Attempt.of(row)
+
+
+async def _refuse_if_in_flight(session: AsyncSession, invoice: Invoice) -> None:
+    """One attempt in flight per invoice (the caller holds the invoice's row lock; the database's
+    partial unique index says the same)."""
+    busy = (
+        await session.exec(
+            select(PaymentAttempt.number).where(
+                PaymentAttempt.invoice_id == invoice.id, col(PaymentAttempt.status).in_(list(IN_FLIGHT))
+            )
+        )
+    ).first()
+    if busy is not None:
+        raise Conflict("status", f"attempt {busy} of invoice {invoice.number} is still in flight")
 
 
 async def _next_number(session: AsyncSession, invoice_id: uuid.UUID) -> int:
@@ -496,15 +502,7 @@ async def void_invoice(
         raise Conflict("status", f"invoice {invoice.number} is {status.value}: it cannot be voided")
     if invoice.amount_paid or invoice.amount_credited:
         raise Conflict("amount_paid", f"invoice {invoice.number} has payments or credit notes: issue a credit note")
-    busy = (
-        await session.exec(
-            select(PaymentAttempt.id).where(
-                PaymentAttempt.invoice_id == invoice_id, col(PaymentAttempt.status).in_(list(IN_FLIGHT))
-            )
-        )
-    ).first()
-    if busy is not None:
-        raise Conflict("status", f"invoice {invoice.number} has a payment in flight")
+    await _refuse_if_in_flight(session, invoice)
     invoice_transition(status, InvoiceStatus.void)
     invoice.status = InvoiceStatus.void
     invoice.voided_at = at

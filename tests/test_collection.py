@@ -27,6 +27,7 @@ from activities.collection import CollectionActivities
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from billing.states import is_terminal
+from core.settings import Settings
 from schema.models import (
     AttemptStatus,
     Invoice,
@@ -139,6 +140,20 @@ async def attempts(sessions, invoice_id: uuid.UUID) -> list[PaymentAttempt]:
         return await payments.attempts_of(s, invoice_id)
 
 
+async def start_collection(
+    env: WorkflowEnvironment, settings: Settings, invoice_id: uuid.UUID
+) -> WorkflowHandle[object, CollectionResult]:
+    """The invoice's collection workflow, capturing automatically; no webhook here, so it asks the PSP after 1 s."""
+    handle: WorkflowHandle[object, CollectionResult] = await env.client.start_workflow(
+        COLLECTION_WORKFLOW,
+        CollectionInput(invoice_id, confirm_wait=WAIT),
+        id=collection_workflow_id(invoice_id),
+        task_queue=settings.task_queue,
+        result_type=CollectionResult,
+    )
+    return handle
+
+
 def collection_handle(env: WorkflowEnvironment, invoice_id: uuid.UUID) -> WorkflowHandle[object, CollectionResult]:
     return env.client.get_workflow_handle(collection_workflow_id(invoice_id), result_type=CollectionResult)
 
@@ -238,13 +253,7 @@ async def test_automatic_capture_and_a_portal_payment_racing_charge_once(
 ):
     invoice = await _open_invoice(sessions, psp)  # total 65566
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
-        handle = await temporal_env.client.start_workflow(
-            COLLECTION_WORKFLOW,
-            CollectionInput(invoice.id, automatic=True, confirm_wait=WAIT),
-            id=collection_workflow_id(invoice.id),
-            task_queue=settings.task_queue,
-            result_type=CollectionResult,
-        )
+        handle = await start_collection(temporal_env, settings, invoice.id)
         refusals = 0
         for _ in range(5):  # the tenant clicks "pay" while automatic capture runs
             try:
@@ -266,13 +275,7 @@ async def test_a_timed_out_psp_call_is_resolved_by_lookup_not_a_second_charge(
     # The PaymentIntent is created, then its answer is held past the client's 1 s timeout.
     emulator.knob("failures", mode="timeout", when="after", seconds=3, path="/v1/payment_intents", method="POST")
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
-        handle = await temporal_env.client.start_workflow(
-            COLLECTION_WORKFLOW,
-            CollectionInput(invoice.id, confirm_wait=WAIT),
-            id=collection_workflow_id(invoice.id),
-            task_queue=settings.task_queue,
-            result_type=CollectionResult,
-        )
+        handle = await start_collection(temporal_env, settings, invoice.id)
         result = await handle.result()
     assert result.status == "paid"
     assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
@@ -286,13 +289,7 @@ async def test_a_psp_500_is_retried_with_the_same_key_and_charges_once(
     invoice = await _open_invoice(sessions, psp)
     emulator.knob("failures", mode="500", when="after", count=2, path="/v1/payment_intents", method="POST")
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
-        handle = await temporal_env.client.start_workflow(
-            COLLECTION_WORKFLOW,
-            CollectionInput(invoice.id, confirm_wait=WAIT),
-            id=collection_workflow_id(invoice.id),
-            task_queue=settings.task_queue,
-            result_type=CollectionResult,
-        )
+        handle = await start_collection(temporal_env, settings, invoice.id)
         assert (await handle.result()).status == "paid"
     assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
     assert emulator.stats()["idempotent_replays"] >= 2
@@ -304,13 +301,7 @@ async def test_an_operator_records_a_bank_transfer_then_voids_another_invoice(
     cat = await factories.catalog(sessions)
     invoice = await _open_invoice(sessions, psp, token=None, cat=cat)  # no saved card: nothing is charged
     async with build_worker(temporal_env.client, settings, activities, collection=collection):
-        handle = await temporal_env.client.start_workflow(
-            COLLECTION_WORKFLOW,
-            CollectionInput(invoice.id, confirm_wait=WAIT),
-            id=collection_workflow_id(invoice.id),
-            task_queue=settings.task_queue,
-            result_type=CollectionResult,
-        )
+        handle = await start_collection(temporal_env, settings, invoice.id)
         with pytest.raises(WorkflowUpdateFailedError):  # more than is due
             await handle.execute_update(
                 COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(amount=65567, method="bank_transfer")
