@@ -33,7 +33,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
-from activities.psp_events import PspEventActivities
+from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
@@ -201,7 +201,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             client,
             task_queue=settings.task_queue,
             sweep_age=timedelta(seconds=settings.psp_events_sweep_age),
-            refund_hook=apply_charge_refunded,  # records the refunds of ours a charge.refunded names
+            refund_hook=listing_refunds(psp, apply_charge_refunded),  # records our refunds of a charge.refunded
         )
         worker = build_worker(
             client,

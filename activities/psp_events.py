@@ -27,6 +27,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from activities.billing import heartbeating
+from adapters.psp import Psp
 from schema.models import PspEventStatus
 from services import psp_events
 from services.errors import NotFound
@@ -82,6 +83,26 @@ async def start_processing(
     except WorkflowAlreadyStartedError:
         return False
     return True
+
+
+def listing_refunds(psp: Psp, apply: RefundHook) -> RefundHook:
+    """``apply`` (``services.credit_notes.apply_charge_refunded``) for ``charge.refunded`` events whose
+    charge does not list its refunds (Stripe's default since API 2022-11-15, and the emulator's):
+    the charge's refunds are read from the PSP first and put where the event would list them."""
+
+    async def hook(session: AsyncSession, payload: dict[str, Any]) -> object:
+        charge = (payload.get("data") or {}).get("object") or {}
+        refunds = charge.get("refunds")
+        if isinstance(charge.get("id"), str) and not (isinstance(refunds, dict) and refunds.get("data")):
+            listed = await psp.list_refunds(charge["id"])
+            items = [
+                {"id": r.id, "amount": r.amount, "currency": r.currency, "status": r.status, "metadata": r.metadata}
+                for r in listed
+            ]
+            payload = {**payload, "data": {**payload["data"], "object": {**charge, "refunds": {"data": items}}}}
+        return await apply(session, payload)
+
+    return hook
 
 
 class PspEventActivities:

@@ -114,6 +114,7 @@ class Refund:
     currency: str
     payment_intent: str | None
     charge: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,10 @@ class Psp(Protocol):
         search, whose index lags); None when the PSP has none."""
         ...
 
+    async def list_refunds(self, charge_id: str) -> list[Refund]:
+        """Every refund of a charge (a ``charge.refunded`` event does not list them)."""
+        ...
+
     async def charge_fee(self, charge_id: str) -> int | None:
         """The fee the PSP kept on a charge (its balance transaction), None while it has none."""
         ...
@@ -291,6 +296,7 @@ def _refund(refund: stripe.Refund) -> Refund:
         currency=refund.currency,
         payment_intent=intent if isinstance(intent, str) or intent is None else intent.id,
         charge=charge if isinstance(charge, str) or charge is None else charge.id,
+        metadata=_metadata(refund.metadata),
     )
 
 
@@ -441,6 +447,16 @@ class StripePsp:
             ids = [p.id for p in found]
             raise Bug(f"{len(ids)} PaymentIntents for invoice {invoice_id} attempt {attempt}: {ids}")
         return found[0] if found else None
+
+    async def list_refunds(self, charge_id: str) -> list[Refund]:
+        v1 = self._client.v1
+        page = await self._call(
+            lambda: v1.refunds.list_async(params={"charge": charge_id, "limit": _LIST_PAGE}), mutating=False
+        )
+        try:
+            return [_refund(refund) async for refund in page.auto_paging_iter()]
+        except stripe.StripeError as error:
+            raise _decide(error, mutating=False) from error
 
     async def charge_fee(self, charge_id: str) -> int | None:
         v1 = self._client.v1

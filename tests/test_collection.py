@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -24,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.collection import CollectionActivities
+from activities.psp_events import listing_refunds
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from billing.states import is_terminal
@@ -34,13 +36,15 @@ from schema.models import (
     InvoiceStatus,
     LedgerAccount,
     LedgerEntry,
+    LedgerPosting,
     PaymentAttempt,
     PaymentSource,
+    Refund,
     Subscription,
     Tenant,
 )
 from services import payments
-from services.credit_notes import CreditNoteLineInput, issue_credit_note
+from services.credit_notes import CreditNoteLineInput, apply_charge_refunded, issue_credit_note
 from tests import factories
 from tests.conftest import VENV_BIN
 from tests.psp_support import RunningEmulator, running_emulator
@@ -432,3 +436,43 @@ async def test_a_credit_note_issued_while_a_charge_is_in_flight_leaves_the_exces
     assert subscription is not None and subscription.credit_balance == 1000
     totals = await balances(sessions, invoice.tenant_id)
     assert totals["tenant_credit:t"] == -1000 and "receivable:t" not in totals
+
+
+async def test_a_charge_refunded_webhook_records_a_refund_the_credit_note_workflow_never_recorded(
+    sessions, psp, emulator
+):
+    """The refund was made at the PSP (say, by a credit note's workflow that died before recording
+    it); the ``charge.refunded`` event does not list refunds, so processing reads them from the PSP
+    and records ours once: the refund row succeeded, the attempt partially refunded, one posting."""
+    invoice = await _open_invoice(sessions, psp)
+    async with sessions() as s:
+        opened = await payments.open_attempt(s, invoice.id, uuid.uuid4(), PaymentSource.automatic)
+        submitted = await payments.submit_attempt(s, psp, opened.attempt_id)
+        await payments.settle_attempt(s, psp, opened.attempt_id)
+    async with sessions() as s:
+        note = await issue_credit_note(s, invoice.id, [CreditNoteLineInput("Broken heater", 5000)], "order_change")
+        [refund_row] = (await s.exec(select(Refund).where(Refund.credit_note_id == note.id))).all()
+    assert submitted.payment_intent_id is not None and refund_row.status == "pending"
+    made = await psp.refund(
+        submitted.payment_intent_id,
+        amount=5000,
+        key=refund_row.idempotency_key,
+        metadata={"credit_note_id": str(note.id)},
+    )
+    events = emulator.client().v1.events.list(params={"type": "charge.refunded"})
+    bodies = [json.loads(str(e)) for e in events.data]
+    [payload] = [b for b in bodies if b["data"]["object"].get("payment_intent") == submitted.payment_intent_id]
+    assert "data" not in (payload["data"]["object"].get("refunds") or {})  # the event does not list them
+
+    hook = listing_refunds(psp, apply_charge_refunded)
+    for _ in range(2):  # a redelivered event records nothing more
+        async with sessions() as s:
+            await hook(s, payload)
+            await s.commit()
+    async with sessions() as s:
+        recorded = await s.get(Refund, refund_row.id, populate_existing=True)
+        attempt = await s.get(PaymentAttempt, opened.attempt_id, populate_existing=True)
+        postings = (await s.exec(select(LedgerPosting).where(LedgerPosting.source_id == made.id))).all()
+    assert recorded is not None and (recorded.status, recorded.psp_refund_id) == ("succeeded", made.id)
+    assert attempt is not None and (attempt.status, attempt.amount_refunded) == ("partially_refunded", 5000)
+    assert [p.kind for p in postings] == ["refund"]

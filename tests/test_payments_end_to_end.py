@@ -25,15 +25,18 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from sqlmodel import select
 
 from activities.collection import CollectionActivities
-from activities.psp_events import PspEventActivities
+from activities.credit_notes import CreditNoteActivities
+from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from api.main import create_app
 from core.settings import Settings
 from devstack.services import serving
+from schema.models import PspEvent
 from services.credit_notes import apply_charge_refunded
 from tests import factories
 from tests.psp_support import RunningEmulator, running_emulator
@@ -93,15 +96,19 @@ async def test_run_invoice_capture_webhook_paid_ledger_payout_reconciled(
     async with StripePsp("sk_test_e2e", api_base=emulator.url) as psp:
         store = LocalDocumentStore(stack_settings.documents_root)
         events = PspEventActivities(
-            sessions, temporal_env.client, task_queue=stack_settings.task_queue, refund_hook=apply_charge_refunded
+            sessions,
+            temporal_env.client,
+            task_queue=stack_settings.task_queue,
+            refund_hook=listing_refunds(psp, apply_charge_refunded),
         )
+        notes = CreditNoteActivities(sessions, renderer, store, psp)
         worker = build_worker(
             temporal_env.client,
             stack_settings,
             activities,
             collection=CollectionActivities(sessions, psp, renderer, store),
             reconciliation=ReconciliationActivities(sessions, psp),
-            extra_activities=events.all(),
+            extra_activities=[*events.all(), *notes.all()],
         )
         async with worker:
             started = time.monotonic()
@@ -137,16 +144,38 @@ async def test_run_invoice_capture_webhook_paid_ledger_payout_reconciled(
                 reconciliations, lambda rows: any(r["payout_id"] == payout["id"] for r in rows), "reconciliation"
             )
             report = (await api.get(f"/v1/reconciliation/payouts/{payout['id']}")).json()
+
+            # A credit note of 5000 on the paid invoice, refunded through the PSP: the emulator's
+            # charge.refunded webhook is processed too (the refund was already recorded once).
+            note = await api.post(
+                f"/v1/invoices/{invoice['id']}/credit-notes",
+                json={"lines": [{"description": "Broken heater", "amount": 5000}], "reason": "product_unsatisfactory"},
+            )
+            assert note.status_code == 201, note.text
+
+            async def refunded() -> list[str]:
+                async with sessions() as s:
+                    rows = await s.exec(select(PspEvent.status).where(PspEvent.type == "charge.refunded"))
+                    return [str(status) for status in rows.all()]
+
+            assert await until(refunded, lambda found: found == ["processed"], "charge.refunded processed") == [
+                "processed"
+            ]
     print(f"\npaid by webhook {paid_after:.1f} s after the run was requested")  # noqa: T201
     assert report["all_matched"] and report["matched"] >= 1 and report["missing_ours"] == 0, report
     assert report["missing_psp"] == 0 and report["amount_mismatch"] == 0
 
     balances = (await api.get("/v1/ledger/balances", params={"limit": 500})).json()["data"]
     by_code = {row["account"].replace(str(sub.tenant_id), "t"): row["balance"] for row in balances if row["balance"]}
-    assert by_code == {"revenue:rent": -65000, "psp_fees": 1915, "bank": 63085}  # receivable and clearing at 0
+    # 65000 billed, 5000 credited back and refunded: revenue 60000; the refund left the PSP
+    # clearing after the payout (-5000), so clearing equals the PSP's balance (-5000 at the emulator).
+    assert by_code == {"revenue:rent": -60000, "psp_fees": 1915, "bank": 63085, "psp_clearing": -5000}
     export = await api.get(
         "/v1/ledger/export.csv", params={"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z"}
     )
     rows = list(csv.DictReader(io.StringIO(export.text)))
     assert sum(int(r["amount"]) for r in rows) == 0
-    assert {r["posting_kind"] for r in rows} == {"invoice_finalized", "payment_captured", "psp_fee", "payout"}
+    kinds = [r["posting_kind"] for r in rows]
+    assert set(kinds) == {"invoice_finalized", "payment_captured", "psp_fee", "payout", "credit_note", "refund"}
+    assert len({r["posting_id"] for r in rows if r["posting_kind"] == "refund"}) == 1  # recorded once
+    assert emulator.stats()["refunds"] == 1
