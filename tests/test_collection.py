@@ -185,7 +185,7 @@ def is_terminal_or_paid(status: str) -> bool:
 
 
 async def test_a_billing_run_collects_the_invoice_once_posts_it_and_issues_a_receipt(
-    temporal_env, sessions, activities, collection, settings, emulator
+    temporal_env, sessions, activities, collection, settings, emulator, record_history
 ):
     sub = await factories.subscriber(sessions, await factories.catalog(sessions), START)
     await save_card(sessions, collection._psp, sub.tenant_id)
@@ -197,6 +197,9 @@ async def test_a_billing_run_collects_the_invoice_once_posts_it_and_issues_a_rec
         handle = collection_handle(temporal_env, invoice.id)
         state = await settled_state(handle)
         await closed(handle)  # a workflow left half-way would stop this server from skipping time
+        # Histories with the invoice-collection patch (InvoiceCycle) and of a collection that paid.
+        await record_history(temporal_env.client.get_workflow_handle(invoice.workflow_id), "invoice_cycle_collection")
+        await record_history(handle, "invoice_collection_paid")
     # The test server does not answer a long poll on a workflow started as another's child: poll the query.
     assert state.snapshot is not None and state.snapshot.status == "paid" and state.snapshot.amount_paid == 65000
     assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1
@@ -300,7 +303,7 @@ async def test_a_psp_500_is_retried_with_the_same_key_and_charges_once(
 
 
 async def test_an_operator_records_a_bank_transfer_then_voids_another_invoice(
-    temporal_env, sessions, activities, collection, settings, psp, emulator
+    temporal_env, sessions, activities, collection, settings, psp, emulator, record_history
 ):
     cat = await factories.catalog(sessions)
     invoice = await _open_invoice(sessions, psp, token=None, cat=cat)  # no saved card: nothing is charged
@@ -322,6 +325,7 @@ async def test_an_operator_records_a_bank_transfer_then_voids_another_invoice(
             COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(amount=5566, method="other", actor="ops@roomly")
         )
         assert (await handle.result()).status == "paid"
+        await record_history(handle, "invoice_collection_operator")  # Updates refused and accepted
 
         other = await _open_invoice(sessions, psp, token=None, cat=cat)
         voiding = await temporal_env.client.start_workflow(

@@ -24,6 +24,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from workflows.billing_run import BillingRunWorkflow
+from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import (
     ACT_CREATE_INVOICE,
     ACT_FINALIZE_INVOICE,
@@ -54,7 +55,15 @@ def replayer(*workflows: type) -> Replayer:
 
 
 def test_histories_are_committed():
-    assert {p.stem for p in HISTORIES} >= {"billing_run", "invoice_cycle", "psp_event_processed", "psp_events_sweep"}
+    assert {p.stem for p in HISTORIES} >= {
+        "billing_run",
+        "invoice_cycle",
+        "psp_event_processed",
+        "psp_events_sweep",
+        "invoice_cycle_collection",
+        "invoice_collection_paid",
+        "invoice_collection_operator",
+    }
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
@@ -62,6 +71,7 @@ async def test_committed_history_replays(path: Path):
     workflows = (
         BillingRunWorkflow,
         InvoiceCycleWorkflow,
+        InvoiceCollectionWorkflow,
         CreditNoteWorkflow,
         ProcessPspEventWorkflow,
         SweepPspEventsWorkflow,
