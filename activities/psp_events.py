@@ -29,7 +29,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from activities.billing import heartbeating
 from adapters.psp import Psp
 from schema.models import PspEventStatus
-from services import psp_events
+from services import credit_notes, psp_events
 from services.errors import NotFound
 from services.psp_events import Action, Decision
 from workflows.contracts import (
@@ -37,13 +37,17 @@ from workflows.contracts import (
     ACT_SWEEP_PSP_EVENTS,
     COLLECTION_PSP_SIGNAL,
     COLLECTION_WORKFLOW,
+    CREDIT_NOTE_WORKFLOW,
+    CREDIT_NOTE_WORKFLOW_TIMEOUT,
     PAYOUT_RECONCILIATION_WORKFLOW,
     PSP_EVENT_WORKFLOW,
     CollectionInput,
+    CreditNoteInput,
     PspEventInput,
     PspSignal,
     ReconcilePayoutInput,
     collection_workflow_id,
+    credit_note_workflow_id,
     psp_event_workflow_id,
     reconciliation_workflow_id,
 )
@@ -105,6 +109,11 @@ def listing_refunds(psp: Psp, apply: RefundHook) -> RefundHook:
     return hook
 
 
+# A credit note's workflow is started by the API at once; one still without its PDF or with a
+# refund pending this long after issue had its start lost (Temporal unreachable): the sweep starts it.
+CREDIT_NOTE_SWEEP_AGE = timedelta(minutes=10)
+
+
 class PspEventActivities:
     def __init__(
         self,
@@ -113,7 +122,8 @@ class PspEventActivities:
         *,
         task_queue: str,
         sweep_age: timedelta = timedelta(seconds=30),
-        refund_hook: RefundHook | None = None,  # the lead connects services.credit_notes.apply_charge_refunded
+        refund_hook: RefundHook | None = None,  # the worker's: listing_refunds(psp, apply_charge_refunded)
+        credit_note_age: timedelta = CREDIT_NOTE_SWEEP_AGE,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._sessions = sessions
@@ -121,6 +131,7 @@ class PspEventActivities:
         self._task_queue = task_queue
         self._sweep_age = sweep_age
         self._refund_hook = refund_hook
+        self._credit_note_age = credit_note_age
         self._clock = clock
 
     def all(self) -> list[Callable[..., object]]:
@@ -201,4 +212,24 @@ class PspEventActivities:
                 )
             if ids:
                 log.info("psp events swept", count=len(ids))
+            await self._sweep_credit_notes()
             return len(ids)
+
+    async def _sweep_credit_notes(self) -> None:
+        """Start the workflow of every credit note left with work (no PDF, a pending refund) a while
+        after it was issued: the API could not start it (Temporal unreachable) or it failed."""
+        async with self._sessions() as session:
+            cutoff = self._clock() - self._credit_note_age
+            notes = await credit_notes.unfinished_before(session, cutoff, limit=SWEEP_LIMIT)
+        for note_id, tenant_id in notes:
+            await self._client.start_workflow(
+                CREDIT_NOTE_WORKFLOW,
+                CreditNoteInput(note_id, tenant_id=tenant_id),
+                id=credit_note_workflow_id(note_id),
+                task_queue=self._task_queue,
+                execution_timeout=CREDIT_NOTE_WORKFLOW_TIMEOUT,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+        if notes:
+            log.info("credit notes swept", count=len(notes))

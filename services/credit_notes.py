@@ -646,3 +646,22 @@ async def apply_charge_refunded(session: AsyncSession, payload: Mapping[str, Any
         refund_id for refund_id, _, _, status in snapshot if status is RefundStatus.pending and refund_id not in matched
     )
     return ChargeRefunded("processed", tuple(recorded), unmatched)
+
+
+async def unfinished_before(
+    session: AsyncSession, cutoff: datetime, *, limit: int
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(note, tenant) of credit notes issued before ``cutoff`` whose workflow has work left: no PDF
+    yet, or a refund still pending (its workflow never started, e.g. Temporal was unreachable when
+    the note was issued). Oldest first; the sweep starts their workflows."""
+    pending = select(Refund.credit_note_id).where(col(Refund.status) == RefundStatus.pending)
+    query = (
+        select(CreditNote.id, CreditNote.tenant_id)
+        .where(
+            col(CreditNote.issued_at) < cutoff,
+            col(CreditNote.pdf_location).is_(None) | col(CreditNote.id).in_(pending),
+        )
+        .order_by(col(CreditNote.issued_at), col(CreditNote.id))
+        .limit(limit)
+    )
+    return [(note_id, tenant_id) for note_id, tenant_id in (await session.exec(query)).all()]

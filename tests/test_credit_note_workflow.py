@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -16,21 +17,26 @@ import pytest_asyncio
 from pypdf import PdfReader
 from sqlmodel import select
 from temporalio.client import WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.testing import WorkflowEnvironment
 
 from activities.billing import BillingActivities
 from activities.credit_notes import CreditNoteActivities
+from activities.psp_events import PspEventActivities
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from schema.models import AttemptStatus, CreditNote, PaymentAttempt, Refund, RefundStatus
 from services import credit_notes
 from services.credit_notes import CreditNoteLineInput as Line
+from tests.conftest import VENV_BIN
 from tests.credit_note_support import balances, finalized_invoice, pay, subscription
 from tests.psp_support import RunningEmulator, running_emulator
 from worker import build_worker
 from workflows.contracts import (
     CREDIT_NOTE_WORKFLOW,
     ERR_PSP_BUG,
+    PSP_EVENT_SWEEP_WORKFLOW,
     CreditNoteInput,
     CreditNoteResult,
     credit_note_workflow_id,
@@ -159,3 +165,50 @@ async def test_a_refund_the_psp_refuses_fails_the_workflow_at_once_and_the_refun
     assert refund.status is RefundStatus.failed and refund.failure_message is not None
     assert stored is not None and stored.pdf_location is not None  # the document was made before
     assert emulator.stats()["refunds"] == 1  # only the one made elsewhere
+
+
+@pytest_asyncio.fixture
+async def own_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of this test's own: the sweep starts the workflows of every unfinished
+    note and event the session's database holds, which must not linger on the shared server."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def test_the_sweep_starts_the_workflow_of_a_note_whose_start_was_lost(
+    sessions, settings, own_env, renderer, psp, emulator: RunningEmulator
+):
+    """A note issued while Temporal was unreachable (committed, no workflow): the PSP events sweep
+    finds it (no PDF, a refund pending) and starts its workflow, which renders and refunds once."""
+    temporal_env = own_env
+    invoice_id, (rent_line, _), _ = await paid_invoice(sessions, psp)
+    async with sessions() as s:
+        note = await credit_notes.issue_credit_note(s, invoice_id, [Line("Heater", 2000, rent_line)], "order_change")
+    notes = CreditNoteActivities(sessions, renderer, LocalDocumentStore(settings.documents_root), psp)
+    events = PspEventActivities(
+        sessions,
+        temporal_env.client,
+        task_queue=settings.task_queue,
+        sweep_age=timedelta(0),
+        credit_note_age=timedelta(0),
+    )
+    billing = BillingActivities(sessions, renderer, LocalDocumentStore(settings.documents_root))
+    async with build_worker(temporal_env.client, settings, billing, extra_activities=[*notes.all(), *events.all()]):
+        await temporal_env.client.execute_workflow(
+            PSP_EVENT_SWEEP_WORKFLOW, id=f"sweep-{uuid.uuid4()}", task_queue=settings.task_queue
+        )
+        handle = temporal_env.client.get_workflow_handle(credit_note_workflow_id(note.id), result_type=CreditNoteResult)
+        result = await handle.result()
+        await temporal_env.client.execute_workflow(  # nothing left to do: the next sweep starts nothing new
+            PSP_EVENT_SWEEP_WORKFLOW, id=f"sweep-{uuid.uuid4()}", task_queue=settings.task_queue
+        )
+    assert result.refunded == 2000 and result.pdf_location is not None
+    assert emulator.stats()["refunds"] == 1
+    async with sessions() as s:
+        left = await credit_notes.unfinished_before(s, datetime.now(UTC) + timedelta(days=1), limit=1000)
+    assert note.id not in {note_id for note_id, _ in left}

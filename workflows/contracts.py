@@ -436,6 +436,9 @@ ERR_PSP_UNKNOWN = "PspUnknown"  # retryable: the refund may have happened; the s
 ERR_REFUND_DECLINED = "RefundDeclined"  # non-retryable
 
 
+CREDIT_NOTE_WORKFLOW_TIMEOUT = timedelta(hours=24)  # execution timeout of a credit note's workflow
+
+
 def credit_note_workflow_id(credit_note_id: uuid.UUID) -> str:
     """One workflow per credit note: its document and its refund."""
     return f"credit-note:{credit_note_id}"

@@ -4,7 +4,6 @@ list them, read one and its PDF. The rules are ``services/credit_notes.py``."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 
 import structlog
 from fastapi import APIRouter, Response, status
@@ -20,12 +19,15 @@ from api.routing import DecimalJSONRoute
 from api.schemas import CreditNoteCreate, CreditNoteDetail, CreditNoteLinePublic, CreditNotePublic, RefundPublic
 from schema.models import CreditNote
 from services import credit_notes
-from workflows.contracts import CREDIT_NOTE_WORKFLOW, CreditNoteInput, credit_note_workflow_id
+from workflows.contracts import (
+    CREDIT_NOTE_WORKFLOW,
+    CREDIT_NOTE_WORKFLOW_TIMEOUT,
+    CreditNoteInput,
+    credit_note_workflow_id,
+)
 
 router = APIRouter(tags=["credit notes"], route_class=DecimalJSONRoute)
 log = structlog.stdlib.get_logger("api")
-
-CREDIT_NOTE_WORKFLOW_TIMEOUT = timedelta(hours=24)
 
 
 def _public(note: CreditNote) -> CreditNotePublic:
