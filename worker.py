@@ -33,6 +33,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
+from activities.dunning import DunningActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
 from adapters.pdf import ChromiumPdfRenderer
@@ -48,6 +49,7 @@ from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
 from workflows.credit_note import CreditNoteWorkflow
+from workflows.dunning import DunningWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
@@ -61,6 +63,7 @@ WORKFLOWS: Sequence[type] = (
     CreditNoteWorkflow,
     ProcessPspEventWorkflow,
     SweepPspEventsWorkflow,
+    DunningWorkflow,
 )
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
@@ -209,7 +212,11 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             activities,
             collection=collection,
             reconciliation=reconciliation,
-            extra_activities=[*credit_notes.all(), *events.all()],
+            extra_activities=[
+                *credit_notes.all(),
+                *events.all(),
+                *DunningActivities(sessions, client, task_queue=settings.task_queue).all(),
+            ],
         )
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:

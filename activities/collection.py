@@ -81,6 +81,7 @@ def snapshot_view(state: payments.Collection) -> CollectionSnapshot:
         has_payment_method=state.has_payment_method,
         in_flight=attempt_view(state.in_flight) if state.in_flight else None,
         attempts=state.attempts,
+        tenant_id=state.tenant_id,
     )
 
 

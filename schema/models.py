@@ -71,6 +71,7 @@ def _ts(nullable: bool = False, **kw: Any) -> Any:
 class SubscriptionStatus(StrEnum):
     active = "active"
     canceled = "canceled"
+    suspended = "suspended"  # dunning gave up: still billed, usable only up to what is paid (services/dunning.py)
 
 
 class UsageSource(StrEnum):
@@ -186,7 +187,12 @@ class Subscription(SQLModel, table=True):
         CheckConstraint("credit_balance >= 0", name="ck_subscription_credit_balance"),
         # Usage events belong to a tenant, so a tenant has one active subscription at a time:
         # two would bill the same usage twice. Room changes are moves within the subscription.
-        Index("uq_subscription_active_tenant", "tenant_id", unique=True, postgresql_where=text("status = 'active'")),
+        Index(
+            "uq_subscription_active_tenant",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("status IN ('active', 'suspended')"),
+        ),
         # What billing runs look at: every subscription whose final invoice is not written yet.
         Index("ix_subscription_billable", "next_invoice_at", postgresql_where=text("NOT final_invoiced")),
         CheckConstraint(
@@ -214,6 +220,7 @@ class Subscription(SQLModel, table=True):
     cancel_at_period_end: bool = Field(default=False)  # the end is the end of a period
     canceled_at: datetime | None = _ts(nullable=True, default=None)  # when the cancel was asked for
     final_invoiced: bool = Field(default=False)  # the final invoice is written: never billed again
+    suspended_at: datetime | None = _ts(nullable=True, default=None)  # set while suspended by dunning
     # The billing calendar's zone: null = the tenant's; set to the tenant's old zone when it first
     # changes. ``timezone_changes``: [{"from_index": boundary, "timezone": zone}], ascending.
     timezone: str | None = Field(default=None, max_length=64)
@@ -782,3 +789,45 @@ class Refund(SQLModel, table=True):
     created_at: datetime = _ts(default_factory=utcnow)
     updated_at: datetime = _ts(default_factory=utcnow)
     succeeded_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class DunningCampaign(SQLModel, table=True):
+    """How overdue invoices are chased (billing/dunning.py ``Campaign``): the tenant's own campaign,
+    else its plan's, else ``default`` (seeded by migration 0014)."""
+
+    __tablename__ = "dunning_campaigns"
+    __table_args__ = (
+        CheckConstraint("plan_id IS NULL OR tenant_id IS NULL", name="ck_dunning_campaign_scope"),
+        CheckConstraint("min_overdue >= 0", name="ck_dunning_campaign_min"),
+        CheckConstraint("jsonb_array_length(retry_delays) >= 1", name="ck_dunning_campaign_retries"),
+        Index("uq_dunning_campaign_plan", "plan_id", unique=True, postgresql_where=text("plan_id IS NOT NULL")),
+        Index("uq_dunning_campaign_tenant", "tenant_id", unique=True, postgresql_where=text("tenant_id IS NOT NULL")),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    code: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    # Seconds after the first failed payment of each retry, increasing: [3600, 86400, 259200].
+    retry_delays: list[int] = Field(sa_column=Column(JSONB, nullable=False))
+    min_overdue: int = Field(default=0, sa_type=BigInteger)  # minor units of the invoices' currency
+    plan_id: uuid.UUID | None = Field(default=None, foreign_key="plans.id")
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id")
+    excluded: bool = Field(default=False)  # a tenant campaign that excludes the tenant from dunning
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class DunningEvent(SQLModel, table=True):
+    """What dunning did and who asked: every stage change, suspension, resumption and operator action."""
+
+    __tablename__ = "dunning_events"
+    __table_args__ = (Index("ix_dunning_event_tenant", "tenant_id", "at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    key: str = Field(max_length=200, unique=True)  # the event's business key: written once
+    kind: str = Field(max_length=32)  # stage, suspended, resumed, paused, resumed_dunning, retry_now, skip_step, ...
+    stage: str | None = Field(default=None, max_length=32)
+    actor: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=500)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    at: datetime = _ts(default_factory=utcnow)

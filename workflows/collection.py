@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         ACT_PREPARE_COLLECTION,
         ACT_RECORD_PAYMENT,
         ACT_RENDER_RECEIPT,
+        ACT_REPORT_PAYMENT_OUTCOME,
         ACT_SETTLE_ATTEMPT,
         ACT_SETTLE_INTENT,
         ACT_SUBMIT_ATTEMPT,
@@ -39,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         COLLECTION_PAY_UPDATE,
         COLLECTION_PSP_SIGNAL,
         COLLECTION_RECORD_PAYMENT_UPDATE,
+        COLLECTION_RETRY_SIGNAL,
         COLLECTION_STATE_QUERY,
         COLLECTION_VOID_UPDATE,
         COLLECTION_WORKFLOW,
@@ -54,11 +56,13 @@ with workflow.unsafe.imports_passed_through():
         InvoiceActionInput,
         InvoiceActionRequest,
         OpenAttemptInput,
+        PaymentOutcome,
         PayRequest,
         PrepareCollectionInput,
         PspSignal,
         RecordPaymentInput,
         RecordPaymentRequest,
+        ReportOutcomeInput,
         SettleIntentResult,
         SettleResult,
     )
@@ -71,6 +75,9 @@ RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=time
 CONFIRM_WAIT = timedelta(seconds=60)
 MAX_CONFIRM_WAIT = timedelta(hours=1)
 DONE = ("paid", "void")
+# Workflows that record this marker take dunning's retry requests and report each attempt's outcome
+# (and the invoice paid or voided) to the tenant's Dunning workflow.
+PATCH_DUNNING = "collection-dunning"
 T = TypeVar("T")
 FINAL_ATTEMPT = ("succeeded", "failed", "partially_refunded", "refunded")
 
@@ -86,12 +93,17 @@ class InvoiceCollectionWorkflow:
         self._seen_intents: set[str] = set()
         self._input: CollectionInput | None = None
         self._started = False  # the run loaded the invoice and began its automatic attempt, if any
+        self._retries_asked: list[str] = []  # dunning's requests for a new attempt (their source)
 
     # --- messages -------------------------------------------------------------------------
 
     @workflow.query(name=COLLECTION_STATE_QUERY)
     def state(self) -> CollectionState:
         return CollectionState(self._snapshot, self._in_flight, list(self._attempts))
+
+    @workflow.signal(name=COLLECTION_RETRY_SIGNAL)
+    def retry(self, source: str) -> None:
+        self._retries_asked.append(source)
 
     @workflow.signal(name=COLLECTION_PSP_SIGNAL)
     def psp_event(self, event: PspSignal) -> None:
@@ -140,6 +152,8 @@ class InvoiceCollectionWorkflow:
             await self._refresh()
         finally:
             self._busy = False
+        if self._snapshot is not None and self._snapshot.status == "paid":
+            await self._report(PaymentOutcome(self._snapshot.invoice_id, "paid", attempt.attempt_id, source="operator"))
         return attempt
 
     @record_payment.validator
@@ -197,13 +211,21 @@ class InvoiceCollectionWorkflow:
         self._started = True
         while True:
             await workflow.wait_condition(
-                lambda: bool(self._events) or self._in_flight is not None or self._finished() or self._long()
+                lambda: (
+                    bool(self._events)
+                    or self._in_flight is not None
+                    or self._finished()
+                    or self._long()
+                    or (bool(self._retries_asked) and not self._busy)
+                )
             )
             if self._in_flight is not None and not self._busy:
                 self._busy = True
                 await self._follow()
             elif self._events and not self._busy:
                 await self._settle_events()
+            elif self._retries_asked and not self._busy:
+                await self._retry_for_dunning()
             elif self._finished():
                 break
             elif self._long() and not self._busy:
@@ -214,6 +236,27 @@ class InvoiceCollectionWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         assert self._snapshot is not None
         return CollectionResult(data.invoice_id, self._snapshot.status, self._snapshot.amount_paid, self._attempts)
+
+    async def _retry_for_dunning(self) -> None:
+        """A new attempt dunning asked for (when one can be made), its outcome reported back."""
+        source = self._retries_asked.pop(0)
+        self._retries_asked.clear()  # one attempt answers every request made meanwhile
+        snapshot = self._snapshot
+        assert snapshot is not None
+        if snapshot.status in DONE or snapshot.amount_due <= 0:
+            await self._report(PaymentOutcome(snapshot.invoice_id, "paid" if snapshot.status == "paid" else "void"))
+        elif not snapshot.has_payment_method:
+            await self._report(PaymentOutcome(snapshot.invoice_id, "failed", decline_code="no_payment_method"))
+        else:
+            await self._attempt(source)
+
+    async def _report(self, outcome: PaymentOutcome) -> None:
+        """Tell the tenant's Dunning workflow (started by a failure) how a payment of this invoice ended."""
+        snapshot = self._snapshot
+        tenant = (snapshot.tenant_id if snapshot else None) or self._require_input().tenant_id
+        if tenant is None or not workflow.patched(PATCH_DUNNING):
+            return
+        await self._call(ACT_REPORT_PAYMENT_OUTCOME, ReportOutcomeInput(tenant, outcome), bool)
 
     def _finished(self) -> bool:
         return (
@@ -262,6 +305,8 @@ class InvoiceCollectionWorkflow:
             )
         finally:
             self._busy = False
+        if self._snapshot.status in DONE:
+            await self._report(PaymentOutcome(self._snapshot.invoice_id, self._snapshot.status))
         return self._snapshot
 
     async def _attempt(self, source: str) -> AttemptView:
@@ -280,8 +325,9 @@ class InvoiceCollectionWorkflow:
             raise
         if attempt.status in FINAL_ATTEMPT:
             self._record(attempt)
-            self._busy = False
             await self._refresh()
+            self._busy = False
+            await self._report_attempt(attempt)
         else:
             self._in_flight = attempt
             self._busy = False  # the run's loop takes it from here
@@ -331,6 +377,15 @@ class InvoiceCollectionWorkflow:
         finally:
             self._in_flight = None
             self._busy = False
+        await self._report_attempt(attempt)
+
+    async def _report_attempt(self, attempt: AttemptView) -> None:
+        snapshot = self._snapshot
+        assert snapshot is not None
+        status = "succeeded" if attempt.status == "succeeded" else "failed"
+        await self._report(
+            PaymentOutcome(snapshot.invoice_id, status, attempt.attempt_id, attempt.decline_code, attempt.source)
+        )
 
     async def _hear(self, attempt: AttemptView, wait: timedelta) -> bool:
         """Wait up to ``wait`` for a PSP event about the attempt's PaymentIntent; False: none came."""

@@ -279,6 +279,7 @@ class CollectionSnapshot:
     has_payment_method: bool
     in_flight: AttemptView | None = None  # an attempt left in flight (a restarted workflow resumes it)
     attempts: int = 0
+    tenant_id: uuid.UUID | None = None
 
 
 @dataclass
@@ -489,3 +490,125 @@ class RefundCreditNoteInput:
 class RefundCreditNoteResult:
     refunded: int = 0  # minor units the PSP confirmed (a pending refund is settled by its webhook)
     psp_refund_ids: list[str] = field(default_factory=list)
+
+
+# --- Dunning (workflows/dunning.py, services/dunning.py, billing/dunning.py) ----------------------
+
+DUNNING_WORKFLOW = "Dunning"
+DUNNING_STATE_QUERY = "state"
+DUNNING_OUTCOME_SIGNAL = "payment_outcome"  # a payment of one of the tenant's invoices ended
+DUNNING_PAUSE_UPDATE = "pause"
+DUNNING_RESUME_UPDATE = "resume"
+DUNNING_RETRY_NOW_UPDATE = "retry_now"
+DUNNING_SKIP_STEP_UPDATE = "skip_step"
+COLLECTION_RETRY_SIGNAL = "retry"  # dunning asks an invoice's collection for a new attempt
+ERR_DUNNING_REFUSED = "DunningActionRefused"  # an operator action that does not fit the state
+
+
+def dunning_workflow_id(tenant_id: uuid.UUID) -> str:
+    """One dunning workflow per tenant with outstanding invoices."""
+    return f"dunning:{tenant_id}"
+
+
+@dataclass
+class DunningInput:
+    tenant_id: uuid.UUID
+    # Carried across continue-as-new (and a restart): the campaign's clock and how far it got.
+    first_failure_at: datetime | None = None
+    failures: int = 1  # failed payments so far (the one that started dunning counts)
+    cycle: str = ""  # the campaign run's key part (the workflow's first run id); notices and events are keyed by it
+
+
+@dataclass
+class PaymentOutcome:
+    invoice_id: uuid.UUID
+    status: str  # succeeded | failed | paid (settled another way) | void
+    attempt_id: uuid.UUID | None = None
+    decline_code: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class DunningAction:
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class DunningAttempt:
+    invoice_id: uuid.UUID
+    status: str
+    decline_code: str | None = None
+    at: datetime | None = None
+    retry: int = 0  # 0: the failure that started dunning
+
+
+@dataclass
+class DunningState:
+    tenant_id: uuid.UUID
+    stage: str
+    failures: int
+    retries: int
+    next_attempt_at: datetime | None
+    paused: bool
+    amount_overdue: int
+    currency: str | None
+    attempts: list[DunningAttempt] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # the notice kinds sent, in order
+    actions: list[str] = field(default_factory=list)  # "pause by ops@x: reason", ...
+
+
+@dataclass
+class DunningStartInput:
+    tenant_id: uuid.UUID
+
+
+@dataclass
+class DunningOutstanding:
+    """What the tenant owes and how it is chased, read at each step."""
+
+    tenant_id: uuid.UUID
+    invoice_ids: list[uuid.UUID]
+    amount_overdue: int
+    currency: str | None
+    retry_delays: list[timedelta]
+    chased: bool  # False: excluded, below the minimum, nothing outstanding, or the subscription canceled
+    subscription_status: str | None = None
+
+
+@dataclass
+class DunningStepInput:
+    tenant_id: uuid.UUID
+    key: str  # the step's business key: its event and notice are written once
+    stage: str  # billing.dunning.DunningStage
+    next_attempt_at: datetime | None = None
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class DunningStepResult:
+    notice_id: uuid.UUID | None = None
+    suspended: bool = False
+    resumed: bool = False
+
+
+@dataclass
+class DunningEventInput:
+    tenant_id: uuid.UUID
+    key: str
+    kind: str
+    actor: str | None = None
+    reason: str | None = None
+
+
+ACT_DUNNING_OUTSTANDING = "dunning_outstanding"
+ACT_DUNNING_STEP = "dunning_step"
+ACT_DUNNING_EVENT = "dunning_event"
+ACT_REPORT_PAYMENT_OUTCOME = "report_payment_outcome"
+
+
+@dataclass
+class ReportOutcomeInput:
+    tenant_id: uuid.UUID
+    outcome: PaymentOutcome

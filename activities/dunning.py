@@ -1,0 +1,167 @@
+"""Dunning activities: a few lines each over ``services.dunning`` (and the notices outbox), plus
+the report of a payment's outcome to the tenant's ``Dunning`` workflow (the worker's client).
+
+Every step is keyed: its event and its notice are written once, so a retried activity, a worker
+killed between steps, or a replayed workflow never doubles either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.billing import _utcnow, heartbeating
+from billing.dunning import STAGE_NOTICES, DunningStage
+from billing.money import format_money
+from services import dunning, notices
+from workflows.contracts import (
+    ACT_DUNNING_EVENT,
+    ACT_DUNNING_OUTSTANDING,
+    ACT_DUNNING_STEP,
+    ACT_REPORT_PAYMENT_OUTCOME,
+    DUNNING_OUTCOME_SIGNAL,
+    DUNNING_WORKFLOW,
+    DunningEventInput,
+    DunningInput,
+    DunningOutstanding,
+    DunningStartInput,
+    DunningStepInput,
+    DunningStepResult,
+    ReportOutcomeInput,
+    dunning_workflow_id,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def _context(owed: dunning.Outstanding, stage: str, next_attempt_at: datetime | None) -> dict[str, Any]:
+    """What a dunning notice says: the amounts and due dates overdue, the next step, how to pay."""
+    currency = owed.currency or "USD"
+    return {
+        "stage": stage,
+        "amount_overdue": owed.total,
+        "currency": currency,
+        "amount_overdue_text": format_money(owed.total, currency),
+        "invoices": [
+            {
+                "invoice_id": str(i.invoice_id),
+                "number": i.number,
+                "amount_due": i.amount_due,
+                "amount_due_text": format_money(i.amount_due, i.currency),
+                "due_at": i.due_at.isoformat() if i.due_at else None,
+                "pay": f"POST /v1/invoices/{i.invoice_id}/pay",
+            }
+            for i in owed.invoices
+        ],
+        "next_attempt_at": next_attempt_at.isoformat() if next_attempt_at else None,
+    }
+
+
+class DunningActivities:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        client: Client,
+        *,
+        task_queue: str,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._sessions = sessions
+        self._client = client
+        self._task_queue = task_queue
+        self._clock = clock
+
+    def all(self) -> list[Callable[..., object]]:
+        return [self.outstanding, self.step, self.event, self.report_payment_outcome]
+
+    @activity.defn(name=ACT_DUNNING_OUTSTANDING)
+    async def outstanding(self, data: DunningStartInput) -> DunningOutstanding:
+        async with heartbeating(), self._sessions() as session:
+            owed = await dunning.outstanding(session, data.tenant_id, self._clock())
+            campaign = await dunning.campaign_for(session, data.tenant_id)
+        status = owed.subscription_status.value if owed.subscription_status else None
+        return DunningOutstanding(
+            tenant_id=data.tenant_id,
+            invoice_ids=[i.invoice_id for i in owed.invoices],
+            amount_overdue=owed.total,
+            currency=owed.currency,
+            retry_delays=list(campaign.retry_delays),
+            chased=campaign.chases(owed.total) and status != "canceled",
+            subscription_status=status,
+        )
+
+    @activity.defn(name=ACT_DUNNING_STEP)
+    async def step(self, data: DunningStepInput) -> DunningStepResult:
+        """Enter a stage once per key: its event and notice in one transaction; suspend or resume."""
+        stage = DunningStage(data.stage)
+        at = self._clock()
+        async with heartbeating(), self._sessions() as session:
+            result = DunningStepResult()
+            if stage is DunningStage.suspended:
+                result.suspended = await dunning.suspend(session, data.tenant_id, f"{data.key}:suspend", at)
+            if stage is DunningStage.resolved:
+                result.resumed = await dunning.resume_if_settled(session, data.tenant_id, f"{data.key}:resume", at)
+            owed = await dunning.outstanding(session, data.tenant_id, at)
+            await dunning.record_event(
+                session,
+                data.tenant_id,
+                data.key,
+                "stage",
+                stage=stage.value,
+                actor=data.actor,
+                reason=data.reason,
+                at=at,
+            )
+            kind = STAGE_NOTICES.get(stage) or ("subscription_resumed" if result.resumed else None)
+            if kind is not None:
+                result.notice_id = await notices.enqueue(
+                    session,
+                    tenant_id=data.tenant_id,
+                    kind=notices.NoticeKind(kind),
+                    key=f"{data.key}:notice",
+                    context=_context(owed, stage.value, data.next_attempt_at),
+                    invoice_ids=[i.invoice_id for i in owed.invoices],
+                )
+            await session.commit()
+        log.info("dunning stage", stage=stage.value, key=data.key, notice=str(result.notice_id))
+        return result
+
+    @activity.defn(name=ACT_DUNNING_EVENT)
+    async def event(self, data: DunningEventInput) -> bool:
+        async with heartbeating(), self._sessions() as session:
+            written = await dunning.record_event(
+                session, data.tenant_id, data.key, data.kind, actor=data.actor, reason=data.reason, at=self._clock()
+            )
+            await session.commit()
+        return written
+
+    @activity.defn(name=ACT_REPORT_PAYMENT_OUTCOME)
+    async def report_payment_outcome(self, data: ReportOutcomeInput) -> bool:
+        """A failure starts the tenant's dunning (or joins it); a success only tells a running one."""
+        workflow_id = dunning_workflow_id(data.tenant_id)
+        if data.outcome.status == "failed":
+            await self._client.start_workflow(
+                DUNNING_WORKFLOW,
+                DunningInput(data.tenant_id),
+                id=workflow_id,
+                task_queue=self._task_queue,
+                start_signal=DUNNING_OUTCOME_SIGNAL,
+                start_signal_args=[data.outcome],
+            )
+            return True
+        handle = self._client.get_workflow_handle(workflow_id)
+        try:
+            await handle.signal(DUNNING_OUTCOME_SIGNAL, data.outcome)
+        except RPCError as missing:
+            if missing.status is not RPCStatusCode.NOT_FOUND:
+                raise
+            return False  # no dunning running for the tenant: nothing to tell
+        return True

@@ -1,0 +1,236 @@
+"""Dunning over the database: which campaign chases a tenant, what is outstanding, suspending and
+resuming the subscription, and the event log. The ``Dunning`` workflow orders the steps in time
+(``workflows/dunning.py``); the rules of a campaign are pure (``billing/dunning.py``).
+
+- **Outstanding**: the tenant's invoices still to be paid (``open`` or ``uncollectible`` with
+  something due) that a payment failed on or whose due date has passed.
+- **Campaign**: the tenant's own (which may exclude the tenant), else its plan's, else ``default``.
+- **Suspension** never takes away a period already paid for: a suspended subscription is still
+  billed and stays usable until the end of the last period it has paid (``usable_until``).
+- **Resumption**: a suspended subscription is active again once nothing is outstanding.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from billing.dunning import Campaign
+from billing.states import COLLECTABLE, AttemptStatus, InvoiceStatus, amount_due
+from schema.models import (
+    DunningCampaign,
+    DunningEvent,
+    Invoice,
+    PaymentAttempt,
+    Subscription,
+    SubscriptionStatus,
+    Tenant,
+    utcnow,
+)
+from services.errors import NotFound
+
+
+@dataclass(frozen=True)
+class OutstandingInvoice:
+    invoice_id: uuid.UUID
+    number: str
+    amount_due: int
+    currency: str
+    due_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Outstanding:
+    tenant_id: uuid.UUID
+    invoices: tuple[OutstandingInvoice, ...]
+    subscription_status: SubscriptionStatus | None
+
+    @property
+    def total(self) -> int:
+        return sum(i.amount_due for i in self.invoices)
+
+    @property
+    def currency(self) -> str | None:
+        return self.invoices[0].currency if self.invoices else None
+
+
+def campaign_of(row: DunningCampaign) -> Campaign:
+    return Campaign(
+        code=row.code,
+        retry_delays=tuple(timedelta(seconds=int(s)) for s in row.retry_delays),
+        min_overdue=row.min_overdue,
+        excluded=row.excluded,
+    )
+
+
+async def _subscription(session: AsyncSession, tenant_id: uuid.UUID) -> Subscription | None:
+    """The tenant's active or suspended subscription (at most one), else its latest."""
+    rows = (
+        await session.exec(
+            select(Subscription)
+            .where(Subscription.tenant_id == tenant_id)
+            .order_by(
+                col(Subscription.status).in_([SubscriptionStatus.active, SubscriptionStatus.suspended]).desc(),
+                col(Subscription.created_at).desc(),
+            )
+            .execution_options(populate_existing=True)
+        )
+    ).first()
+    return rows
+
+
+async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID) -> Campaign:
+    """The tenant's campaign, else its plan's, else ``default``."""
+    own = (await session.exec(select(DunningCampaign).where(DunningCampaign.tenant_id == tenant_id))).first()
+    if own is not None:
+        return campaign_of(own)
+    subscription = await _subscription(session, tenant_id)
+    if subscription is not None:
+        by_plan = (
+            await session.exec(select(DunningCampaign).where(DunningCampaign.plan_id == subscription.plan_id))
+        ).first()
+        if by_plan is not None:
+            return campaign_of(by_plan)
+    default = (await session.exec(select(DunningCampaign).where(DunningCampaign.code == "default"))).first()
+    if default is None:
+        raise NotFound("campaign", "no default dunning campaign (migration 0014 seeds it)")
+    return campaign_of(default)
+
+
+async def outstanding(session: AsyncSession, tenant_id: uuid.UUID, now: datetime) -> Outstanding:
+    """The tenant's invoices dunning chases: still to be paid, and failed or past due."""
+    failed = select(PaymentAttempt.invoice_id).where(col(PaymentAttempt.status) == AttemptStatus.failed)
+    rows = (
+        await session.exec(
+            select(Invoice)
+            .where(
+                Invoice.tenant_id == tenant_id,
+                col(Invoice.status).in_(list(COLLECTABLE)),
+                (col(Invoice.id).in_(failed)) | (col(Invoice.due_at) < now),
+            )
+            .order_by(col(Invoice.due_at), col(Invoice.number))
+            .execution_options(populate_existing=True)
+        )
+    ).all()
+    invoices = tuple(
+        OutstandingInvoice(i.id, i.number or "", due, i.currency, i.due_at)
+        for i in rows
+        if (due := amount_due(i.total, i.amount_paid, i.amount_credited)) > 0
+    )
+    subscription = await _subscription(session, tenant_id)
+    return Outstanding(tenant_id, invoices, SubscriptionStatus(subscription.status) if subscription else None)
+
+
+async def record_event(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    key: str,
+    kind: str,
+    *,
+    stage: str | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> bool:
+    """Write the event once per ``key`` (in the caller's transaction); False: it was written before."""
+    connection = await session.connection()
+    inserted = (
+        await connection.execute(
+            insert(DunningEvent)
+            .values(
+                id=uuid.uuid4(),
+                tenant_id=tenant_id,
+                key=key[:200],
+                kind=kind,
+                stage=stage,
+                actor=(actor or None) and actor[:200],
+                reason=(reason or None) and reason[:500],
+                details=details or {},
+                at=at or utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(col(DunningEvent.id))
+        )
+    ).first()
+    return inserted is not None
+
+
+async def suspend(session: AsyncSession, tenant_id: uuid.UUID, key: str, at: datetime) -> bool:
+    """Suspend the tenant's active subscription (once per ``key``); commits. False: nothing to suspend."""
+    subscription = await _subscription(session, tenant_id)
+    if subscription is None or subscription.status is not SubscriptionStatus.active:
+        await session.commit()
+        return False
+    locked = (
+        await session.exec(select(Subscription).where(Subscription.id == subscription.id).with_for_update())
+    ).one()
+    if locked.status is not SubscriptionStatus.active:
+        await session.commit()
+        return False
+    locked.status = SubscriptionStatus.suspended
+    locked.suspended_at = at
+    session.add(locked)
+    await record_event(session, tenant_id, key, "suspended", stage="suspended", at=at)
+    await session.commit()
+    return True
+
+
+async def resume_if_settled(session: AsyncSession, tenant_id: uuid.UUID, key: str, at: datetime) -> bool:
+    """Make a suspended subscription active again when nothing is outstanding; commits. True: resumed."""
+    if (await outstanding(session, tenant_id, at)).invoices:
+        await session.commit()
+        return False
+    subscription = await _subscription(session, tenant_id)
+    if subscription is None or subscription.status is not SubscriptionStatus.suspended:
+        await session.commit()
+        return False
+    locked = (
+        await session.exec(select(Subscription).where(Subscription.id == subscription.id).with_for_update())
+    ).one()
+    if locked.status is not SubscriptionStatus.suspended:
+        await session.commit()
+        return False
+    locked.status = SubscriptionStatus.active
+    locked.suspended_at = None
+    session.add(locked)
+    await record_event(session, tenant_id, key, "resumed", stage="resolved", at=at)
+    await session.commit()
+    return True
+
+
+async def usable_until(session: AsyncSession, subscription: Subscription) -> datetime | None:
+    """The end of the last period the subscription has paid for (its invoices' billed-in-advance
+    periods that are paid), None when none is; a suspended subscription is usable until then."""
+    end = (
+        await session.exec(
+            select(func.max(Invoice.period_end)).where(
+                Invoice.subscription_id == subscription.id, col(Invoice.status) == InvoiceStatus.paid
+            )
+        )
+    ).one()
+    return end
+
+
+async def usable(session: AsyncSession, subscription: Subscription, now: datetime) -> bool:
+    """Whether the tenant may use the room now: active, or suspended within a period already paid."""
+    if subscription.status is SubscriptionStatus.active:
+        return True
+    if subscription.status is SubscriptionStatus.suspended:
+        until = await usable_until(session, subscription)
+        return until is not None and now < until
+    return False
+
+
+async def tenant_email(session: AsyncSession, tenant_id: uuid.UUID) -> str:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("tenant_id", f"tenant {tenant_id} not found")
+    return tenant.email
