@@ -87,7 +87,7 @@ async def _subscription(session: AsyncSession, tenant_id: uuid.UUID) -> Subscrip
 
 
 async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID) -> Campaign:
-    """The tenant's campaign, else its plan's, else ``default``."""
+    """The tenant's campaign, else its plan's, else the ``default`` row, else the built-in default."""
     own = (await session.exec(select(DunningCampaign).where(DunningCampaign.tenant_id == tenant_id))).first()
     if own is not None:
         return campaign_of(own)
@@ -99,9 +99,8 @@ async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID) -> Campaign:
         if by_plan is not None:
             return campaign_of(by_plan)
     default = (await session.exec(select(DunningCampaign).where(DunningCampaign.code == "default"))).first()
-    if default is None:
-        raise NotFound("campaign", "no default dunning campaign (migration 0014 seeds it)")
-    return campaign_of(default)
+    # Migration 0014 seeds the editable ``default`` row; without it, the rule's own default (1 h, 24 h, 72 h).
+    return campaign_of(default) if default is not None else Campaign("default")
 
 
 async def outstanding(session: AsyncSession, tenant_id: uuid.UUID, now: datetime) -> Outstanding:
