@@ -83,7 +83,7 @@ async def _invoice(sessions, sub: Subscription, total: int, day: int, *, status:
                 s, invoice.id, uuid.uuid4(), amount=total, method=PaymentMethodKind.bank_transfer, reference=None,
                 actor="test", reason=None, at=start,
             )  # fmt: skip
-        found = await s.get(Invoice, invoice.id, populate_existing=True)
+        found: Invoice | None = await s.get(Invoice, invoice.id, populate_existing=True)
     assert found is not None
     return found
 
