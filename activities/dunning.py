@@ -20,7 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.billing import _utcnow, heartbeating
 from billing.dunning import STAGE_NOTICES, DunningStage
-from billing.money import format_money
+from schema.models import NoticeKind
 from services import dunning, notices
 from workflows.contracts import (
     ACT_DUNNING_EVENT,
@@ -42,27 +42,28 @@ from workflows.contracts import (
 log = structlog.get_logger(__name__)
 
 
-def _context(owed: dunning.Outstanding, stage: str, next_attempt_at: datetime | None) -> dict[str, Any]:
-    """What a dunning notice says: the amounts and due dates overdue, the next step, how to pay."""
-    currency = owed.currency or "USD"
-    return {
-        "stage": stage,
-        "amount_overdue": owed.total,
-        "currency": currency,
-        "amount_overdue_text": format_money(owed.total, currency),
+def _day(at: datetime | None) -> str | None:
+    return at.date().isoformat() if at is not None else None
+
+
+def _context(owed: dunning.Outstanding, data: DunningStepInput, now: datetime, room: str) -> dict[str, Any]:
+    """What a dunning notice says: the invoices overdue with their amounts and due dates (the
+    templates add how to pay each), the next retry, the suspension date, the room."""
+    context: dict[str, Any] = {
+        "stage": data.stage,
+        "currency": owed.currency or "USD",
         "invoices": [
-            {
-                "invoice_id": str(i.invoice_id),
-                "number": i.number,
-                "amount_due": i.amount_due,
-                "amount_due_text": format_money(i.amount_due, i.currency),
-                "due_at": i.due_at.isoformat() if i.due_at else None,
-                "pay": f"POST /v1/invoices/{i.invoice_id}/pay",
-            }
+            {"id": str(i.invoice_id), "number": i.number, "amount_due": i.amount_due, "due_date": _day(i.due_at or now)}
             for i in owed.invoices
         ],
-        "next_attempt_at": next_attempt_at.isoformat() if next_attempt_at else None,
+        "room_name": room,
+        "suspended_on": _day(now),
+        "resumed_on": _day(now),
+        "suspend_on": _day(data.suspend_at or now),
     }
+    if data.next_attempt_at is not None:
+        context["retry_on"] = _day(data.next_attempt_at)
+    return context
 
 
 class DunningActivities:
@@ -125,9 +126,9 @@ class DunningActivities:
                 result.notice_id = await notices.enqueue(
                     session,
                     tenant_id=data.tenant_id,
-                    kind=notices.NoticeKind(kind),
+                    kind=NoticeKind(kind),
                     key=f"{data.key}:notice",
-                    context=_context(owed, stage.value, data.next_attempt_at),
+                    context=_context(owed, data, at, await dunning.room_name(session, data.tenant_id)),
                     invoice_ids=[i.invoice_id for i in owed.invoices],
                 )
             await session.commit()

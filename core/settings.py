@@ -33,6 +33,7 @@ class TraceExporter(StrEnum):
 
 _ISSUER_FIELDS = ("issuer_name", "issuer_address", "issuer_tax_id")
 _PSP_SECRETS = ("stripe_api_key", "stripe_webhook_secret")
+DEFAULT_SMTP_FROM = "Roomly Billing <billing@roomly.local>"
 
 
 class Settings(BaseSettings):
@@ -108,6 +109,16 @@ class Settings(BaseSettings):
         default=30, ge=0, description="A sweep processes events still received this many seconds after arrival"
     )
 
+    # Notices (docs/notices.md): email over SMTP. Unset SMTP_HOST: `make up` runs the local mail
+    # sink (devstack/mailsink.py) on SMTP_PORT and points the stack at it; production sets a relay.
+    smtp_host: str | None = Field(default=None, description="SMTP server; unset: the local mail sink on loopback")
+    smtp_port: int = Field(default=2525, ge=1, le=65535)
+    smtp_from: str = Field(default=DEFAULT_SMTP_FROM, min_length=3, max_length=320, description="From of notices")
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = Field(default=False, description="Require STARTTLS before authenticating and sending")
+    smtp_timeout: float = Field(default=30.0, gt=0, le=300, description="Seconds one SMTP conversation may take")
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
@@ -145,6 +156,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _production_needs_a_real_mail_server(self) -> Settings:
+        if self.environment is Environment.production:
+            local = [n for n in ("smtp_host", "smtp_from") if getattr(self, n) == type(self).model_fields[n].default]
+            if local:
+                names = ", ".join(n.upper() for n in local)
+                raise ValueError(f"{names} must be set when ENVIRONMENT=production (the defaults are the local sink)")
+        return self
+
+    @model_validator(mode="after")
     def _credit_notes_have_their_own_prefix(self) -> Settings:
         # Both count in invoice_number_counters: one prefix would interleave the two sequences.
         if self.credit_note_number_prefix == self.invoice_number_prefix:
@@ -154,6 +174,11 @@ class Settings(BaseSettings):
     @property
     def documents_root(self) -> Path:
         return self.documents_dir or self.data_dir / "documents"
+
+    @property
+    def smtp_target(self) -> str:
+        """The SMTP server's host: SMTP_HOST, or the loopback address of the local sink."""
+        return self.smtp_host or "127.0.0.1"
 
     @property
     def temporal_target(self) -> str:

@@ -831,3 +831,55 @@ class DunningEvent(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=500)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     at: datetime = _ts(default_factory=utcnow)
+
+
+class NoticeKind(StrEnum):
+    """What a notice tells the tenant; each has its templates ``services/templates/notices/<kind>.{txt,html}.j2``."""
+
+    payment_failed = "payment_failed"
+    dunning_reminder = "dunning_reminder"
+    dunning_warning = "dunning_warning"
+    dunning_final = "dunning_final"
+    subscription_suspended = "subscription_suspended"
+    subscription_resumed = "subscription_resumed"
+    renewal_reminder = "renewal_reminder"
+    payment_receipt = "payment_receipt"
+
+
+class NoticeStatus(StrEnum):
+    pending = "pending"  # in the outbox, not accepted by the mail server yet
+    sent = "sent"  # the mail server accepted it (message_id, sent_at set)
+    failed = "failed"  # the mail server refused it for good (a 5xx on the recipient or the message)
+
+
+class Notice(SQLModel, table=True):
+    """One email to a tenant in the outbox (``services/notices.py``, ``docs/notices.md``).
+
+    Written in the caller's transaction, with the state change it tells about; ``key`` is the
+    business key (``dunning:{tenant}:{cycle}:step:{n}``), so enqueueing again adds nothing. The
+    recipient is the tenant's email when it was enqueued. ``message_id`` is deterministic from the
+    id (``<notice-{id}@roomly.local>``) and stored when the server accepted it.
+    """
+
+    __tablename__ = "notices"
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_notice_key"),
+        CheckConstraint("(status = 'sent') = (sent_at IS NOT NULL AND message_id IS NOT NULL)", name="ck_notice_sent"),
+        CheckConstraint("attempts >= 0", name="ck_notice_attempts"),
+        Index("ix_notice_pending", "created_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_notice_tenant", "tenant_id", "created_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
+    kind: NoticeKind = Field(sa_type=_enum(NoticeKind, 32))
+    key: str = Field(max_length=255)
+    context: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    invoice_ids: list[str] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    recipient: str = Field(max_length=320)
+    status: NoticeStatus = Field(default=NoticeStatus.pending, sa_type=_enum(NoticeStatus))
+    message_id: str | None = Field(default=None, max_length=255)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, max_length=1000)
+    created_at: datetime = _ts(default_factory=utcnow)
+    sent_at: datetime | None = _ts(nullable=True, default=None)

@@ -29,12 +29,11 @@ from schema.models import (
     DunningEvent,
     Invoice,
     PaymentAttempt,
+    Room,
     Subscription,
     SubscriptionStatus,
-    Tenant,
     utcnow,
 )
-from services.errors import NotFound
 
 
 @dataclass(frozen=True)
@@ -228,8 +227,8 @@ async def usable(session: AsyncSession, subscription: Subscription, now: datetim
     return False
 
 
-async def tenant_email(session: AsyncSession, tenant_id: uuid.UUID) -> str:
-    tenant = await session.get(Tenant, tenant_id)
-    if tenant is None:
-        raise NotFound("tenant_id", f"tenant {tenant_id} not found")
-    return tenant.email
+async def room_name(session: AsyncSession, tenant_id: uuid.UUID) -> str:
+    """The room of the tenant's subscription, for notices."""
+    subscription = await _subscription(session, tenant_id)
+    room = await session.get(Room, subscription.room_id) if subscription is not None else None
+    return room.name if room is not None else "your room"

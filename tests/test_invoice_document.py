@@ -131,7 +131,10 @@ async def test_the_old_order_create_render_finalize_still_ends_with_a_numbered_o
 def production(**issuer: str) -> Settings:
     psp = {"stripe_api_key": "sk_live_x", "stripe_webhook_secret": "whsec_real"}  # refused too, tests/test_psp.py
     return Settings.model_validate(
-        {"environment": "production", "database_url": "postgresql://db/x", "temporal_address": "t:7233"} | psp | issuer
+        {"environment": "production", "database_url": "postgresql://db/x", "temporal_address": "t:7233"}
+        | {"smtp_host": "smtp.example.com", "smtp_from": "billing@example.com"}
+        | psp
+        | issuer
     )
 
 

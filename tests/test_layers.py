@@ -21,7 +21,9 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": {"adapters", "core.settings"},
     "schema": {"schema", "billing", "core"},
     "services": {"services", "schema", "billing", "core", "adapters"},
-    "workflows": {"workflows.contracts"},
+    # Workflows may use the pure domain (no I/O, no clock) besides their contracts: e.g. a dunning
+    # campaign's escalation rule (billing.dunning).
+    "workflows": {"workflows.contracts", "billing"},
     "activities": {"activities", "services", "adapters", "schema", "billing", "core", "workflows.contracts"},
     "api": {"api", "services", "adapters", "schema", "billing", "core", "workflows.contracts"},
 }

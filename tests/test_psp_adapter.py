@@ -283,6 +283,7 @@ def test_settings_build_the_adapter_and_production_refuses_the_local_secrets():
     adapter = StripePsp.from_settings(Settings(stripe_api_base="http://127.0.0.1:1", stripe_timeout=2.5))
     assert adapter._http._timeout == 2.5
     base = {"environment": "production", "database_url": "postgresql://db/x", "temporal_address": "t:7233"}
+    base |= {"smtp_host": "smtp.example.com", "smtp_from": "billing@example.com"}
     issuer = {"issuer_name": "Roomly AG", "issuer_address": "Bahnhofstrasse 1", "issuer_tax_id": "CHE-1"}
     with pytest.raises(ValueError, match="STRIPE_API_KEY, STRIPE_WEBHOOK_SECRET must be set"):
         Settings.model_validate(base | issuer)

@@ -583,6 +583,7 @@ class DunningStepInput:
     stage: str  # billing.dunning.DunningStage
     next_attempt_at: datetime | None = None
     actor: str | None = None
+    suspend_at: datetime | None = None  # when the last retry comes (after it, suspension)
     reason: str | None = None
 
 

@@ -224,11 +224,19 @@ class DunningWorkflow:
         key = f"dunning:{data.tenant_id}:{cycle}:failure:{self._failures}:{stage.value}"
         done = await self._call(
             ACT_DUNNING_STEP,
-            DunningStepInput(data.tenant_id, key, stage.value, next_attempt_at=self._upcoming(data)),
+            DunningStepInput(
+                data.tenant_id, key, stage.value, next_attempt_at=self._upcoming(data), suspend_at=self._last_retry()
+            ),
             DunningStepResult,
         )
         if stage in STAGE_NOTICES and done.notice_id is not None:
             self._notices.append(STAGE_NOTICES[stage])
+
+    def _last_retry(self) -> datetime | None:
+        owed = self._outstanding
+        if owed is None or self._first_failure is None:
+            return None
+        return self._first_failure + owed.retry_delays[-1]
 
     def _upcoming(self, data: DunningInput) -> datetime | None:
         owed = self._outstanding

@@ -1,7 +1,7 @@
 """dunning: suspended subscriptions, campaigns as data, the dunning event log
 
 Revision ID: 0014
-Revises: 0012
+Revises: 0013
 Create Date: 2026-12-05 06:00:00
 
 - ``subscriptions.status`` gains ``suspended`` (with ``suspended_at``); one active *or suspended*
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0014"
-down_revision: str | None = "0012"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
