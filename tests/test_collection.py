@@ -107,7 +107,7 @@ def collection(sessions, psp, renderer, settings) -> CollectionActivities:
 
 async def save_card(sessions, psp: StripePsp, tenant_id: uuid.UUID, token: str = "pm_card_visa") -> None:
     customer = await psp.ensure_customer(str(tenant_id), name="Ada", email=None, key=f"tenant:{tenant_id}:customer")
-    method = await psp.attach_default_payment_method(customer, token, key=f"tenant:{tenant_id}:pm")
+    method = await psp.attach_default_payment_method(customer, token, key=f"tenant:{tenant_id}:pm:{token}")
     async with sessions() as s:
         tenant = await s.get(Tenant, tenant_id)
         assert tenant is not None

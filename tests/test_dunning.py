@@ -3,17 +3,30 @@ suspension that keeps what was paid for, resumption), and the workflow on time-s
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlmodel import select
+import pytest_asyncio
+from sqlmodel import col, select
+from temporalio.client import WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 
+from activities.collection import CollectionActivities
+from activities.dunning import DunningActivities
+from adapters.psp import StripePsp
+from adapters.storage import LocalDocumentStore
 from billing.dunning import Campaign, DunningStage, stage_after_failures
 from schema.models import (
     DunningCampaign,
     DunningEvent,
     Invoice,
+    Notice,
     PaymentMethodKind,
     Subscription,
     SubscriptionStatus,
@@ -21,6 +34,21 @@ from schema.models import (
 from services import dunning, invoicing, payments
 from services.invoicing import InvoiceTerms
 from tests import factories
+from tests.conftest import VENV_BIN
+from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_collection import save_card
+from worker import build_worker
+from workflows.contracts import (
+    COLLECTION_PAY_UPDATE,
+    COLLECTION_WORKFLOW,
+    DUNNING_STATE_QUERY,
+    AttemptView,
+    CollectionInput,
+    DunningState,
+    PayRequest,
+    collection_workflow_id,
+    dunning_workflow_id,
+)
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 TERMS = InvoiceTerms("Roomly Rooms GmbH", "Musterstraße 1", "DE123456789")
@@ -138,3 +166,111 @@ async def test_outstanding_is_failed_or_past_due_and_suspension_keeps_the_paid_p
         events = (await s.exec(select(DunningEvent.kind).where(DunningEvent.tenant_id == sub.tenant_id))).all()
     assert row is not None and row.status == SubscriptionStatus.active and row.suspended_at is None
     assert sorted(events) == ["resumed", "suspended"]
+
+
+# --- The workflow on time-skipping Temporal, with the emulator's declining card ----------------
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[RunningEmulator]:
+    with running_emulator() as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of this module's own (dunning sleeps for days)."""
+    started = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+    )
+    try:
+        yield started
+    finally:
+        await started.shutdown()
+
+
+async def _notices(sessions, tenant_id: uuid.UUID) -> list[str]:
+    async with sessions() as s:
+        rows = await s.exec(select(Notice.kind).where(Notice.tenant_id == tenant_id).order_by(col(Notice.created_at)))
+        return [str(kind) for kind in rows.all()]
+
+
+async def _state(handle: WorkflowHandle[Any, Any]) -> DunningState:
+    state: DunningState = await handle.query(DUNNING_STATE_QUERY, result_type=DunningState)
+    return state
+
+
+async def _until(probe: Any, what: str, within: float = 20) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
+    sessions, settings, env, activities, renderer, emulator
+):
+    emulator.knob("reset")
+    async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
+        cat = await factories.catalog(sessions)
+        sub = await factories.subscriber(sessions, cat, BASE, name="Marcus")
+        await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # every charge declines
+        invoice = await _invoice(sessions, sub, 65000, 0)
+        collection = CollectionActivities(sessions, psp, renderer, LocalDocumentStore(settings.documents_root))
+        dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
+        worker = build_worker(
+            env.client, settings, activities, collection=collection, extra_activities=dunning_acts.all()
+        )
+        async with worker:
+            collecting = await env.client.start_workflow(
+                COLLECTION_WORKFLOW,
+                CollectionInput(invoice.id, tenant_id=sub.tenant_id, confirm_wait=timedelta(seconds=1)),
+                id=collection_workflow_id(invoice.id),
+                task_queue=settings.task_queue,
+            )
+            handle = env.client.get_workflow_handle(dunning_workflow_id(sub.tenant_id), result_type=DunningState)
+
+            async def reminded() -> bool:
+                return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
+
+            await _until(reminded, "the first failure's reminder")
+            state = await _state(handle)
+            assert (state.stage, state.failures, state.retries) == ("reminder", 1, 3)
+            started = state.next_attempt_at
+            assert started is not None
+
+            # 1 h, 24 h and 72 h after the first failure: three retries, each declined, each escalating.
+            for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):  # at +1 h, +24 h, +72 h
+                await env.sleep(timedelta(hours=hours, minutes=1))
+
+                async def reached(stage: str = stage) -> bool:
+                    return (await _state(handle)).stage == stage
+
+                await _until(reached, stage)
+            state = await _state(handle)
+            assert state.failures == 4 and state.next_attempt_at is None
+            assert [a.decline_code for a in state.attempts] == ["generic_decline"] * 4
+            assert emulator.charges(status="failed", **{"metadata.invoice_id": str(invoice.id)}) == 4
+            async with sessions() as s:
+                suspended = await s.get(Subscription, sub.id, populate_existing=True)
+            assert suspended is not None and suspended.status == SubscriptionStatus.suspended
+
+            # The tenant saves a working card and pays in the portal: dunning ends, the subscription resumes.
+            await save_card(sessions, psp, sub.tenant_id, "pm_card_visa")
+            await collecting.execute_update(COLLECTION_PAY_UPDATE, PayRequest(actor="marcus"), result_type=AttemptView)
+            final = await handle.result()
+    assert final.stage == "resolved"
+    assert await _notices(sessions, sub.tenant_id) == [
+        "dunning_reminder",
+        "dunning_warning",
+        "dunning_final",
+        "subscription_suspended",
+        "subscription_resumed",
+    ]
+    assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 1
+    async with sessions() as s:
+        resumed = await s.get(Subscription, sub.id, populate_existing=True)
+    assert resumed is not None and resumed.status == SubscriptionStatus.active
