@@ -33,8 +33,10 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
+from activities.notices import NoticeActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
+from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
@@ -195,6 +197,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         collection = CollectionActivities(sessions, psp, renderer, store)
         reconciliation = ReconciliationActivities(sessions, psp)
         credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
+        notice_sender = NoticeActivities(sessions, SmtpMailSender.from_settings(settings), store)
         # Its client is the worker's own: processing signals and starts workflows with it.
         events = PspEventActivities(
             sessions,
@@ -209,7 +212,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             activities,
             collection=collection,
             reconciliation=reconciliation,
-            extra_activities=[*credit_notes.all(), *events.all()],
+            extra_activities=[*credit_notes.all(), *events.all(), *notice_sender.all()],
         )
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
         async with worker:
