@@ -34,8 +34,10 @@ from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
 from activities.dunning import DunningActivities
+from activities.notices import NoticeActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
+from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
@@ -198,6 +200,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         collection = CollectionActivities(sessions, psp, renderer, store)
         reconciliation = ReconciliationActivities(sessions, psp)
         credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
+        notice_sender = NoticeActivities(sessions, SmtpMailSender.from_settings(settings), store)
         # Its client is the worker's own: processing signals and starts workflows with it.
         events = PspEventActivities(
             sessions,
@@ -215,6 +218,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             extra_activities=[
                 *credit_notes.all(),
                 *events.all(),
+                *notice_sender.all(),
                 *DunningActivities(sessions, client, task_queue=settings.task_queue).all(),
             ],
         )

@@ -195,6 +195,7 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
         TEMPORAL_ADDRESS=temporal_address,
         DATA_DIR=str(settings.data_dir),
         **({"STRIPE_API_BASE": settings.stripe_api_base} if settings.stripe_api_base else {}),
+        **({"SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port)} if settings.smtp_host else {}),
         PYTHONUNBUFFERED="1",
     )
     # Their output reaches the terminal through our pipe, so "auto" would pick JSON.
@@ -244,6 +245,36 @@ def start_psp_emulator(
     child = Child("psp", argv, cwd=cwd).start()
     log.info("psp emulator starting", pid=child.pid, port=port)
     return child, f"http://{host}:{port}"
+
+
+def start_mail_sink(
+    settings: Settings, *, python: str = sys.executable, cwd: Path = PROJECT_ROOT
+) -> tuple[Child, Path]:
+    """The local SMTP sink (devstack/mailsink.py) on 127.0.0.1:SMTP_PORT; the folder of its `.eml` files."""
+    host, port = "127.0.0.1", settings.smtp_port
+    if port_in_use(host, port):
+        raise ServiceError(f"port {host}:{port} is taken; stop that process or set SMTP_PORT (or SMTP_HOST)")
+    folder = settings.data_dir / "mail"
+    argv = [python, "-m", "devstack.mailsink", "--host", host, "--port", str(port), "--dir", str(folder)]
+    child = Child("mail", argv, cwd=cwd).start()
+    log.info("mail sink starting", pid=child.pid, port=port, folder=str(folder))
+    return child, folder
+
+
+async def wait_for_port(host: str, port: int, *, max_wait: float = 30.0, child: Child | None = None) -> None:
+    """Poll until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            raise ServiceError(f"{child.name} exited with code {child.returncode} while starting")
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+    raise ServiceError(f"nothing listens on {host}:{port} after {max_wait:.0f} s")
 
 
 def api_base_url(settings: Settings) -> str:

@@ -39,10 +39,12 @@ from devstack.services import (
     redact_url,
     start_api,
     start_embedded_database,
+    start_mail_sink,
     start_psp_emulator,
     start_temporal_dev_server,
     start_worker,
     wait_for_http,
+    wait_for_port,
     wait_for_temporal,
 )
 
@@ -163,6 +165,7 @@ class Stack:
     temporal_ui: str | None  # only when we run the dev server
     api_url: str
     psp_url: str | None  # only when we run the emulator
+    mail_folder: Path | None = None  # only when we run the mail sink
 
 
 async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path = PROJECT_ROOT) -> Stack:
@@ -197,7 +200,15 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         sup.add_child(psp)
         await sup.guard(wait_for_http(f"{psp_url}/_emulator/health", child=psp))
         log.info("psp emulator ready", url=psp_url)
-    update = {"database_url": database_url, "temporal_address": temporal_address}
+    mail_folder: Path | None = None
+    smtp_host = settings.smtp_host
+    if smtp_host is None:
+        mail, mail_folder = start_mail_sink(settings, cwd=project_root)
+        sup.add_child(mail)
+        smtp_host = "127.0.0.1"
+        await sup.guard(wait_for_port(smtp_host, settings.smtp_port, child=mail))
+        log.info("mail sink ready", port=settings.smtp_port, folder=str(mail_folder))
+    update = {"database_url": database_url, "temporal_address": temporal_address, "smtp_host": smtp_host}
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
@@ -208,7 +219,7 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
     api_url = api_base_url(effective)
     await sup.guard(wait_for_http(f"{api_url}/healthz", child=api))
     log.info("api ready", url=api_url)
-    return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url)
+    return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url, mail_folder)
 
 
 def _progress_line(progress: dict[str, Any]) -> str:
@@ -263,6 +274,9 @@ def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
         rows.append(("Temporal UI", stack.temporal_ui))
     if stack.psp_url:
         rows.append(("PSP emulator", f"{stack.psp_url}   (Stripe API; docs/psp-emulator.md)"))
+    if stack.mail_folder:
+        sink = f"smtp://127.0.0.1:{stack.settings.smtp_port}   (notices as .eml files in {stack.mail_folder})"
+        rows.append(("Mail sink", sink))
     rows += [
         ("Invoice PDFs", str(stack.settings.documents_root)),
         ("Database", redact_url(stack.database_url)),

@@ -214,7 +214,7 @@ async def enqueue(
         .on_conflict_do_nothing(index_elements=["key"])
         .returning(col(Notice.id))
     )
-    inserted: uuid.UUID | None = (await session.execute(statement)).scalar_one_or_none()
+    inserted: uuid.UUID | None = (await (await session.connection()).execute(statement)).scalar_one_or_none()
     if inserted is not None:
         return inserted
     existing: uuid.UUID = (await session.exec(select(Notice.id).where(col(Notice.key) == key))).one()
@@ -255,7 +255,7 @@ async def pending(session: AsyncSession, limit: int = 100) -> list[uuid.UUID]:
 
 async def mark_sent(session: AsyncSession, notice_id: uuid.UUID, message_id: str, at: datetime) -> bool:
     """Pending -> sent with the Message-ID the server accepted, and commit; False if it was not pending."""
-    result = await session.execute(
+    result = await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.status) == NoticeStatus.pending)
         .values(
@@ -263,12 +263,12 @@ async def mark_sent(session: AsyncSession, notice_id: uuid.UUID, message_id: str
         )
     )
     await session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)
 
 
 async def record_attempt(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
     """A send that failed and will be retried: counted, its error kept; it stays pending. Commits."""
-    await session.execute(
+    await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.status) == NoticeStatus.pending)
         .values(attempts=Notice.attempts + 1, last_error=error[:1000])
@@ -278,7 +278,7 @@ async def record_attempt(session: AsyncSession, notice_id: uuid.UUID, error: str
 
 async def mark_failed(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
     """Pending -> failed: the mail server refused it for good. Commits."""
-    await session.execute(
+    await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.status) == NoticeStatus.pending)
         .values(status=NoticeStatus.failed, attempts=Notice.attempts + 1, last_error=error[:1000])

@@ -448,3 +448,27 @@ async def test_the_psp_emulator_starts_answers_the_stripe_sdk_and_stops_cleanly(
         taken.listen()
         with pytest.raises(RuntimeError, match="taken"):
             start_psp_emulator(Settings(data_dir=tmp_path, psp_emulator_port=taken.getsockname()[1]))
+
+
+async def test_the_mail_sink_writes_each_message_as_an_eml_file_and_stops_cleanly(tmp_path: Path):
+    from email import message_from_bytes, policy
+
+    from adapters.mail import OutgoingMail, SmtpMailSender
+    from devstack.services import start_mail_sink, wait_for_port
+
+    port = free_port()
+    child, folder = start_mail_sink(Settings(data_dir=tmp_path, smtp_port=port))
+    try:
+        await wait_for_port("127.0.0.1", port, child=child)
+        sender = SmtpMailSender("127.0.0.1", port, "billing@roomly.test", timeout=5)
+        await sender.send(OutgoingMail("<notice-1@roomly.local>", "ada@example.com", "Hello", "text", "<p>html</p>"))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not list(folder.glob("*.eml")) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        (eml,) = folder.glob("*.eml")
+        message = message_from_bytes(eml.read_bytes(), policy=policy.default)
+        assert message["Message-ID"] == "<notice-1@roomly.local>" and message["To"] == "ada@example.com"
+    finally:
+        await asyncio.to_thread(child.stop, 10)
+    assert child.pgid is not None and not group_alive(child.pgid)
+    assert not port_in_use("127.0.0.1", port)

@@ -613,3 +613,39 @@ ACT_REPORT_PAYMENT_OUTCOME = "report_payment_outcome"
 class ReportOutcomeInput:
     tenant_id: uuid.UUID
     outcome: PaymentOutcome
+
+
+# --- Notices (services/notices.py, docs/notices.md) -------------------------------------------
+
+ACT_SEND_NOTICE = "send_notice"
+ACT_SEND_PENDING_NOTICES = "send_pending_notices"
+ERR_NOTICE_NOT_FOUND = "NoticeNotFound"  # non-retryable
+ERR_NOTICE_BUSY = "NoticeBusy"  # retryable: another sender holds the notice right now
+ERR_MAIL_TRANSIENT = "MailTransient"  # retryable: the mail server unreachable, busy, or refusing our login
+ERR_MAIL_REJECTED = "MailRejected"  # non-retryable: the server refused the recipient or message (notice failed)
+
+
+@dataclass
+class SendNoticeInput:
+    notice_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None  # for log context
+
+
+@dataclass
+class SendNoticeResult:
+    notice_id: uuid.UUID
+    status: str = ""  # "sent" (now or before) or "failed"
+    message_id: str | None = None
+    sent_now: bool = False  # False: it had been sent already, nothing was sent this time
+
+
+@dataclass
+class SendPendingNoticesInput:
+    limit: int = 100
+
+
+@dataclass
+class SendPendingNoticesResult:
+    sent: int = 0  # sent by this sweep
+    failed: int = 0  # refused for good (now failed)
+    retry_later: int = 0  # the server unreachable or the notice held by another sender: still pending
