@@ -19,6 +19,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.collection import CollectionActivities
 from activities.dunning import DunningActivities
+from activities.notices import NoticeActivities
+from adapters.mail import SmtpMailSender
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from billing.dunning import Campaign, DunningStage, stage_after_failures
@@ -30,6 +32,7 @@ from schema.models import (
     PaymentMethodKind,
     Subscription,
     SubscriptionStatus,
+    Tenant,
 )
 from services import dunning, invoicing, payments
 from services.invoicing import InvoiceTerms
@@ -37,6 +40,7 @@ from tests import factories
 from tests.conftest import VENV_BIN
 from tests.psp_support import RunningEmulator, running_emulator
 from tests.test_collection import save_card
+from tests.test_notices import smtp  # noqa: F401  (a fixture: a real aiosmtpd server)
 from worker import build_worker
 from workflows.contracts import (
     COLLECTION_PAY_UPDATE,
@@ -211,18 +215,31 @@ async def _until(probe: Any, what: str, within: float = 20) -> Any:
 
 
 async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
-    sessions, settings, env, activities, renderer, emulator
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
 ):
+    collector, smtp_port = smtp
     emulator.knob("reset")
     async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
         cat = await factories.catalog(sessions)
         sub = await factories.subscriber(sessions, cat, BASE, name="Marcus")
+        async with sessions() as s:
+            tenant = await s.get(Tenant, sub.tenant_id)
+        assert tenant is not None
+        sub_email = tenant.email
         await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # every charge declines
         invoice = await _invoice(sessions, sub, 65000, 0)
         collection = CollectionActivities(sessions, psp, renderer, LocalDocumentStore(settings.documents_root))
+        store = LocalDocumentStore(settings.documents_root)
         dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
+        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
         worker = build_worker(
-            env.client, settings, activities, collection=collection, extra_activities=dunning_acts.all()
+            env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
         )
         async with worker:
             collecting = await env.client.start_workflow(
@@ -271,6 +288,16 @@ async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
         "subscription_resumed",
     ]
     assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 1
+    # Received by a real SMTP server, in order, each once, naming the amount overdue.
+    assert [m["X-Roomly-Notice"] for m in collector.messages] == [
+        "dunning_reminder",
+        "dunning_warning",
+        "dunning_final",
+        "subscription_suspended",
+        "subscription_resumed",
+    ]
+    first = collector.messages[0]
+    assert first["To"] == sub_email and "$650.00" in first.get_body(preferencelist=("plain",)).get_content()
     async with sessions() as s:
         resumed = await s.get(Subscription, sub.id, populate_existing=True)
     assert resumed is not None and resumed.status == SubscriptionStatus.active

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from billing.dunning import STAGE_NOTICES, DunningStage, stage_after_failures
@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         ACT_DUNNING_EVENT,
         ACT_DUNNING_OUTSTANDING,
         ACT_DUNNING_STEP,
+        ACT_SEND_NOTICE,
         COLLECTION_RETRY_SIGNAL,
         DUNNING_OUTCOME_SIGNAL,
         DUNNING_PAUSE_UPDATE,
@@ -46,6 +47,8 @@ with workflow.unsafe.imports_passed_through():
         DunningStepInput,
         DunningStepResult,
         PaymentOutcome,
+        SendNoticeInput,
+        SendNoticeResult,
         collection_workflow_id,
     )
 
@@ -53,6 +56,10 @@ T = TypeVar("T")
 TIMEOUT = timedelta(seconds=30)
 HEARTBEAT = timedelta(seconds=5)
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+# A notice is retried for about an hour of mail-server trouble, then left pending.
+NOTICE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10
+)
 # How long a retry waits for the collections' outcomes before reading the invoices itself.
 OUTCOME_WAIT = timedelta(minutes=15)
 
@@ -221,16 +228,18 @@ class DunningWorkflow:
     async def _enter(self, data: DunningInput, cycle: str, stage: DunningStage) -> None:
         """Enter ``stage``: its event, its notice (and the suspension) once per campaign run."""
         self._stage = stage
+        self._next_at = self._upcoming(data)
         key = f"dunning:{data.tenant_id}:{cycle}:failure:{self._failures}:{stage.value}"
         done = await self._call(
             ACT_DUNNING_STEP,
             DunningStepInput(
-                data.tenant_id, key, stage.value, next_attempt_at=self._upcoming(data), suspend_at=self._last_retry()
+                data.tenant_id, key, stage.value, next_attempt_at=self._next_at, suspend_at=self._last_retry()
             ),
             DunningStepResult,
         )
         if stage in STAGE_NOTICES and done.notice_id is not None:
             self._notices.append(STAGE_NOTICES[stage])
+            await self._send(done.notice_id)
 
     def _last_retry(self) -> datetime | None:
         owed = self._outstanding
@@ -311,10 +320,27 @@ class DunningWorkflow:
         )
         if done.resumed:
             self._notices.append("subscription_resumed")
+        if done.notice_id is not None:
+            await self._send(done.notice_id)
         self._stage = DunningStage.resolved
         self._next_at = None
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state()
+
+    async def _send(self, notice_id: uuid.UUID) -> None:
+        """Send a notice (once: the activity skips a sent one). A mail server refusing it for good
+        leaves it ``failed``; a long outage leaves it pending for a later send. Dunning goes on."""
+        try:
+            await workflow.execute_activity(
+                ACT_SEND_NOTICE,
+                SendNoticeInput(notice_id, tenant_id=self._tenant),
+                result_type=SendNoticeResult,
+                start_to_close_timeout=timedelta(minutes=2),
+                heartbeat_timeout=timedelta(seconds=40),
+                retry_policy=NOTICE_RETRY,
+            )
+        except ActivityError as failed:
+            workflow.logger.warning("notice %s not sent: %s", notice_id, failed.cause)
 
     async def _record(self, kind: str, action: DunningAction) -> None:
         self._actions.append(f"{kind} by {action.actor or 'unknown'}" + (f": {action.reason}" if action.reason else ""))
