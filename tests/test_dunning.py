@@ -7,14 +7,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from sqlmodel import col, select
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.collection import CollectionActivities
@@ -44,12 +47,20 @@ from tests.test_notices import smtp  # noqa: F401  (a fixture: a real aiosmtpd s
 from worker import build_worker
 from workflows.contracts import (
     COLLECTION_PAY_UPDATE,
+    COLLECTION_RECORD_PAYMENT_UPDATE,
     COLLECTION_WORKFLOW,
+    DUNNING_PAUSE_UPDATE,
+    DUNNING_RESUME_UPDATE,
+    DUNNING_RETRY_NOW_UPDATE,
+    DUNNING_SKIP_STEP_UPDATE,
     DUNNING_STATE_QUERY,
+    ERR_DUNNING_REFUSED,
     AttemptView,
     CollectionInput,
+    DunningAction,
     DunningState,
     PayRequest,
+    RecordPaymentRequest,
     collection_workflow_id,
     dunning_workflow_id,
 )
@@ -301,3 +312,122 @@ async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
     async with sessions() as s:
         resumed = await s.get(Subscription, sub.id, populate_existing=True)
     assert resumed is not None and resumed.status == SubscriptionStatus.active
+
+
+@dataclass
+class Declined:
+    sub: Subscription
+    invoice: Invoice
+    collecting: WorkflowHandle[Any, Any]
+    dunning: WorkflowHandle[Any, DunningState]
+
+
+@asynccontextmanager
+async def declined(sessions, settings, env, activities, renderer, emulator, smtp_port: int) -> AsyncIterator[Declined]:
+    """A tenant whose card declined once: its collection and its dunning (in reminder) running."""
+    emulator.knob("reset")
+    async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
+        sub = await factories.subscriber(sessions, await factories.catalog(sessions), BASE, name="Marcus")
+        await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")
+        invoice = await _invoice(sessions, sub, 65000, 0)
+        store = LocalDocumentStore(settings.documents_root)
+        collection = CollectionActivities(sessions, psp, renderer, store)
+        dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
+        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
+        async with build_worker(
+            env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
+        ):
+            collecting = await env.client.start_workflow(
+                COLLECTION_WORKFLOW,
+                CollectionInput(invoice.id, tenant_id=sub.tenant_id, confirm_wait=timedelta(seconds=1)),
+                id=collection_workflow_id(invoice.id),
+                task_queue=settings.task_queue,
+            )
+            handle = env.client.get_workflow_handle(dunning_workflow_id(sub.tenant_id), result_type=DunningState)
+
+            async def reminded() -> bool:
+                return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
+
+            await _until(reminded, "the reminder")
+            yield Declined(sub, invoice, collecting, handle)
+
+
+async def test_a_bank_transfer_between_retries_ends_dunning_with_no_further_attempt(
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp[1]) as case:
+        await case.collecting.execute_update(
+            COLLECTION_RECORD_PAYMENT_UPDATE,
+            RecordPaymentRequest(65000, "bank_transfer", reference="SEPA-9", actor="ops@roomly"),
+            result_type=AttemptView,
+        )
+        final = await case.dunning.result()
+    assert final.stage == "resolved" and final.failures == 1
+    assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 1  # the first, declined; no retry
+    assert await _notices(sessions, case.sub.tenant_id) == ["dunning_reminder"]
+
+
+async def test_operator_updates_and_their_refusals_then_cancel_stops_the_retries(
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp[1]) as case:
+        ops = DunningAction(actor="ops@roomly", reason="tenant called")
+        paused = await case.dunning.execute_update(DUNNING_PAUSE_UPDATE, ops, result_type=DunningState)
+        assert paused.paused
+        for refused in (DUNNING_PAUSE_UPDATE, DUNNING_RETRY_NOW_UPDATE, DUNNING_SKIP_STEP_UPDATE):
+            with pytest.raises(WorkflowUpdateFailedError) as err:
+                await case.dunning.execute_update(refused, ops, result_type=DunningState)
+            assert isinstance(err.value.cause, ApplicationError) and err.value.cause.type == ERR_DUNNING_REFUSED
+        await env.sleep(timedelta(hours=2))  # paused: the 1 h retry does not come
+        assert (await _state(case.dunning)).failures == 1
+        assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 1
+        await case.dunning.execute_update(DUNNING_RESUME_UPDATE, ops, result_type=DunningState)
+        await case.dunning.execute_update(DUNNING_RETRY_NOW_UPDATE, ops, result_type=DunningState)
+
+        async def warned() -> bool:
+            return (await _state(case.dunning)).stage == "warning"
+
+        await _until(warned, "the retry asked for now")
+        assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 2
+        await case.dunning.execute_update(DUNNING_SKIP_STEP_UPDATE, ops, result_type=DunningState)
+
+        async def final_notice() -> bool:
+            return (await _state(case.dunning)).stage == "final_notice"
+
+        await _until(final_notice, "the skipped step")
+        assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 2  # skipped: no charge
+        # The tenant cancels: the last retry never comes; the invoice stays collectable.
+        async with sessions() as s:  # canceled now (the lifecycle's own rules: test_lifecycle.py)
+            row = await s.get(Subscription, case.sub.id)
+            assert row is not None
+            row.status = SubscriptionStatus.canceled
+            row.canceled_at = row.ends_at = BASE + timedelta(days=5)
+            s.add(row)
+            await s.commit()
+        await env.sleep(timedelta(hours=80))
+        final = await case.dunning.result()
+    assert final.stage == "final_notice" and final.next_attempt_at is None
+    assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 2
+    assert [a.split(":")[0] for a in final.actions] == [
+        "paused by ops@roomly",
+        "resumed by ops@roomly",
+        "retry_now by ops@roomly",
+        "skip_step by ops@roomly",
+    ]
+    async with sessions() as s:
+        kinds = (await s.exec(select(DunningEvent.kind).where(DunningEvent.tenant_id == case.sub.tenant_id))).all()
+        still = await s.get(Invoice, case.invoice.id)
+    assert {"paused", "resumed", "retry_now", "skip_step", "stopped_canceled"} <= set(kinds)
+    assert still is not None and still.status == "open"

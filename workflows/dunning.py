@@ -187,11 +187,6 @@ class DunningWorkflow:
             self._next_at = first_failure + owed.retry_delays[retry - 1]
             if await self._wait_for_retry(data):
                 return await self._resolve(data, cycle)
-            self._retry_round = retry
-            if self._skip:  # an operator skipped this retry: escalate without charging
-                self._skip = False
-            elif await self._retry(data):
-                return await self._resolve(data, cycle)
             owed = await self._read(data)
             if not owed.invoice_ids:
                 return await self._resolve(data, cycle)
@@ -199,6 +194,11 @@ class DunningWorkflow:
                 await self._event(data, f"dunning:{data.tenant_id}:{cycle}:canceled", "stopped_canceled")
                 self._next_at = None
                 return self.state()
+            self._retry_round = retry
+            if self._skip:  # an operator skipped this retry: escalate without charging
+                self._skip = False
+            elif await self._retry(data):
+                return await self._resolve(data, cycle)
             self._failures += 1
             await self._enter(data, cycle, stage_after_failures(self._failures, self._retries))
         self._next_at = None
