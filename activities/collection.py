@@ -16,7 +16,9 @@ import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.billing import _utcnow, heartbeating
 from adapters.pdf import PdfRenderer
@@ -31,10 +33,13 @@ from workflows.contracts import (
     ACT_PREPARE_COLLECTION,
     ACT_RECORD_PAYMENT,
     ACT_RENDER_RECEIPT,
+    ACT_REPORT_PAYMENT_OUTCOME,
     ACT_SETTLE_ATTEMPT,
     ACT_SETTLE_INTENT,
     ACT_SUBMIT_ATTEMPT,
     ACT_VOID_INVOICE,
+    DUNNING_OUTCOME_SIGNAL,
+    DUNNING_WORKFLOW,
     ERR_NO_PAYMENT_METHOD,
     ERR_NOT_COLLECTABLE,
     ERR_PAYMENT_IN_PROGRESS,
@@ -42,13 +47,16 @@ from workflows.contracts import (
     AttemptInput,
     AttemptView,
     CollectionSnapshot,
+    DunningInput,
     InvoiceActionInput,
     OpenAttemptInput,
     PrepareCollectionInput,
     PspSignal,
     RecordPaymentInput,
+    ReportOutcomeInput,
     SettleIntentResult,
     SettleResult,
+    dunning_workflow_id,
 )
 
 log = structlog.get_logger(__name__)
@@ -106,7 +114,12 @@ class CollectionActivities:
         renderer: PdfRenderer,
         store: DocumentStore,
         clock: Callable[[], datetime] = _utcnow,
+        *,
+        client: Client | None = None,  # reports outcomes to the tenant's Dunning workflow; None: no dunning here
+        task_queue: str | None = None,
     ) -> None:
+        self._client = client
+        self._task_queue = task_queue
         self._sessions = sessions
         self._psp = psp
         self._renderer = renderer
@@ -124,6 +137,7 @@ class CollectionActivities:
             self.record_payment,
             self.void_invoice,
             self.mark_uncollectible,
+            self.report_payment_outcome,
         ]
 
     @asynccontextmanager
@@ -212,3 +226,28 @@ class CollectionActivities:
                 session, data.invoice_id, actor=data.request.actor, reason=data.request.reason, at=self._clock()
             )
         return snapshot_view(done)
+
+    @activity.defn(name=ACT_REPORT_PAYMENT_OUTCOME)
+    async def report_payment_outcome(self, data: ReportOutcomeInput) -> bool:
+        """A failure starts the tenant's dunning (or joins it); a success only tells a running one.
+        False: nothing was told (no dunning is running, or this worker runs no dunning)."""
+        if self._client is None or self._task_queue is None:
+            return False
+        workflow_id = dunning_workflow_id(data.tenant_id)
+        if data.outcome.status == "failed":
+            await self._client.start_workflow(
+                DUNNING_WORKFLOW,
+                DunningInput(data.tenant_id),
+                id=workflow_id,
+                task_queue=self._task_queue,
+                start_signal=DUNNING_OUTCOME_SIGNAL,
+                start_signal_args=[data.outcome],
+            )
+            return True
+        try:
+            await self._client.get_workflow_handle(workflow_id).signal(DUNNING_OUTCOME_SIGNAL, data.outcome)
+        except RPCError as missing:
+            if missing.status is not RPCStatusCode.NOT_FOUND:
+                raise
+            return False  # no dunning running for the tenant: nothing to tell
+        return True

@@ -1,5 +1,5 @@
-"""Dunning activities: a few lines each over ``services.dunning`` (and the notices outbox), plus
-the report of a payment's outcome to the tenant's ``Dunning`` workflow (the worker's client).
+"""Dunning activities: a few lines each over ``services.dunning`` and the notices outbox (a
+payment's outcome reaches the ``Dunning`` workflow from the collection's own activities).
 
 Every step is keyed: its event and its notice are written once, so a retried activity, a worker
 killed between steps, or a replayed workflow never doubles either.
@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
 
 from activities.billing import _utcnow, heartbeating
 from billing.dunning import STAGE_NOTICES, DunningStage
@@ -26,17 +25,11 @@ from workflows.contracts import (
     ACT_DUNNING_EVENT,
     ACT_DUNNING_OUTSTANDING,
     ACT_DUNNING_STEP,
-    ACT_REPORT_PAYMENT_OUTCOME,
-    DUNNING_OUTCOME_SIGNAL,
-    DUNNING_WORKFLOW,
     DunningEventInput,
-    DunningInput,
     DunningOutstanding,
     DunningStartInput,
     DunningStepInput,
     DunningStepResult,
-    ReportOutcomeInput,
-    dunning_workflow_id,
 )
 
 log = structlog.get_logger(__name__)
@@ -81,7 +74,7 @@ class DunningActivities:
         self._clock = clock
 
     def all(self) -> list[Callable[..., object]]:
-        return [self.outstanding, self.step, self.event, self.report_payment_outcome]
+        return [self.outstanding, self.step, self.event]
 
     @activity.defn(name=ACT_DUNNING_OUTSTANDING)
     async def outstanding(self, data: DunningStartInput) -> DunningOutstanding:
@@ -143,26 +136,3 @@ class DunningActivities:
             )
             await session.commit()
         return written
-
-    @activity.defn(name=ACT_REPORT_PAYMENT_OUTCOME)
-    async def report_payment_outcome(self, data: ReportOutcomeInput) -> bool:
-        """A failure starts the tenant's dunning (or joins it); a success only tells a running one."""
-        workflow_id = dunning_workflow_id(data.tenant_id)
-        if data.outcome.status == "failed":
-            await self._client.start_workflow(
-                DUNNING_WORKFLOW,
-                DunningInput(data.tenant_id),
-                id=workflow_id,
-                task_queue=self._task_queue,
-                start_signal=DUNNING_OUTCOME_SIGNAL,
-                start_signal_args=[data.outcome],
-            )
-            return True
-        handle = self._client.get_workflow_handle(workflow_id)
-        try:
-            await handle.signal(DUNNING_OUTCOME_SIGNAL, data.outcome)
-        except RPCError as missing:
-            if missing.status is not RPCStatusCode.NOT_FOUND:
-                raise
-            return False  # no dunning running for the tenant: nothing to tell
-        return True

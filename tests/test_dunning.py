@@ -245,7 +245,14 @@ async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
         sub_email = tenant.email
         await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # every charge declines
         invoice = await _invoice(sessions, sub, 65000, 0)
-        collection = CollectionActivities(sessions, psp, renderer, LocalDocumentStore(settings.documents_root))
+        collection = CollectionActivities(
+            sessions,
+            psp,
+            renderer,
+            LocalDocumentStore(settings.documents_root),
+            client=env.client,
+            task_queue=settings.task_queue,
+        )
         store = LocalDocumentStore(settings.documents_root)
         dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
         mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
@@ -331,7 +338,9 @@ async def declined(sessions, settings, env, activities, renderer, emulator, smtp
         await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")
         invoice = await _invoice(sessions, sub, 65000, 0)
         store = LocalDocumentStore(settings.documents_root)
-        collection = CollectionActivities(sessions, psp, renderer, store)
+        collection = CollectionActivities(
+            sessions, psp, renderer, store, client=env.client, task_queue=settings.task_queue
+        )
         dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
         mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
         async with build_worker(
