@@ -59,10 +59,23 @@ async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp
     assert action.execution_timeout == timedelta(hours=6)  # BILLING_RUN_TIMEOUT: a run always ends
     [run_input] = await client.data_converter.decode(action.args, [BillingRunInput])
     assert run_input.invoice_timeout == timedelta(hours=1)  # INVOICE_WORKFLOW_TIMEOUT
+    assert run_input.as_of is None  # the run's start: a late (catch-up) run bills up to when it runs
+    policy = described.schedule.policy
+    assert policy.overlap == ScheduleOverlapPolicy.SKIP
+    assert policy.catchup_window == timedelta(days=1)  # BILLING_SCHEDULE_CATCHUP_WINDOW
+    assert policy.pause_on_failure is False
 
-    changed = settings.model_copy(update={"billing_schedule_cron": "30 2 * * 1", "billing_run_concurrency": 4})
+    changed = settings.model_copy(
+        update={
+            "billing_schedule_cron": "30 2 * * 1",
+            "billing_run_concurrency": 4,
+            "billing_schedule_catchup_window": 3600,
+        }
+    )
     await ensure_billing_schedule(client, changed)
-    assert when((await handle.describe()).schedule.spec) == (30, 2, (1, 1))
+    described = await handle.describe()
+    assert when(described.schedule.spec) == (30, 2, (1, 1))
+    assert described.schedule.policy.catchup_window == timedelta(hours=1)
 
     await handle.trigger()  # what the cron does at 02:30 on Mondays, now
     for _ in range(100):
