@@ -104,6 +104,14 @@ def build_worker(
 
 
 def billing_schedule(settings: Settings) -> Schedule:
+    """The nightly billing (and renewal) run: ``BillingRun`` with ``as_of`` left to the run's start.
+
+    Policy, explicit rather than the server's defaults: overlap skip (a run still going when the next
+    time comes is not joined by a second); a catch-up window of BILLING_SCHEDULE_CATCHUP_WINDOW (times
+    missed while Temporal was down and no older than that are caught up, and with overlap skip the
+    missed times of one outage start one run: it bills every boundary due up to its start); never
+    paused by a failed run (the next night retries what failed).
+    """
     return Schedule(
         action=ScheduleActionStartWorkflow(
             BILLING_RUN_WORKFLOW,
@@ -117,7 +125,11 @@ def billing_schedule(settings: Settings) -> Schedule:
             execution_timeout=timedelta(seconds=settings.billing_run_timeout),
         ),
         spec=ScheduleSpec(cron_expressions=[settings.billing_schedule_cron]),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=timedelta(seconds=settings.billing_schedule_catchup_window),
+            pause_on_failure=False,
+        ),
     )
 
 

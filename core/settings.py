@@ -56,6 +56,11 @@ class Settings(BaseSettings):
 
     billing_schedule_id: str = "billing-run-daily"
     billing_schedule_cron: str = "5 0 * * *"
+    # A run missed while Temporal was down is started once when it is back, if it is no older than
+    # this (one run bills every boundary due up to its start); the server's minimum is 10 s.
+    billing_schedule_catchup_window: int = Field(
+        default=86400, ge=10, description="Seconds a missed billing run may still be caught up (once)"
+    )
     billing_run_page_size: int = Field(default=100, ge=1, le=1000)
     billing_run_concurrency: int = Field(default=10, ge=1, le=200)
     billing_run_clock_skew: int = Field(

@@ -3,10 +3,10 @@
     .venv/bin/python -m devstack.up [--no-demo]
 
 PostgreSQL (embedded unless DATABASE_URL), migrations, the Temporal dev server (unless
-TEMPORAL_ADDRESS), the worker and the API as child processes in their own process groups;
-then demo data through the HTTP API and a billing run as of now. A child that exits stops
-everything (exit 1); Ctrl-C or SIGTERM stops the children in reverse order and the embedded
-database (exit 0).
+TEMPORAL_ADDRESS) with our custom search attributes registered, the worker and the API as
+child processes in their own process groups; then demo data through the HTTP API and a billing
+run as of now. A child that exits stops everything (exit 1); Ctrl-C or SIGTERM stops the
+children in reverse order and the embedded database (exit 0).
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from typing import Any, TypeVar
 
 import httpx
 import structlog
+from temporalio.client import Client
 
 from billing.money import format_money
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from devstack import demo
 from devstack.child import Child, emit
+from devstack.search_attributes import ensure_search_attributes
 from devstack.services import (
     ServiceError,
     api_base_url,
@@ -210,8 +212,9 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         log.info("mail sink ready", port=settings.smtp_port, folder=str(mail_folder))
     update = {"database_url": database_url, "temporal_address": temporal_address, "smtp_host": smtp_host}
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
-    await sup.guard(wait_for_temporal(effective, child=temporal))
+    client = await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
+    await register_search_attributes(client, effective, external=settings.temporal_address is not None)
 
     env = child_environment(effective, database_url=database_url, temporal_address=temporal_address)
     sup.add_child(start_worker(env, cwd=project_root))
@@ -220,6 +223,20 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
     await sup.guard(wait_for_http(f"{api_url}/healthz", child=api))
     log.info("api ready", url=api_url)
     return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url, mail_folder)
+
+
+async def register_search_attributes(client: Client, settings: Settings, *, external: bool) -> None:
+    """The custom search attributes (TenantId, InvoiceId, DunningStage, ...) on the namespace, for the
+    Web UI's filters. Our dev server must take them; a server of yours (TEMPORAL_ADDRESS) may refuse
+    (Temporal Cloud adds them through its own API): then a warning, and the stack goes on."""
+    try:
+        added = await ensure_search_attributes(client, settings.temporal_namespace)
+    except Exception as err:
+        if not external:
+            raise
+        log.warning("search attributes not registered", namespace=settings.temporal_namespace, error=str(err))
+        return
+    log.info("search attributes registered", namespace=settings.temporal_namespace, added=added)
 
 
 def _progress_line(progress: dict[str, Any]) -> str:

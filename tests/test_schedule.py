@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest_asyncio
 from temporalio.client import (
+    Schedule,
     ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     ScheduleSpec,
     WorkflowExecutionStatus,
@@ -19,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from tests.conftest import VENV_BIN
-from worker import ensure_billing_schedule, ensure_psp_events_sweep_schedule
+from worker import billing_schedule, ensure_billing_schedule, ensure_psp_events_sweep_schedule
 from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
 
 
@@ -59,10 +61,23 @@ async def test_schedule_is_created_once_and_follows_the_settings(dev_server, tmp
     assert action.execution_timeout == timedelta(hours=6)  # BILLING_RUN_TIMEOUT: a run always ends
     [run_input] = await client.data_converter.decode(action.args, [BillingRunInput])
     assert run_input.invoice_timeout == timedelta(hours=1)  # INVOICE_WORKFLOW_TIMEOUT
+    assert run_input.as_of is None  # the run's start: a late (catch-up) run bills up to when it runs
+    policy = described.schedule.policy
+    assert policy.overlap == ScheduleOverlapPolicy.SKIP
+    assert policy.catchup_window == timedelta(days=1)  # BILLING_SCHEDULE_CATCHUP_WINDOW
+    assert policy.pause_on_failure is False
 
-    changed = settings.model_copy(update={"billing_schedule_cron": "30 2 * * 1", "billing_run_concurrency": 4})
+    changed = settings.model_copy(
+        update={
+            "billing_schedule_cron": "30 2 * * 1",
+            "billing_run_concurrency": 4,
+            "billing_schedule_catchup_window": 3600,
+        }
+    )
     await ensure_billing_schedule(client, changed)
-    assert when((await handle.describe()).schedule.spec) == (30, 2, (1, 1))
+    described = await handle.describe()
+    assert when(described.schedule.spec) == (30, 2, (1, 1))
+    assert described.schedule.policy.catchup_window == timedelta(hours=1)
 
     await handle.trigger()  # what the cron does at 02:30 on Mondays, now
     for _ in range(100):
@@ -115,3 +130,35 @@ async def test_the_psp_events_sweep_schedule_runs_every_interval_and_skips_overl
     await ensure_psp_events_sweep_schedule(client, settings.model_copy(update={"psp_events_sweep_interval": 15}))
     [interval] = (await handle.describe()).schedule.spec.intervals
     assert interval.every == timedelta(seconds=15)
+
+
+async def test_nights_while_no_worker_polls_start_one_run(dev_server, tmp_path):
+    """Workers down across three nominal times (one second apart): the first starts a run that waits
+    for a worker, the other two are skipped as its overlaps (the run bills up to when it executes)."""
+    client = dev_server.client
+    settings = Settings(data_dir=tmp_path, task_queue="no-worker-test", billing_schedule_id="no-worker")
+    first = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    nightly = billing_schedule(settings)
+    spec = ScheduleSpec(
+        intervals=[ScheduleIntervalSpec(every=timedelta(seconds=1))],
+        start_at=first,
+        end_at=first + timedelta(seconds=2),
+    )
+    handle = await client.create_schedule(
+        "no-worker", Schedule(action=nightly.action, spec=spec, policy=nightly.policy)
+    )
+    await asyncio.sleep((first + timedelta(seconds=2.5) - datetime.now(UTC)).total_seconds())
+    for _ in range(50):
+        info = (await handle.describe()).info
+        if info.num_actions + info.num_actions_skipped_overlap == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert (info.num_actions, info.num_actions_skipped_overlap) == (1, 2)
+    assert [a.scheduled_at for a in info.recent_actions] == [first]
+    query = f"WorkflowType = '{BILLING_RUN_WORKFLOW}' AND TaskQueue = 'no-worker-test'"
+    for _ in range(50):  # visibility is eventually consistent
+        runs = [w async for w in client.list_workflows(query)]
+        if runs:
+            break
+        await asyncio.sleep(0.1)
+    assert [r.status for r in runs] == [WorkflowExecutionStatus.RUNNING]  # waiting for a worker

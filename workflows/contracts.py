@@ -10,6 +10,25 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio.common import SearchAttributeKey
+
+# Custom search attributes, registered on the namespace by `python -m devstack.search_attributes`
+# (`make up` runs it; so will the Helm chart's setup Job) so operators filter workflows in the Web UI,
+# e.g. `DunningStage = 'final_notice'`. Workflows upsert them with these typed keys.
+SA_TENANT_ID = SearchAttributeKey.for_keyword("TenantId")
+SA_INVOICE_ID = SearchAttributeKey.for_keyword("InvoiceId")
+SA_DUNNING_STAGE = SearchAttributeKey.for_keyword("DunningStage")
+SA_SUBSCRIPTION_STATUS = SearchAttributeKey.for_keyword("SubscriptionStatus")
+SA_AMOUNT_OVERDUE = SearchAttributeKey.for_int("AmountOverdue")  # minor units of the invoice's currency
+CUSTOM_SEARCH_ATTRIBUTES: tuple[SearchAttributeKey[Any], ...] = (
+    SA_TENANT_ID,
+    SA_INVOICE_ID,
+    SA_DUNNING_STAGE,
+    SA_SUBSCRIPTION_STATUS,
+    SA_AMOUNT_OVERDUE,
+)
 
 # Workflow names and ids.
 BILLING_RUN_WORKFLOW = "BillingRun"
