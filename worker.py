@@ -209,7 +209,15 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
             InvoiceTerms.from_settings(settings),
             order_wait=timedelta(seconds=settings.invoice_order_wait),
         )
-        collection = CollectionActivities(sessions, psp, renderer, store, client=client, task_queue=settings.task_queue)
+        collection = CollectionActivities(
+            sessions,
+            psp,
+            renderer,
+            store,
+            client=client,
+            task_queue=settings.task_queue,
+            search_attributes=settings.temporal_search_attributes,
+        )
         reconciliation = ReconciliationActivities(sessions, psp)
         credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
         notice_sender = NoticeActivities(sessions, SmtpMailSender.from_settings(settings), store)

@@ -117,7 +117,9 @@ class CollectionActivities:
         *,
         client: Client | None = None,  # reports outcomes to the tenant's Dunning workflow; None: no dunning here
         task_queue: str | None = None,
+        search_attributes: bool = False,  # the dunning it starts publishes its search attributes (registered)
     ) -> None:
+        self._search_attributes = search_attributes
         self._client = client
         self._task_queue = task_queue
         self._sessions = sessions
@@ -237,7 +239,7 @@ class CollectionActivities:
         if data.outcome.status == "failed":
             await self._client.start_workflow(
                 DUNNING_WORKFLOW,
-                DunningInput(data.tenant_id),
+                DunningInput(data.tenant_id, search_attributes=self._search_attributes),
                 id=workflow_id,
                 task_queue=self._task_queue,
                 start_signal=DUNNING_OUTCOME_SIGNAL,

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     billing_schedule_cron: str = "5 0 * * *"
     # A run missed while Temporal was down is started once when it is back, if it is no older than
     # this (one run bills every boundary due up to its start); the server's minimum is 10 s.
+    temporal_search_attributes: bool = Field(
+        default=True,
+        description="Workflows publish the custom search attributes (registered by make up / the setup Job)",
+    )
     billing_schedule_catchup_window: int = Field(
         default=86400, ge=10, description="Seconds a missed billing run may still be caught up (once)"
     )

@@ -536,6 +536,7 @@ class DunningInput:
     first_failure_at: datetime | None = None
     failures: int = 1  # failed payments so far (the one that started dunning counts)
     cycle: str = ""  # the campaign run's key part (the workflow's first run id); notices and events are keyed by it
+    search_attributes: bool = False  # publish TenantId, DunningStage, AmountOverdue, SubscriptionStatus (registered)
 
 
 @dataclass

@@ -37,6 +37,10 @@ with workflow.unsafe.imports_passed_through():
         DUNNING_STATE_QUERY,
         DUNNING_WORKFLOW,
         ERR_DUNNING_REFUSED,
+        SA_AMOUNT_OVERDUE,
+        SA_DUNNING_STAGE,
+        SA_SUBSCRIPTION_STATUS,
+        SA_TENANT_ID,
         DunningAction,
         DunningAttempt,
         DunningEventInput,
@@ -229,6 +233,7 @@ class DunningWorkflow:
         """Enter ``stage``: its event, its notice (and the suspension) once per campaign run."""
         self._stage = stage
         self._next_at = self._upcoming(data)
+        self._publish(data)
         key = f"dunning:{data.tenant_id}:{cycle}:failure:{self._failures}:{stage.value}"
         done = await self._call(
             ACT_DUNNING_STEP,
@@ -240,6 +245,21 @@ class DunningWorkflow:
         if stage in STAGE_NOTICES and done.notice_id is not None:
             self._notices.append(STAGE_NOTICES[stage])
             await self._send(done.notice_id)
+
+    def _publish(self, data: DunningInput) -> None:
+        """Search attributes, so operators filter in the Web UI (e.g. every tenant in final notice)."""
+        if not data.search_attributes:
+            return
+        owed = self._outstanding
+        status = {DunningStage.suspended: "suspended"}.get(self._stage, owed.subscription_status if owed else None)
+        workflow.upsert_search_attributes(
+            [
+                SA_TENANT_ID.value_set(str(data.tenant_id)),
+                SA_DUNNING_STAGE.value_set(self._stage.value),
+                SA_AMOUNT_OVERDUE.value_set(owed.amount_overdue if owed else 0),
+                SA_SUBSCRIPTION_STATUS.value_set(status or "unknown"),
+            ]
+        )
 
     def _last_retry(self) -> datetime | None:
         owed = self._outstanding
@@ -324,6 +344,7 @@ class DunningWorkflow:
             await self._send(done.notice_id)
         self._stage = DunningStage.resolved
         self._next_at = None
+        self._publish(data)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state()
 
