@@ -33,7 +33,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from activities.collection import CollectionActivities
 from activities.credit_notes import CreditNoteActivities
-from activities.dunning import DunningActivities
+from activities.dunning import DunningActivities, default_campaign
 from activities.notices import NoticeActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
@@ -239,7 +239,12 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
                 *credit_notes.all(),
                 *events.all(),
                 *notice_sender.all(),
-                *DunningActivities(sessions, client, task_queue=settings.task_queue).all(),
+                *DunningActivities(
+                    sessions,
+                    client,
+                    task_queue=settings.task_queue,
+                    default_campaign=default_campaign(settings.dunning_retry_delays, settings.dunning_min_overdue),
+                ).all(),
             ],
         )
         log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)

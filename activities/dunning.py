@@ -8,7 +8,7 @@ killed between steps, or a replayed workflow never doubles either.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -18,7 +18,7 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.billing import _utcnow, heartbeating
-from billing.dunning import STAGE_NOTICES, DunningStage
+from billing.dunning import STAGE_NOTICES, Campaign, DunningStage
 from schema.models import NoticeKind
 from services import dunning, notices
 from workflows.contracts import (
@@ -66,8 +66,10 @@ class DunningActivities:
         client: Client,
         *,
         task_queue: str,
+        default_campaign: Campaign | None = None,  # DUNNING_RETRY_DELAYS / DUNNING_MIN_OVERDUE
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
+        self._default = default_campaign
         self._sessions = sessions
         self._client = client
         self._task_queue = task_queue
@@ -80,7 +82,7 @@ class DunningActivities:
     async def outstanding(self, data: DunningStartInput) -> DunningOutstanding:
         async with heartbeating(), self._sessions() as session:
             owed = await dunning.outstanding(session, data.tenant_id, self._clock())
-            campaign = await dunning.campaign_for(session, data.tenant_id)
+            campaign = await dunning.campaign_for(session, data.tenant_id, self._default)
         status = owed.subscription_status.value if owed.subscription_status else None
         return DunningOutstanding(
             tenant_id=data.tenant_id,
@@ -136,3 +138,10 @@ class DunningActivities:
             )
             await session.commit()
         return written
+
+
+def default_campaign(retry_delays: str, min_overdue: int) -> Campaign:
+    """The default campaign from the settings (``"3600,86400,259200"`` seconds)."""
+    return Campaign(
+        "default", tuple(timedelta(seconds=int(s)) for s in retry_delays.split(",")), min_overdue=min_overdue
+    )

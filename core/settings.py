@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     billing_schedule_cron: str = "5 0 * * *"
     # A run missed while Temporal was down is started once when it is back, if it is no older than
     # this (one run bills every boundary due up to its start); the server's minimum is 10 s.
+    dunning_retry_delays: str = Field(
+        default="3600,86400,259200",
+        pattern=r"^\d+(,\d+)*$",
+        description="Seconds after the first failed payment of each dunning retry (the default campaign)",
+    )
+    dunning_min_overdue: int = Field(default=0, ge=0, description="Minor units overdue below which nothing is chased")
     temporal_search_attributes: bool = Field(
         default=True,
         description="Workflows publish the custom search attributes (registered by make up / the setup Job)",

@@ -85,8 +85,9 @@ async def _subscription(session: AsyncSession, tenant_id: uuid.UUID) -> Subscrip
     return rows
 
 
-async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID) -> Campaign:
-    """The tenant's campaign, else its plan's, else the ``default`` row, else the built-in default."""
+async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID, default: Campaign | None = None) -> Campaign:
+    """The tenant's campaign, else its plan's, else a row coded ``default``, else ``default`` (the
+    settings' ``DUNNING_RETRY_DELAYS`` and ``DUNNING_MIN_OVERDUE``), else the rule's 1 h, 24 h, 72 h."""
     own = (await session.exec(select(DunningCampaign).where(DunningCampaign.tenant_id == tenant_id))).first()
     if own is not None:
         return campaign_of(own)
@@ -97,9 +98,10 @@ async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID) -> Campaign:
         ).first()
         if by_plan is not None:
             return campaign_of(by_plan)
-    default = (await session.exec(select(DunningCampaign).where(DunningCampaign.code == "default"))).first()
-    # Migration 0014 seeds the editable ``default`` row; without it, the rule's own default (1 h, 24 h, 72 h).
-    return campaign_of(default) if default is not None else Campaign("default")
+    row = (await session.exec(select(DunningCampaign).where(DunningCampaign.code == "default"))).first()
+    if row is not None:
+        return campaign_of(row)
+    return default or Campaign("default")
 
 
 async def outstanding(session: AsyncSession, tenant_id: uuid.UUID, now: datetime) -> Outstanding:

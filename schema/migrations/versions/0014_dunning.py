@@ -7,7 +7,7 @@ Create Date: 2026-12-05 06:00:00
 - ``subscriptions.status`` gains ``suspended`` (with ``suspended_at``); one active *or suspended*
   subscription per tenant;
 - ``dunning_campaigns`` (retry delays in seconds from the first failure, a minimum overdue amount,
-  per plan or per tenant, a tenant excluded), with the ``default`` campaign: 1 h, 24 h, 72 h;
+  per plan or per tenant, a tenant excluded; a row coded ``default`` overrides the settings' default);
 - ``dunning_events``: every stage change and operator action, once per business key.
 """
 
@@ -70,11 +70,6 @@ def upgrade() -> None:
         ["tenant_id"],
         unique=True,
         postgresql_where=sa.text("tenant_id IS NOT NULL"),
-    )
-    op.execute(
-        "INSERT INTO dunning_campaigns (id, code, name, retry_delays, min_overdue, excluded, created_at) "
-        "VALUES (gen_random_uuid(), 'default', 'Default: retries 1 h, 24 h and 72 h after the first failure', "
-        "'[3600, 86400, 259200]', 0, false, now())"
     )
     op.create_table(
         "dunning_events",
