@@ -42,6 +42,7 @@ from services.invoicing import InvoiceTerms
 from tests import factories
 from tests.conftest import VENV_BIN
 from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_api_support import api_client
 from tests.test_collection import save_card
 from tests.test_notices import smtp  # noqa: F401  (a fixture: a real aiosmtpd server)
 from worker import build_worker
@@ -440,3 +441,39 @@ async def test_operator_updates_and_their_refusals_then_cancel_stops_the_retries
         still = await s.get(Invoice, case.invoice.id)
     assert {"paused", "resumed", "retry_now", "skip_step", "stopped_canceled"} <= set(kinds)
     assert still is not None and still.status == "open"
+
+
+async def test_the_api_shows_dunning_and_refuses_what_does_not_fit(
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp[1]) as case:
+        async with api_client(settings, env.client) as api:
+            shown = await api.get(f"/v1/tenants/{case.sub.tenant_id}/dunning")
+            assert shown.status_code == 200, shown.text
+            body = shown.json()
+            assert (body["stage"], body["failures"], body["amount_overdue"], body["paused"]) == (
+                "reminder",
+                1,
+                65000,
+                False,
+            )
+            assert [a["decline_code"] for a in body["attempts"]] == ["generic_decline"]
+            refused = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/resume", json={"reason": "x"})
+            assert refused.status_code == 409 and refused.json()["errors"][0]["field"] == "status"
+            paused = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/pause", json={"reason": "on holiday"})
+            assert paused.status_code == 200 and paused.json()["paused"] is True
+            assert paused.json()["actions"] == ["paused by anonymous: on holiday"]
+            assert (await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/fly")).status_code == 422
+            nobody = await api.get(f"/v1/tenants/{uuid.uuid4()}/dunning")
+            assert nobody.status_code == 404
+            await case.dunning.execute_update(DUNNING_RESUME_UPDATE, DunningAction("ops"), result_type=DunningState)
+            await case.collecting.execute_update(
+                COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(65000, "bank_transfer"), result_type=AttemptView
+            )
+            assert (await case.dunning.result()).stage == "resolved"

@@ -9,6 +9,7 @@ from api.deps import current_principal
 from api.routers import (
     billing_runs,
     credit_notes,
+    dunning,
     health,
     invoices,
     ledger,
@@ -37,6 +38,7 @@ for _module in (
     billing_runs,
     invoices,
     credit_notes,
+    dunning,
     ledger,
     reconciliation,
 ):
