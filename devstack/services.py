@@ -196,6 +196,7 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
         DATA_DIR=str(settings.data_dir),
         **({"STRIPE_API_BASE": settings.stripe_api_base} if settings.stripe_api_base else {}),
         **({"SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port)} if settings.smtp_host else {}),
+        DUNNING_RETRY_DELAYS=settings.dunning_retry_delays,
         PYTHONUNBUFFERED="1",
     )
     # Their output reaches the terminal through our pipe, so "auto" would pick JSON.

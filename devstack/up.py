@@ -50,6 +50,7 @@ from devstack.services import (
     wait_for_temporal,
 )
 
+DEMO_DUNNING_DELAYS = "60,120,180"  # make up's default campaign: retries 1, 2 and 3 minutes after a failure
 log = structlog.get_logger("devstack")
 
 T = TypeVar("T")
@@ -210,7 +211,13 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         smtp_host = "127.0.0.1"
         await sup.guard(wait_for_port(smtp_host, settings.smtp_port, child=mail))
         log.info("mail sink ready", port=settings.smtp_port, folder=str(mail_folder))
-    update = {"database_url": database_url, "temporal_address": temporal_address, "smtp_host": smtp_host}
+    update: dict[str, object] = {
+        "database_url": database_url,
+        "temporal_address": temporal_address,
+        "smtp_host": smtp_host,
+    }
+    if "dunning_retry_delays" not in settings.model_fields_set:  # the demo walks through dunning in minutes
+        update["dunning_retry_delays"] = DEMO_DUNNING_DELAYS
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     client = await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
@@ -276,10 +283,36 @@ async def demo_and_billing(stack: Stack, now: datetime) -> None:
             f" missing at the PSP {report['missing_psp']}, amount mismatches {report['amount_mismatch']}"
             f"  ({stack.api_url}/v1/reconciliation/payouts/{report['payout_id']}/export.csv)"
         )
+    for line in dunning_lines(stack, invoices, payments, names):
+        emit(line)
     emit("ledger balances (debits - credits):")
     for line in balances:
         emit(line)
     emit(f"ledger: {stack.api_url}/v1/ledger/entries, /v1/ledger/balances, /v1/ledger/export.csv?from=...&to=...")
+
+
+def dunning_lines(
+    stack: Stack, invoices: Sequence[dict[str, Any]], payments: dict[str, Any], names: dict[str, str]
+) -> list[str]:
+    """Where to watch the tenants whose card declined walk through dunning, and how they can pay."""
+    declined: dict[str, list[str]] = {}
+    for inv in invoices:
+        attempts = payments.get(str(inv["id"])) or []
+        if inv["status"] == "open" and attempts and attempts[-1]["status"] == "failed":
+            declined.setdefault(str(inv["tenant_id"]), []).append(str(inv["id"]))
+    lines = []
+    delays = ", ".join(f"+{int(s) // 60} min" for s in stack.settings.dunning_retry_delays.split(","))
+    for tenant_id, invoice_ids in declined.items():
+        api = stack.api_url
+        lines += [
+            f"dunning: {names.get(tenant_id, tenant_id)}'s card declined: retries at {delays} after the failure,"
+            " then suspension",
+            f"  state: GET {api}/v1/tenants/{tenant_id}/dunning   (Temporal UI: DunningStage = 'final_notice', ...)",
+            f"  notices: {stack.mail_folder or 'your SMTP server'}",
+            f'  to pay: POST {api}/v1/tenants/{tenant_id}/payment-method {{"payment_method": "pm_card_visa"}},'
+            f" then POST {api}/v1/invoices/<id>/pay for {', '.join(invoice_ids)}",
+        ]
+    return lines
 
 
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:

@@ -1,6 +1,6 @@
 """Imports run one way (ARCHITECTURE.md "Layout"): a forbidden import fails this test.
 
-workflows -> their contracts only; activities and api -> services, adapters, contracts; services ->
+workflows -> their contracts and the pure domain; activities and api -> services, adapters, contracts; services ->
 schema, the domain, adapters; the domain (billing) -> nothing of ours; adapters -> settings only.
 """
 
