@@ -37,6 +37,7 @@ from activities.dunning import DunningActivities, default_campaign
 from activities.notices import NoticeActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
+from activities.renewals import RenewalActivities
 from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
@@ -49,12 +50,18 @@ from services.credit_notes import apply_charge_refunded
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
-from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
+from workflows.contracts import (
+    BILLING_RUN_WORKFLOW,
+    PSP_EVENT_SWEEP_WORKFLOW,
+    RENEWAL_REMINDERS_WORKFLOW,
+    BillingRunInput,
+)
 from workflows.credit_note import CreditNoteWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
+from workflows.renewals import RenewalRemindersWorkflow
 
 log = structlog.get_logger("worker")
 
@@ -66,6 +73,7 @@ WORKFLOWS: Sequence[type] = (
     ProcessPspEventWorkflow,
     SweepPspEventsWorkflow,
     DunningWorkflow,
+    RenewalRemindersWorkflow,
 )
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
@@ -149,6 +157,20 @@ def psp_events_sweep_schedule(settings: Settings) -> Schedule:
     )
 
 
+def renewal_reminders_schedule(settings: Settings) -> Schedule:
+    """Daily (RENEWAL_REMINDERS_CRON) ``RenewalReminders``; a missed day runs once (catch-up: 1 day)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            RENEWAL_REMINDERS_WORKFLOW,
+            id=f"{settings.renewal_reminders_schedule_id}-run",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(hours=1),
+        ),
+        spec=ScheduleSpec(cron_expressions=[settings.renewal_reminders_cron]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=timedelta(days=1)),
+    )
+
+
 async def ensure_billing_schedule(client: Client, settings: Settings) -> None:
     """Create the billing Schedule, or bring an existing one's spec, action and policy in line with
     the settings. Its state (paused by an operator, the note saying why) is left as it is."""
@@ -159,6 +181,11 @@ async def ensure_psp_events_sweep_schedule(client: Client, settings: Settings) -
     """The PSP events sweep Schedule, created or updated like the billing one."""
     schedule = psp_events_sweep_schedule(settings)
     await _ensure_schedule(client, settings.psp_events_sweep_schedule_id, schedule, "psp events sweep")
+
+
+async def ensure_renewal_reminders_schedule(client: Client, settings: Settings) -> None:
+    schedule = renewal_reminders_schedule(settings)
+    await _ensure_schedule(client, settings.renewal_reminders_schedule_id, schedule, "renewal reminders")
 
 
 async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, what: str) -> None:
@@ -200,6 +227,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
     try:
         await ensure_billing_schedule(client, settings)
         await ensure_psp_events_sweep_schedule(client, settings)
+        await ensure_renewal_reminders_schedule(client, settings)
         sessions = make_sessionmaker(engine)
         store = LocalDocumentStore(settings.documents_root)
         activities = activities_type(
@@ -239,6 +267,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
                 *credit_notes.all(),
                 *events.all(),
                 *notice_sender.all(),
+                *RenewalActivities(sessions, settings.renewal_reminder_days).all(),
                 *DunningActivities(
                     sessions,
                     client,

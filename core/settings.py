@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="Seconds after the first failed payment of each dunning retry (the default campaign)",
     )
     dunning_min_overdue: int = Field(default=0, ge=0, description="Minor units overdue below which nothing is chased")
+    renewal_reminder_days: int = Field(
+        default=14, ge=1, le=365, description="Days before an annual plan renews that its reminder goes out"
+    )
+    renewal_reminders_schedule_id: str = "renewal-reminders-daily"
+    renewal_reminders_cron: str = Field(default="0 8 * * *", description="When reminders are looked for (UTC)")
     temporal_search_attributes: bool = Field(
         default=True,
         description="Workflows publish the custom search attributes (registered by make up / the setup Job)",

@@ -669,3 +669,14 @@ class SendPendingNoticesResult:
     sent: int = 0  # sent by this sweep
     failed: int = 0  # refused for good (now failed)
     retry_later: int = 0  # the server unreachable or the notice held by another sender: still pending
+
+
+# --- Renewal reminders (services/renewals.py) ------------------------------------------------------
+
+RENEWAL_REMINDERS_WORKFLOW = "RenewalReminders"
+ACT_ENQUEUE_RENEWAL_REMINDERS = "enqueue_renewal_reminders"
+
+
+@dataclass
+class RenewalRemindersResult:
+    notice_ids: list[uuid.UUID] = field(default_factory=list)
