@@ -227,6 +227,7 @@ async def _until(probe: Any, what: str, within: float = 20) -> Any:
 
 
 async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
+    record_history,
     sessions,
     settings,
     env,
@@ -298,6 +299,8 @@ async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
             await save_card(sessions, psp, sub.tenant_id, "pm_card_visa")
             await collecting.execute_update(COLLECTION_PAY_UPDATE, PayRequest(actor="marcus"), result_type=AttemptView)
             final = await handle.result()
+            await record_history(handle, "dunning_suspended_resumed")
+            await record_history(collecting, "invoice_collection_dunning")  # with the collection-dunning patch
     assert final.stage == "resolved"
     assert await _notices(sessions, sub.tenant_id) == [
         "dunning_reminder",

@@ -36,6 +36,7 @@ from workflows.contracts import (
     InvoiceCycleResult,
 )
 from workflows.credit_note import CreditNoteWorkflow
+from workflows.dunning import DunningWorkflow
 from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 
@@ -63,6 +64,8 @@ def test_histories_are_committed():
         "invoice_cycle_collection",
         "invoice_collection_paid",
         "invoice_collection_operator",
+        "dunning_suspended_resumed",
+        "invoice_collection_dunning",
     }
 
 
@@ -72,6 +75,7 @@ async def test_committed_history_replays(path: Path):
         BillingRunWorkflow,
         InvoiceCycleWorkflow,
         InvoiceCollectionWorkflow,
+        DunningWorkflow,
         CreditNoteWorkflow,
         ProcessPspEventWorkflow,
         SweepPspEventsWorkflow,
