@@ -480,3 +480,58 @@ async def test_the_api_shows_dunning_and_refuses_what_does_not_fit(
                 COLLECTION_RECORD_PAYMENT_UPDATE, RecordPaymentRequest(65000, "bank_transfer"), result_type=AttemptView
             )
             assert (await case.dunning.result()).stage == "resolved"
+
+
+async def test_an_invoice_past_due_without_a_card_is_chased_too(
+    record_history,
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    """No saved card, so no payment ever fails: the collection tells dunning when the invoice
+    passes its due date, and the campaign runs its course without charging anything."""
+    collector, smtp_port = smtp
+    emulator.knob("reset")
+    async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
+        sub = await factories.subscriber(sessions, await factories.catalog(sessions), BASE, name="Alan")
+        invoice = await _invoice(sessions, sub, 65000, 0)  # due Jan 15: past due now
+        store = LocalDocumentStore(settings.documents_root)
+        collection = CollectionActivities(
+            sessions, psp, renderer, store, client=env.client, task_queue=settings.task_queue
+        )
+        dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
+        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
+        async with build_worker(
+            env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
+        ):
+            collecting = await env.client.start_workflow(
+                COLLECTION_WORKFLOW,
+                CollectionInput(invoice.id, tenant_id=sub.tenant_id),
+                id=collection_workflow_id(invoice.id),
+                task_queue=settings.task_queue,
+            )
+            handle = env.client.get_workflow_handle(dunning_workflow_id(sub.tenant_id), result_type=DunningState)
+
+            async def reminded() -> bool:
+                return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
+
+            await _until(reminded, "the past-due reminder")
+            for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):
+                await env.sleep(timedelta(hours=hours, minutes=1))
+
+                async def reached(stage: str = stage) -> bool:
+                    return (await _state(handle)).stage == stage
+
+                await _until(reached, stage)
+            await record_history(collecting, "invoice_collection_overdue")  # with the collection-overdue patch
+    assert emulator.charges() == 0
+    assert [m["X-Roomly-Notice"] for m in collector.messages] == [
+        "dunning_reminder",
+        "dunning_warning",
+        "dunning_final",
+        "subscription_suspended",
+    ]

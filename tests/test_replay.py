@@ -66,6 +66,7 @@ def test_histories_are_committed():
         "invoice_collection_operator",
         "dunning_suspended_resumed",
         "invoice_collection_dunning",
+        "invoice_collection_overdue",
     }
 
 

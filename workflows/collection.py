@@ -78,6 +78,9 @@ DONE = ("paid", "void")
 # Workflows that record this marker take dunning's retry requests and report each attempt's outcome
 # (and the invoice paid or voided) to the tenant's Dunning workflow.
 PATCH_DUNNING = "collection-dunning"
+# Workflows that record this marker tell dunning when the invoice passes its due date unpaid
+# (with no failed payment, e.g. no saved card), so past-due invoices are chased too.
+PATCH_OVERDUE = "collection-overdue"
 T = TypeVar("T")
 FINAL_ATTEMPT = ("succeeded", "failed", "partially_refunded", "refunded")
 
@@ -209,16 +212,25 @@ class InvoiceCollectionWorkflow:
             self._started = True
             await self._attempt("automatic")
         self._started = True
+        overdue_reported = data.overdue_reported
         while True:
-            await workflow.wait_condition(
-                lambda: (
-                    bool(self._events)
-                    or self._in_flight is not None
-                    or self._finished()
-                    or self._long()
-                    or (bool(self._retries_asked) and not self._busy)
+            until_due = None if overdue_reported else self._until_due()
+            try:
+                await workflow.wait_condition(
+                    lambda: (
+                        bool(self._events)
+                        or self._in_flight is not None
+                        or self._finished()
+                        or self._long()
+                        or (bool(self._retries_asked) and not self._busy)
+                    ),
+                    timeout=until_due,
                 )
-            )
+            except TimeoutError:  # past due and still unpaid: dunning chases it
+                overdue_reported = True
+                if self._snapshot is not None and self._snapshot.status in ("open", "uncollectible"):
+                    await self._report(PaymentOutcome(self._snapshot.invoice_id, "failed", decline_code="overdue"))
+                continue
             if self._in_flight is not None and not self._busy:
                 self._busy = True
                 await self._follow()
@@ -230,12 +242,23 @@ class InvoiceCollectionWorkflow:
                 break
             elif self._long() and not self._busy:
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(CollectionInput(data.invoice_id, data.tenant_id, False, data.confirm_wait))
+                workflow.continue_as_new(
+                    CollectionInput(data.invoice_id, data.tenant_id, False, data.confirm_wait, overdue_reported)
+                )
             else:
                 await workflow.wait_condition(lambda: not self._busy)
         await workflow.wait_condition(workflow.all_handlers_finished)
         assert self._snapshot is not None
         return CollectionResult(data.invoice_id, self._snapshot.status, self._snapshot.amount_paid, self._attempts)
+
+    def _until_due(self) -> timedelta | None:
+        """Time left until the invoice is past due (at least a moment), if it is still to be paid."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.due_at is None or snapshot.status not in ("open", "uncollectible"):
+            return None
+        if snapshot.amount_due <= 0 or not workflow.patched(PATCH_OVERDUE):
+            return None
+        return max(snapshot.due_at - workflow.now(), timedelta(seconds=1))
 
     async def _retry_for_dunning(self) -> None:
         """A new attempt dunning asked for (when one can be made), its outcome reported back."""

@@ -266,6 +266,7 @@ class CollectionInput:
     tenant_id: uuid.UUID | None = None  # for log context
     automatic: bool = True  # charge the saved method at once (False: started by a webhook or an operator)
     confirm_wait: timedelta | None = None  # how long to wait for the PSP's webhook before asking; None: 60 s
+    overdue_reported: bool = False  # carried across continue-as-new: dunning was told the invoice is past due
 
 
 @dataclass

@@ -111,10 +111,11 @@ class DunningWorkflow:
     @workflow.signal(name=DUNNING_OUTCOME_SIGNAL)
     def payment_outcome(self, outcome: PaymentOutcome) -> None:
         self._outcomes.append(outcome)
-        at = workflow.now()
-        self._attempts.append(
-            DunningAttempt(outcome.invoice_id, outcome.status, outcome.decline_code, at, self._retry_round)
-        )
+        if outcome.attempt_id is not None:  # an attempt's outcome (not "past due" or "paid another way")
+            at = workflow.now()
+            self._attempts.append(
+                DunningAttempt(outcome.invoice_id, outcome.status, outcome.decline_code, at, self._retry_round)
+            )
 
     def _refuse_when_over(self) -> None:
         if self._stage in (DunningStage.resolved, DunningStage.not_chased):
