@@ -226,103 +226,7 @@ async def _until(probe: Any, what: str, within: float = 20) -> Any:
         await asyncio.sleep(0.05)
 
 
-async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
-    record_history,
-    sessions,
-    settings,
-    env,
-    activities,
-    renderer,
-    emulator,
-    smtp,  # noqa: F811
-):
-    collector, smtp_port = smtp
-    emulator.knob("reset")
-    async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
-        cat = await factories.catalog(sessions)
-        sub = await factories.subscriber(sessions, cat, BASE, name="Marcus")
-        async with sessions() as s:
-            tenant = await s.get(Tenant, sub.tenant_id)
-        assert tenant is not None
-        sub_email = tenant.email
-        await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")  # every charge declines
-        invoice = await _invoice(sessions, sub, 65000, 0)
-        collection = CollectionActivities(
-            sessions,
-            psp,
-            renderer,
-            LocalDocumentStore(settings.documents_root),
-            client=env.client,
-            task_queue=settings.task_queue,
-        )
-        store = LocalDocumentStore(settings.documents_root)
-        dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
-        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
-        worker = build_worker(
-            env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
-        )
-        async with worker:
-            collecting = await env.client.start_workflow(
-                COLLECTION_WORKFLOW,
-                CollectionInput(invoice.id, tenant_id=sub.tenant_id, confirm_wait=timedelta(seconds=1)),
-                id=collection_workflow_id(invoice.id),
-                task_queue=settings.task_queue,
-            )
-            handle = env.client.get_workflow_handle(dunning_workflow_id(sub.tenant_id), result_type=DunningState)
-
-            async def reminded() -> bool:
-                return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
-
-            await _until(reminded, "the first failure's reminder")
-            state = await _state(handle)
-            assert (state.stage, state.failures, state.retries) == ("reminder", 1, 3)
-            started = state.next_attempt_at
-            assert started is not None
-
-            # 1 h, 24 h and 72 h after the first failure: three retries, each declined, each escalating.
-            for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):  # at +1 h, +24 h, +72 h
-                await env.sleep(timedelta(hours=hours, minutes=1))
-
-                async def reached(stage: str = stage) -> bool:
-                    return (await _state(handle)).stage == stage
-
-                await _until(reached, stage)
-            state = await _state(handle)
-            assert state.failures == 4 and state.next_attempt_at is None
-            assert [a.decline_code for a in state.attempts] == ["generic_decline"] * 4
-            assert emulator.charges(status="failed", **{"metadata.invoice_id": str(invoice.id)}) == 4
-            async with sessions() as s:
-                suspended = await s.get(Subscription, sub.id, populate_existing=True)
-            assert suspended is not None and suspended.status == SubscriptionStatus.suspended
-
-            # The tenant saves a working card and pays in the portal: dunning ends, the subscription resumes.
-            await save_card(sessions, psp, sub.tenant_id, "pm_card_visa")
-            await collecting.execute_update(COLLECTION_PAY_UPDATE, PayRequest(actor="marcus"), result_type=AttemptView)
-            final = await handle.result()
-            await record_history(handle, "dunning_suspended_resumed")
-            await record_history(collecting, "invoice_collection_dunning")  # with the collection-dunning patch
-    assert final.stage == "resolved"
-    assert await _notices(sessions, sub.tenant_id) == [
-        "dunning_reminder",
-        "dunning_warning",
-        "dunning_final",
-        "subscription_suspended",
-        "subscription_resumed",
-    ]
-    assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 1
-    # Received by a real SMTP server, in order, each once, naming the amount overdue.
-    assert [m["X-Roomly-Notice"] for m in collector.messages] == [
-        "dunning_reminder",
-        "dunning_warning",
-        "dunning_final",
-        "subscription_suspended",
-        "subscription_resumed",
-    ]
-    first = collector.messages[0]
-    assert first["To"] == sub_email and "$650.00" in first.get_body(preferencelist=("plain",)).get_content()
-    async with sessions() as s:
-        resumed = await s.get(Subscription, sub.id, populate_existing=True)
-    assert resumed is not None and resumed.status == SubscriptionStatus.active
+DECLINING = "pm_card_chargeCustomerFail"  # attaches, then every charge declines (generic_decline)
 
 
 @dataclass
@@ -331,16 +235,28 @@ class Declined:
     invoice: Invoice
     collecting: WorkflowHandle[Any, Any]
     dunning: WorkflowHandle[Any, DunningState]
+    psp: StripePsp
 
 
 @asynccontextmanager
-async def declined(sessions, settings, env, activities, renderer, emulator, smtp_port: int) -> AsyncIterator[Declined]:
-    """A tenant whose card declined once: its collection and its dunning (in reminder) running."""
+async def declined(
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp_port: int,
+    card: str | None = "pm_card_chargeCustomerFail",
+) -> AsyncIterator[Declined]:
+    """A tenant whose card declined once (every charge of ``pm_card_chargeCustomerFail`` declines;
+    ``card=None``: no card, the invoice past due), its collection and dunning (in reminder) running."""
     emulator.knob("reset")
     async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
         sub = await factories.subscriber(sessions, await factories.catalog(sessions), BASE, name="Marcus")
-        await save_card(sessions, psp, sub.tenant_id, "pm_card_chargeCustomerFail")
-        invoice = await _invoice(sessions, sub, 65000, 0)
+        if card is not None:
+            await save_card(sessions, psp, sub.tenant_id, card)
+        invoice = await _invoice(sessions, sub, 65000, 0)  # due Jan 15: past due now
         store = LocalDocumentStore(settings.documents_root)
         collection = CollectionActivities(
             sessions, psp, renderer, store, client=env.client, task_queue=settings.task_queue
@@ -362,7 +278,74 @@ async def declined(sessions, settings, env, activities, renderer, emulator, smtp
                 return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
 
             await _until(reminded, "the reminder")
-            yield Declined(sub, invoice, collecting, handle)
+            yield Declined(sub, invoice, collecting, handle, psp)
+
+
+async def walk_to_suspension(env: WorkflowEnvironment, handle: WorkflowHandle[Any, DunningState]) -> DunningState:
+    """Skip to each retry (1 h, 24 h and 72 h after the first failure) and see its stage reached."""
+    for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):  # at +1 h, +24 h, +72 h
+        await env.sleep(timedelta(hours=hours, minutes=1))
+
+        async def reached(stage: str = stage) -> bool:
+            return (await _state(handle)).stage == stage
+
+        await _until(reached, stage)
+    return await _state(handle)
+
+
+async def test_fail_1h_fail_24h_fail_72h_fail_suspended_then_paid_and_resumed(
+    record_history,
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    collector, smtp_port = smtp
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp_port) as case:
+        sub, invoice, handle = case.sub, case.invoice, case.dunning
+        state = await _state(handle)
+        assert (state.stage, state.failures, state.retries) == ("reminder", 1, 3) and state.next_attempt_at
+        # 1 h, 24 h and 72 h after the first failure: three retries, each declined, each escalating.
+        state = await walk_to_suspension(env, handle)
+        assert state.failures == 4 and state.next_attempt_at is None
+        assert [a.decline_code for a in state.attempts] == ["generic_decline"] * 4
+        assert emulator.charges(status="failed", **{"metadata.invoice_id": str(invoice.id)}) == 4
+        async with sessions() as s:
+            suspended = await s.get(Subscription, sub.id, populate_existing=True)
+            tenant = await s.get(Tenant, sub.tenant_id)
+        assert suspended is not None and suspended.status == SubscriptionStatus.suspended and tenant is not None
+
+        # The tenant saves a working card and pays in the portal: dunning ends, the subscription resumes.
+        await save_card(sessions, case.psp, sub.tenant_id, "pm_card_visa")
+        await case.collecting.execute_update(COLLECTION_PAY_UPDATE, PayRequest(actor="marcus"), result_type=AttemptView)
+        final = await handle.result()
+        await record_history(handle, "dunning_suspended_resumed")
+        await record_history(case.collecting, "invoice_collection_dunning")  # with the collection-dunning patch
+    assert final.stage == "resolved"
+    assert await _notices(sessions, sub.tenant_id) == [
+        "dunning_reminder",
+        "dunning_warning",
+        "dunning_final",
+        "subscription_suspended",
+        "subscription_resumed",
+    ]
+    assert emulator.charges(status="succeeded", **{"metadata.invoice_id": str(invoice.id)}) == 1
+    # Received by a real SMTP server, in order, each once, naming the amount overdue.
+    assert [m["X-Roomly-Notice"] for m in collector.messages] == [
+        "dunning_reminder",
+        "dunning_warning",
+        "dunning_final",
+        "subscription_suspended",
+        "subscription_resumed",
+    ]
+    first = collector.messages[0]
+    assert first["To"] == tenant.email and "$650.00" in first.get_body(preferencelist=("plain",)).get_content()
+    async with sessions() as s:
+        resumed = await s.get(Subscription, sub.id, populate_existing=True)
+    assert resumed is not None and resumed.status == SubscriptionStatus.active
 
 
 async def test_a_bank_transfer_between_retries_ends_dunning_with_no_further_attempt(
@@ -495,39 +478,9 @@ async def test_an_invoice_past_due_without_a_card_is_chased_too(
     """No saved card, so no payment ever fails: the collection tells dunning when the invoice
     passes its due date, and the campaign runs its course without charging anything."""
     collector, smtp_port = smtp
-    emulator.knob("reset")
-    async with StripePsp("sk_test_dunning", api_base=emulator.url, timeout=5) as psp:
-        sub = await factories.subscriber(sessions, await factories.catalog(sessions), BASE, name="Alan")
-        invoice = await _invoice(sessions, sub, 65000, 0)  # due Jan 15: past due now
-        store = LocalDocumentStore(settings.documents_root)
-        collection = CollectionActivities(
-            sessions, psp, renderer, store, client=env.client, task_queue=settings.task_queue
-        )
-        dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
-        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
-        async with build_worker(
-            env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
-        ):
-            collecting = await env.client.start_workflow(
-                COLLECTION_WORKFLOW,
-                CollectionInput(invoice.id, tenant_id=sub.tenant_id),
-                id=collection_workflow_id(invoice.id),
-                task_queue=settings.task_queue,
-            )
-            handle = env.client.get_workflow_handle(dunning_workflow_id(sub.tenant_id), result_type=DunningState)
-
-            async def reminded() -> bool:
-                return "dunning_reminder" in await _notices(sessions, sub.tenant_id)
-
-            await _until(reminded, "the past-due reminder")
-            for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):
-                await env.sleep(timedelta(hours=hours, minutes=1))
-
-                async def reached(stage: str = stage) -> bool:
-                    return (await _state(handle)).stage == stage
-
-                await _until(reached, stage)
-            await record_history(collecting, "invoice_collection_overdue")  # with the collection-overdue patch
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp_port, card=None) as case:
+        await walk_to_suspension(env, case.dunning)
+        await record_history(case.collecting, "invoice_collection_overdue")  # with the collection-overdue patch
     assert emulator.charges() == 0
     assert [m["X-Roomly-Notice"] for m in collector.messages] == [
         "dunning_reminder",
