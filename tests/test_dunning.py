@@ -48,6 +48,7 @@ from tests.test_notices import smtp  # noqa: F401  (a fixture: a real aiosmtpd s
 from worker import build_worker
 from workflows.contracts import (
     COLLECTION_PAY_UPDATE,
+    COLLECTION_PSP_SIGNAL,
     COLLECTION_RECORD_PAYMENT_UPDATE,
     COLLECTION_WORKFLOW,
     DUNNING_PAUSE_UPDATE,
@@ -61,6 +62,7 @@ from workflows.contracts import (
     DunningAction,
     DunningState,
     PayRequest,
+    PspSignal,
     RecordPaymentRequest,
     collection_workflow_id,
     dunning_workflow_id,
@@ -281,6 +283,15 @@ async def declined(
             yield Declined(sub, invoice, collecting, handle, psp)
 
 
+async def walk_to_warning(env: WorkflowEnvironment, handle: WorkflowHandle[Any, DunningState]) -> None:
+    await env.sleep(timedelta(hours=1, minutes=1))
+
+    async def warned() -> bool:
+        return (await _state(handle)).stage == "warning"
+
+    await _until(warned, "the first retry")
+
+
 async def walk_to_suspension(env: WorkflowEnvironment, handle: WorkflowHandle[Any, DunningState]) -> DunningState:
     """Skip to each retry (1 h, 24 h and 72 h after the first failure) and see its stage reached."""
     for stage, hours in (("warning", 1), ("final_notice", 23), ("suspended", 48)):  # at +1 h, +24 h, +72 h
@@ -488,3 +499,33 @@ async def test_an_invoice_past_due_without_a_card_is_chased_too(
         "dunning_final",
         "subscription_suspended",
     ]
+
+
+async def test_duplicate_and_late_psp_events_during_dunning_change_nothing(
+    sessions,
+    settings,
+    env,
+    activities,
+    renderer,
+    emulator,
+    smtp,  # noqa: F811
+):
+    """The declined PaymentIntent's ``payment_intent.payment_failed`` delivered twice, and again late
+    after the next retry: the collection settles each from the PSP (already failed) and dunning
+    counts no extra failure; no extra charge is made."""
+    async with declined(sessions, settings, env, activities, renderer, emulator, smtp[1]) as case:
+        async with sessions() as s:
+            [first] = await payments.attempts_of(s, case.invoice.id)
+        assert first.psp_payment_intent_id is not None
+        event = PspSignal("evt_dup", "payment_intent.payment_failed", first.psp_payment_intent_id)
+        for _ in range(2):
+            await case.collecting.signal(COLLECTION_PSP_SIGNAL, event)
+        await walk_to_warning(env, case.dunning)
+        await case.collecting.signal(
+            COLLECTION_PSP_SIGNAL, PspSignal("evt_late", event.event_type, event.payment_intent_id)
+        )
+        await asyncio.sleep(1)  # let the collection settle it
+        state = await _state(case.dunning)
+    assert (state.stage, state.failures) == ("warning", 2)
+    assert [a.retry for a in state.attempts] == [0, 1]
+    assert emulator.charges(**{"metadata.invoice_id": str(case.invoice.id)}) == 2
