@@ -219,6 +219,16 @@ def event_id(body: bytes) -> str:
     return str(json.loads(body)["id"])
 
 
+async def processing_result(client: Client, body: bytes, within: float = 10) -> object:
+    """The result of the event's ProcessPspEvent, which the API starts after it has answered."""
+    workflow_id = psp_event_workflow_id(event_id(body))
+    deadline = time.monotonic() + within
+    while not await exists(client, workflow_id):
+        assert time.monotonic() < deadline, f"{workflow_id} was not started"
+        await asyncio.sleep(0.05)
+    return await client.get_workflow_handle(workflow_id).result()
+
+
 # --- tests ----------------------------------------------------------------------------------------
 
 
@@ -352,7 +362,7 @@ async def test_a_refund_stays_received_until_a_refund_hook_handles_it(api, sessi
     body = event("charge.refunded", obj={"id": "ch_1", "object": "charge", "amount_refunded": 500})
     async with psp_worker(temporal_env.client, sessions):
         await deliver(api, body)
-        result = await temporal_env.client.get_workflow_handle(psp_event_workflow_id(event_id(body))).result()
+        result = await processing_result(temporal_env.client, body)
         assert result == UNHANDLED_REFUND
         assert (await statuses(sessions))[event_id(body)] == "received"  # not faked as processed
         swept = await temporal_env.client.execute_workflow(
