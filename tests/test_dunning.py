@@ -467,6 +467,18 @@ async def test_the_api_shows_dunning_and_refuses_what_does_not_fit(
             assert paused.status_code == 200 and paused.json()["paused"] is True
             assert paused.json()["actions"] == ["paused by anonymous: on holiday"]
             assert (await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/fly")).status_code == 422
+            missing = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/extend", json={"reason": "x"})
+            assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "until"
+            next_at = datetime.fromisoformat(paused.json()["next_attempt_at"])
+            too_early = (next_at - timedelta(minutes=5)).isoformat()
+            early = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/extend", json={"until": too_early})
+            assert early.status_code == 409, early.text
+            later = (next_at + timedelta(days=7)).isoformat()
+            extended = await api.post(
+                f"/v1/tenants/{case.sub.tenant_id}/dunning/extend", json={"until": later, "reason": "agreed"}
+            )
+            assert extended.status_code == 200, extended.text
+            assert datetime.fromisoformat(extended.json()["next_attempt_at"]) == next_at + timedelta(days=7)
             nobody = await api.get(f"/v1/tenants/{uuid.uuid4()}/dunning")
             assert nobody.status_code == 404
             await case.dunning.execute_update(DUNNING_RESUME_UPDATE, DunningAction("ops"), result_type=DunningState)

@@ -521,6 +521,7 @@ DUNNING_PAUSE_UPDATE = "pause"
 DUNNING_RESUME_UPDATE = "resume"
 DUNNING_RETRY_NOW_UPDATE = "retry_now"
 DUNNING_SKIP_STEP_UPDATE = "skip_step"
+DUNNING_EXTEND_UPDATE = "extend"  # give the tenant until a date: the remaining retries move later
 COLLECTION_RETRY_SIGNAL = "retry"  # dunning asks an invoice's collection for a new attempt
 ERR_DUNNING_REFUSED = "DunningActionRefused"  # an operator action that does not fit the state
 
@@ -551,6 +552,13 @@ class PaymentOutcome:
 
 @dataclass
 class DunningAction:
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class DunningExtension:
+    until: datetime  # the next retry comes no earlier than this; later ones keep their spacing
     actor: str | None = None
     reason: str | None = None
 

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         ACT_DUNNING_STEP,
         ACT_SEND_NOTICE,
         COLLECTION_RETRY_SIGNAL,
+        DUNNING_EXTEND_UPDATE,
         DUNNING_OUTCOME_SIGNAL,
         DUNNING_PAUSE_UPDATE,
         DUNNING_RESUME_UPDATE,
@@ -44,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         DunningAction,
         DunningAttempt,
         DunningEventInput,
+        DunningExtension,
         DunningInput,
         DunningOutstanding,
         DunningStartInput,
@@ -171,6 +173,27 @@ class DunningWorkflow:
     def _validate_skip_step(self, action: DunningAction) -> None:
         self._validate_retry_now(action)
 
+    @workflow.update(name=DUNNING_EXTEND_UPDATE)
+    async def extend(self, extension: DunningExtension) -> DunningState:
+        assert self._next_at is not None and self._first_failure is not None
+        shift = extension.until - self._next_at
+        self._first_failure += shift  # every remaining retry keeps its spacing, moved by the extension
+        self._next_at = extension.until
+        self._version += 1
+        await self._record("extended", DunningAction(extension.actor, extension.reason))
+        return self.state()
+
+    @extend.validator
+    def _validate_extend(self, extension: DunningExtension) -> None:
+        self._refuse_when_over()
+        if self._next_at is None:
+            raise ApplicationError("no retry is scheduled (suspended: wait for a payment)", type=ERR_DUNNING_REFUSED)
+        if extension.until <= self._next_at:
+            raise ApplicationError(
+                f"the next retry is already at {self._next_at.isoformat()}: extend to a later time",
+                type=ERR_DUNNING_REFUSED,
+            )
+
     # --- the run ------------------------------------------------------------------------------
 
     @workflow.run
@@ -189,7 +212,7 @@ class DunningWorkflow:
         await self._enter(data, cycle, stage_after_failures(self._failures, self._retries))
         while self._stage is not DunningStage.suspended:
             retry = self._failures  # retry n comes after n failures
-            self._next_at = first_failure + owed.retry_delays[retry - 1]
+            self._next_at = self._first_failure + owed.retry_delays[retry - 1]
             if await self._wait_for_retry(data):
                 return await self._resolve(data, cycle)
             owed = await self._read(data)

@@ -18,17 +18,19 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentPrincipal, SessionDep, TemporalClientDep
-from api.errors import conflict, get_or_404, not_found
+from api.errors import body_error, conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from schema.models import Tenant
-from services.inputs import PgText, stripped
+from services.inputs import PgText, UtcDatetime, stripped
 from workflows.contracts import (
+    DUNNING_EXTEND_UPDATE,
     DUNNING_PAUSE_UPDATE,
     DUNNING_RESUME_UPDATE,
     DUNNING_RETRY_NOW_UPDATE,
     DUNNING_SKIP_STEP_UPDATE,
     DUNNING_STATE_QUERY,
     DunningAction,
+    DunningExtension,
     DunningState,
     dunning_workflow_id,
 )
@@ -36,6 +38,7 @@ from workflows.contracts import (
 router = APIRouter(prefix="/tenants", tags=["dunning"])
 
 ACTIONS = {
+    "extend": DUNNING_EXTEND_UPDATE,
     "pause": DUNNING_PAUSE_UPDATE,
     "resume": DUNNING_RESUME_UPDATE,
     "retry-now": DUNNING_RETRY_NOW_UPDATE,
@@ -69,6 +72,7 @@ class DunningPublic(BaseModel):
 
 class DunningActionCreate(BaseModel):
     reason: Annotated[str, stripped(500), PgText] | None = None
+    until: UtcDatetime | None = Field(default=None, description="extend: the next retry comes no earlier than this")
 
 
 def _public(tenant_id: uuid.UUID, state: DunningState) -> DunningPublic:
@@ -110,18 +114,23 @@ async def get_dunning(tenant_id: uuid.UUID, session: SessionDep, client: Tempora
 )
 async def act_on_dunning(
     tenant_id: uuid.UUID,
-    action: Annotated[Literal["pause", "resume", "retry-now", "skip-step"], Path()],
+    action: Annotated[Literal["extend", "pause", "resume", "retry-now", "skip-step"], Path()],
     session: SessionDep,
     client: TemporalClientDep,
     principal: CurrentPrincipal,
     body: DunningActionCreate | None = None,
 ) -> DunningPublic:
-    """Pause or resume the tenant's dunning, retry now, or skip the next retry (escalate without
-    charging); recorded with who asked and why."""
+    """Pause or resume the tenant's dunning, retry now, skip the next retry (escalate without
+    charging), or extend (``until``: the remaining retries move later); recorded with who and why."""
     tenant = await get_or_404(session, Tenant, tenant_id, "tenant")
     bind_tenant(tenant.id)
     handle = client.get_workflow_handle(dunning_workflow_id(tenant_id))
-    request = DunningAction(actor=principal.subject, reason=body.reason if body else None)
+    reason = body.reason if body else None
+    request: DunningAction | DunningExtension = DunningAction(actor=principal.subject, reason=reason)
+    if action == "extend":
+        if body is None or body.until is None:
+            raise body_error(("until",), "extend needs the time the next retry may come at the earliest")
+        request = DunningExtension(body.until, actor=principal.subject, reason=reason)
     try:
         state: DunningState = await handle.execute_update(ACTIONS[action], request, result_type=DunningState)
     except RPCError as exc:
