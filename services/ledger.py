@@ -374,6 +374,29 @@ def _positive(field: str, amount: int) -> None:
         raise InvalidInput(field, "must be a positive integer of minor units")
 
 
+async def _transfer(
+    session: AsyncSession,
+    source_type: str,
+    source_id: str,
+    kind: str,
+    description: str,
+    debited: Account,
+    credited: Account,
+    amount: int,
+    posted_at: datetime,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    field: str = "amount",
+) -> Posted:
+    """One positive ``amount`` moved from ``credited`` to ``debited``: the shape of every money
+    movement's posting (all but an invoice's finalization, a credit note and a reversal)."""
+    _positive(field, amount)
+    lines = [debit(debited, amount), credit(credited, amount)]
+    return await post(
+        session, source_type, source_id, kind, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    )
+
+
 async def post_payment_captured(
     session: AsyncSession,
     payment_id: str,
@@ -385,10 +408,17 @@ async def post_payment_captured(
     description: str = "Payment captured",
 ) -> Posted:
     """The PSP captured a tenant's payment: PSP clearing debited, the tenant's receivable credited."""
-    _positive("amount", amount)
-    lines = [debit(psp_clearing(currency), amount), credit(receivable(tenant_id, currency), amount)]
-    return await post(
-        session, "payment", payment_id, PAYMENT_CAPTURED, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "payment",
+        payment_id,
+        PAYMENT_CAPTURED,
+        description,
+        psp_clearing(currency),
+        receivable(tenant_id, currency),
+        amount,
+        posted_at,
+        tenant_id=tenant_id,
     )
 
 
@@ -403,10 +433,18 @@ async def post_psp_fee(
     description: str = "PSP fee",
 ) -> Posted:
     """The PSP kept its fee on a payment: PSP fees debited, PSP clearing credited."""
-    _positive("fee", fee)
-    lines = [debit(psp_fees(currency), fee), credit(psp_clearing(currency), fee)]
-    return await post(
-        session, "payment", payment_id, PSP_FEE, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "payment",
+        payment_id,
+        PSP_FEE,
+        description,
+        psp_fees(currency),
+        psp_clearing(currency),
+        fee,
+        posted_at,
+        tenant_id=tenant_id,
+        field="fee",
     )
 
 
@@ -420,9 +458,9 @@ async def post_payout(
     description: str = "Payout",
 ) -> Posted:
     """The PSP paid out to our bank: bank debited, PSP clearing credited."""
-    _positive("amount", amount)
-    lines = [debit(bank(currency), amount), credit(psp_clearing(currency), amount)]
-    return await post(session, "payout", payout_id, PAYOUT, description, lines, posted_at=posted_at)
+    return await _transfer(
+        session, "payout", payout_id, PAYOUT, description, bank(currency), psp_clearing(currency), amount, posted_at
+    )
 
 
 async def post_refund(
@@ -440,10 +478,17 @@ async def post_refund(
     The refund moves money only; the credit note that gives the reason (revenue back, the
     receivable credited) is its own posting.
     """
-    _positive("amount", amount)
-    lines = [debit(receivable(tenant_id, currency), amount), credit(psp_clearing(currency), amount)]
-    return await post(
-        session, "refund", refund_id, REFUND, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "refund",
+        refund_id,
+        REFUND,
+        description,
+        receivable(tenant_id, currency),
+        psp_clearing(currency),
+        amount,
+        posted_at,
+        tenant_id=tenant_id,
     )
 
 
@@ -514,10 +559,17 @@ async def post_write_off(
     description: str = "Written off as uncollectible",
 ) -> Posted:
     """An invoice given up on: bad debt debited, the tenant's receivable credited."""
-    _positive("amount", amount)
-    lines = [debit(bad_debt(currency), amount), credit(receivable(tenant_id, currency), amount)]
-    return await post(
-        session, "invoice", str(invoice_id), WRITE_OFF, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "invoice",
+        str(invoice_id),
+        WRITE_OFF,
+        description,
+        bad_debt(currency),
+        receivable(tenant_id, currency),
+        amount,
+        posted_at,
+        tenant_id=tenant_id,
     )
 
 
@@ -532,10 +584,17 @@ async def post_payment_received(
     description: str = "Payment received out of band",
 ) -> Posted:
     """Money received outside the PSP (a bank transfer): bank debited, the tenant's receivable credited."""
-    _positive("amount", amount)
-    lines = [debit(bank(currency), amount), credit(receivable(tenant_id, currency), amount)]
-    return await post(
-        session, "payment", payment_id, PAYMENT_RECEIVED, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "payment",
+        payment_id,
+        PAYMENT_RECEIVED,
+        description,
+        bank(currency),
+        receivable(tenant_id, currency),
+        amount,
+        posted_at,
+        tenant_id=tenant_id,
     )
 
 
@@ -551,16 +610,16 @@ async def post_write_off_recovered(
 ) -> Posted:
     """A payment on an invoice written off as uncollectible: the receivable back from bad debt, so the
     payment's own posting settles it (receivable debited, bad debt credited)."""
-    _positive("amount", amount)
-    lines = [debit(receivable(tenant_id, currency), amount), credit(bad_debt(currency), amount)]
-    return await post(
+    return await _transfer(
         session,
         "payment",
         payment_id,
         WRITE_OFF_RECOVERED,
         description,
-        lines,
-        posted_at=posted_at,
+        receivable(tenant_id, currency),
+        bad_debt(currency),
+        amount,
+        posted_at,
         tenant_id=tenant_id,
     )
 
@@ -577,10 +636,17 @@ async def post_overpayment(
 ) -> Posted:
     """What a payment brought beyond its invoice's due amount: the tenant's receivable debited (the
     capture credited it with the whole payment), the tenant's credit credited."""
-    _positive("amount", amount)
-    lines = [debit(receivable(tenant_id, currency), amount), credit(tenant_credit(tenant_id, currency), amount)]
-    return await post(
-        session, "payment", payment_id, OVERPAYMENT, description, lines, posted_at=posted_at, tenant_id=tenant_id
+    return await _transfer(
+        session,
+        "payment",
+        payment_id,
+        OVERPAYMENT,
+        description,
+        receivable(tenant_id, currency),
+        tenant_credit(tenant_id, currency),
+        amount,
+        posted_at,
+        tenant_id=tenant_id,
     )
 
 
