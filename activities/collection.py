@@ -101,7 +101,7 @@ def _conflict_type(err: Conflict) -> str:
     """The contract's error type of a refusal, so the API can answer it with the field it names."""
     if err.field == "payment_method":
         return ERR_NO_PAYMENT_METHOD
-    if err.field == "status" and "in flight" in str(err):
+    if err.kind == payments.IN_FLIGHT_KIND:
         return ERR_PAYMENT_IN_PROGRESS
     return ERR_NOT_COLLECTABLE
 

@@ -67,6 +67,8 @@ ATTEMPT_TRANSITIONS: dict[AttemptStatus, frozenset[AttemptStatus]] = {
 # An attempt in one of these holds the invoice: no second attempt may start (a partial unique
 # index says the same in the database).
 IN_FLIGHT = frozenset({AttemptStatus.initiated, AttemptStatus.processing, AttemptStatus.unknown})
+# Attempts whose money was captured (some of it may have been refunded since).
+CAPTURED = frozenset({AttemptStatus.succeeded, AttemptStatus.partially_refunded, AttemptStatus.refunded})
 # Invoices that can still be paid.
 COLLECTABLE = frozenset({InvoiceStatus.open, InvoiceStatus.uncollectible})
 

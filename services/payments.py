@@ -42,7 +42,7 @@ from services.errors import Conflict, InvalidInput, NotFound
 
 log = structlog.get_logger(__name__)
 
-SUCCEEDED = frozenset({AttemptStatus.succeeded, AttemptStatus.partially_refunded, AttemptStatus.refunded})
+IN_FLIGHT_KIND = "payment_in_progress"  # the kind of the Conflict an attempt in flight causes
 
 
 def attempt_key(invoice_id: uuid.UUID, number: int) -> str:
@@ -158,14 +158,27 @@ async def collection(session: AsyncSession, invoice_id: uuid.UUID) -> Collection
     )
 
 
+# The timestamp each status is stamped with, set by the change to it (the database checks the same).
+_STAMPS = {
+    InvoiceStatus.paid: "paid_at",
+    InvoiceStatus.void: "voided_at",
+    InvoiceStatus.uncollectible: "marked_uncollectible_at",
+}
+
+
+def _move_invoice(invoice: Invoice, to: InvoiceStatus, at: datetime) -> None:
+    """Move a finalized invoice to ``to`` as ``billing.states`` allows (else ``IllegalTransition``), stamped ``at``."""
+    if invoice_transition(InvoiceStatus(invoice.status), to):
+        invoice.status = to
+        setattr(invoice, _STAMPS[to], at)
+
+
 async def close_if_nothing_due(session: AsyncSession, invoice_id: uuid.UUID, at: datetime) -> Collection:
     """An open invoice with nothing to collect (a total of 0, or credited in full) is paid; commits."""
     invoice = await _invoice(session, invoice_id, lock=True)
     due = amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited)
     if InvoiceStatus(invoice.status) in COLLECTABLE and due == 0:
-        invoice_transition(InvoiceStatus(invoice.status), InvoiceStatus.paid)
-        invoice.status = InvoiceStatus.paid
-        invoice.paid_at = at
+        _move_invoice(invoice, InvoiceStatus.paid, at)
         session.add(invoice)
     await session.commit()
     return await collection(session, invoice_id)
@@ -221,7 +234,7 @@ async def _refuse_if_in_flight(session: AsyncSession, invoice: Invoice) -> None:
         )
     ).first()
     if busy is not None:
-        raise Conflict("status", f"attempt {busy} of invoice {invoice.number} is still in flight")
+        raise Conflict("status", f"attempt {busy} of invoice {invoice.number} is still in flight", IN_FLIGHT_KIND)
 
 
 async def _next_number(session: AsyncSession, invoice_id: uuid.UUID) -> int:
@@ -412,9 +425,7 @@ async def _pay_invoice(session: AsyncSession, row: PaymentAttempt, at: datetime)
             await ledger.post_write_off_recovered(session, str(row.id), row.tenant_id, row.currency, applied, at)
         invoice.amount_paid += applied
         if amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited) == 0:
-            invoice_transition(status, InvoiceStatus.paid)
-            invoice.status = InvoiceStatus.paid
-            invoice.paid_at = at
+            _move_invoice(invoice, InvoiceStatus.paid, at)
         session.add(invoice)
     if excess := row.amount - applied:
         subscription = (
@@ -503,9 +514,7 @@ async def void_invoice(
     if invoice.amount_paid or invoice.amount_credited:
         raise Conflict("amount_paid", f"invoice {invoice.number} has payments or credit notes: issue a credit note")
     await _refuse_if_in_flight(session, invoice)
-    invoice_transition(status, InvoiceStatus.void)
-    invoice.status = InvoiceStatus.void
-    invoice.voided_at = at
+    _move_invoice(invoice, InvoiceStatus.void, at)
     session.add(invoice)
     await ledger.post_reversal(
         session,
@@ -533,9 +542,7 @@ async def mark_uncollectible(
         return await collection(session, invoice_id)
     if status is not InvoiceStatus.open:
         raise Conflict("status", f"invoice {invoice.number} is {status.value}: only an open invoice is given up on")
-    invoice_transition(status, InvoiceStatus.uncollectible)
-    invoice.status = InvoiceStatus.uncollectible
-    invoice.marked_uncollectible_at = at
+    _move_invoice(invoice, InvoiceStatus.uncollectible, at)
     session.add(invoice)
     due = amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited)
     if due > 0:

@@ -15,7 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.money import format_money
-from billing.states import AttemptStatus, amount_due
+from billing.states import CAPTURED, AttemptStatus, amount_due
 from schema.models import Invoice, PaymentAttempt, Tenant
 from services import payments
 from services.documents import template
@@ -64,11 +64,7 @@ async def issue_receipt(
         raise NotFound("attempt_id", f"payment attempt {attempt_id} not found")
     if attempt.receipt_location is not None:
         return attempt.receipt_location
-    if AttemptStatus(attempt.status) not in (
-        AttemptStatus.succeeded,
-        AttemptStatus.partially_refunded,
-        AttemptStatus.refunded,
-    ):
+    if AttemptStatus(attempt.status) not in CAPTURED:
         raise Conflict("status", f"payment attempt {attempt.number} is {attempt.status}: no receipt")
     key, html = await receipt_html(session, attempt)
     await session.commit()  # no transaction is held while Chromium renders

@@ -44,8 +44,8 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters.psp import BalanceTransaction, Payout, Psp
+from billing.states import CAPTURED
 from schema.models import (
-    AttemptStatus,
     LedgerAccount,
     LedgerEntry,
     LedgerPosting,
@@ -58,7 +58,6 @@ from schema.models import (
 from services import ledger
 from services.errors import InvalidInput, NotFound
 
-CAPTURED = (AttemptStatus.succeeded, AttemptStatus.partially_refunded, AttemptStatus.refunded)
 CHARGE_TYPES = frozenset({"charge", "payment"})
 REFUND_TYPES = frozenset({"refund", "payment_refund"})
 PAYOUT_TYPE = "payout"
@@ -260,7 +259,7 @@ async def _candidates(session: AsyncSession, payout: Payout, charges_here: set[s
     query = (
         select(PaymentAttempt)
         .where(
-            col(PaymentAttempt.status).in_(CAPTURED),
+            col(PaymentAttempt.status).in_(list(CAPTURED)),
             PaymentAttempt.currency == payout.currency,
             col(PaymentAttempt.succeeded_at) <= payout.created,
             col(PaymentAttempt.psp_charge_id).is_(None) | col(PaymentAttempt.psp_charge_id).not_in(reported),
