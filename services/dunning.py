@@ -163,24 +163,41 @@ async def record_event(
     return inserted is not None
 
 
+async def _switch(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    before: SubscriptionStatus,
+    after: SubscriptionStatus,
+    key: str,
+    at: datetime,
+    *,
+    kind: str,
+    stage: str,
+) -> bool:
+    """Move the tenant's subscription from ``before`` to ``after`` under its row lock, with its event;
+    commits. False: it is not ``before`` (nothing changed)."""
+    subscription = await _subscription(session, tenant_id)
+    if subscription is not None and subscription.status is before:
+        locked = (
+            await session.exec(select(Subscription).where(Subscription.id == subscription.id).with_for_update())
+        ).one()
+        if locked.status is before:
+            locked.status = after
+            locked.suspended_at = at if after is SubscriptionStatus.suspended else None
+            session.add(locked)
+            await record_event(session, tenant_id, key, kind, stage=stage, at=at)
+            await session.commit()
+            return True
+    await session.commit()
+    return False
+
+
 async def suspend(session: AsyncSession, tenant_id: uuid.UUID, key: str, at: datetime) -> bool:
     """Suspend the tenant's active subscription (once per ``key``); commits. False: nothing to suspend."""
-    subscription = await _subscription(session, tenant_id)
-    if subscription is None or subscription.status is not SubscriptionStatus.active:
-        await session.commit()
-        return False
-    locked = (
-        await session.exec(select(Subscription).where(Subscription.id == subscription.id).with_for_update())
-    ).one()
-    if locked.status is not SubscriptionStatus.active:
-        await session.commit()
-        return False
-    locked.status = SubscriptionStatus.suspended
-    locked.suspended_at = at
-    session.add(locked)
-    await record_event(session, tenant_id, key, "suspended", stage="suspended", at=at)
-    await session.commit()
-    return True
+    return await _switch(
+        session, tenant_id, SubscriptionStatus.active, SubscriptionStatus.suspended, key, at,
+        kind="suspended", stage="suspended",
+    )  # fmt: skip
 
 
 async def resume_if_settled(session: AsyncSession, tenant_id: uuid.UUID, key: str, at: datetime) -> bool:
@@ -188,22 +205,10 @@ async def resume_if_settled(session: AsyncSession, tenant_id: uuid.UUID, key: st
     if (await outstanding(session, tenant_id, at)).invoices:
         await session.commit()
         return False
-    subscription = await _subscription(session, tenant_id)
-    if subscription is None or subscription.status is not SubscriptionStatus.suspended:
-        await session.commit()
-        return False
-    locked = (
-        await session.exec(select(Subscription).where(Subscription.id == subscription.id).with_for_update())
-    ).one()
-    if locked.status is not SubscriptionStatus.suspended:
-        await session.commit()
-        return False
-    locked.status = SubscriptionStatus.active
-    locked.suspended_at = None
-    session.add(locked)
-    await record_event(session, tenant_id, key, "resumed", stage="resolved", at=at)
-    await session.commit()
-    return True
+    return await _switch(
+        session, tenant_id, SubscriptionStatus.suspended, SubscriptionStatus.active, key, at,
+        kind="resumed", stage="resolved",
+    )  # fmt: skip
 
 
 async def usable_until(session: AsyncSession, subscription: Subscription) -> datetime | None:
