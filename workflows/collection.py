@@ -427,7 +427,6 @@ class InvoiceCollectionWorkflow:
 
     async def _settle_events(self) -> None:
         """Events about intents not in flight (late, duplicate, or of an earlier attempt): settle each once."""
-        data = self._require_input()
         self._busy = True
         try:
             while self._events:
@@ -437,7 +436,5 @@ class InvoiceCollectionWorkflow:
                     self._snapshot = settled.snapshot
                     self._record(settled.attempt)
                     self._events = [e for e in self._events if e.payment_intent_id != event.payment_intent_id]
-            if self._snapshot is None or data.invoice_id != self._snapshot.invoice_id:
-                await self._refresh()
         finally:
             self._busy = False

@@ -70,6 +70,11 @@ NOTICE_RETRY = RetryPolicy(
 OUTCOME_WAIT = timedelta(minutes=15)
 
 
+def _any_paid(outcomes: list[PaymentOutcome]) -> bool:
+    """Whether one of the outcomes settled its invoice (paid by an attempt or another way, or voided)."""
+    return any(o.status in ("succeeded", "paid", "void") for o in outcomes)
+
+
 @workflow.defn(name=DUNNING_WORKFLOW)
 class DunningWorkflow:
     def __init__(self) -> None:
@@ -322,7 +327,7 @@ class DunningWorkflow:
 
     async def _settled(self, data: DunningInput) -> bool:
         """Consume the outcomes heard; True when a payment left nothing outstanding."""
-        paid = any(o.status in ("succeeded", "paid", "void") for o in self._outcomes)
+        paid = _any_paid(self._outcomes)
         self._outcomes.clear()
         if not paid:
             return False
@@ -345,7 +350,7 @@ class DunningWorkflow:
             for outcome in self._outcomes:
                 waiting.discard(outcome.invoice_id)
             heard.extend(self._outcomes)
-            paid = any(o.status in ("succeeded", "paid", "void") for o in self._outcomes)
+            paid = _any_paid(self._outcomes)
             self._outcomes.clear()
             return not waiting or paid
 

@@ -237,6 +237,19 @@ async def record_payment(
     return await _attempt_row(session, attempt)
 
 
+async def _invoice_action(
+    client: Client,
+    settings: Settings,
+    session: AsyncSession,
+    invoice_id: uuid.UUID,
+    update: str,
+    request: InvoiceActionRequest,
+) -> InvoicePublic:
+    """An operator's action on the invoice (an Update of its collection), then the invoice as it is now."""
+    await _update(await _collection(client, settings, session, invoice_id), update, request, CollectionSnapshot)
+    return _public(await get_or_404(session, Invoice, invoice_id, "invoice", refresh=True))
+
+
 @router.post("/{invoice_id}/void", responses=_ACTION_RESPONSES)
 async def void_invoice(
     invoice_id: uuid.UUID,
@@ -248,10 +261,8 @@ async def void_invoice(
 ) -> InvoicePublic:
     """Void an open or uncollectible invoice nothing was paid or credited on; its finalization
     posting is reversed. 409 naming ``status`` or ``amount_paid`` otherwise."""
-    handle = await _collection(client, settings, session, invoice_id)
     request = InvoiceActionRequest(principal.subject, body.reason if body else None)
-    await _update(handle, COLLECTION_VOID_UPDATE, request, CollectionSnapshot)
-    return _public(await get_or_404(session, Invoice, invoice_id, "invoice", refresh=True))
+    return await _invoice_action(client, settings, session, invoice_id, COLLECTION_VOID_UPDATE, request)
 
 
 @router.post("/{invoice_id}/mark-uncollectible", responses=_ACTION_RESPONSES)
@@ -264,10 +275,8 @@ async def mark_invoice_uncollectible(
     body: InvoiceActionCreate | None = None,
 ) -> InvoicePublic:
     """Give up on an open invoice: what is due is written off to bad debt; it can still be paid or voided."""
-    handle = await _collection(client, settings, session, invoice_id)
     request = InvoiceActionRequest(principal.subject, body.reason if body else None)
-    await _update(handle, COLLECTION_MARK_UNCOLLECTIBLE_UPDATE, request, CollectionSnapshot)
-    return _public(await get_or_404(session, Invoice, invoice_id, "invoice", refresh=True))
+    return await _invoice_action(client, settings, session, invoice_id, COLLECTION_MARK_UNCOLLECTIBLE_UPDATE, request)
 
 
 @router.get("/{invoice_id}/payments", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}})
