@@ -195,9 +195,11 @@ def emulator() -> Iterator[RunningEmulator]:
         yield running
 
 
-@pytest_asyncio.fixture(scope="module")
+@pytest_asyncio.fixture
 async def env() -> AsyncIterator[WorkflowEnvironment]:
-    """A time-skipping server of this module's own (dunning sleeps for days)."""
+    """A time-skipping server of each test's own (~0.1 s to start): dunning sleeps for days, and a
+    campaign a test leaves waiting on a retry timer would otherwise stop a later test's server from
+    skipping time (its timer fires with no worker left to run it)."""
     started = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
     )
