@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -112,5 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(register(args.wait))
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown. The Temporal client's Rust threads can outlive the
+    event loop and abort a finalizing interpreter (``PyGILState_Release``, exit -6; temporalio
+    sdk-python issue 300), which would fail a setup Job whose work was done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

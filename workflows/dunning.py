@@ -86,8 +86,12 @@ class DunningWorkflow:
         self._retries = 0
         self._next_at: datetime | None = None
         self._paused = False
-        self._retry_now = False
-        self._skip = False
+        # Operators' "retry now" and "skip" name the retry they were asked for (the one after
+        # ``_failures`` failures), so a request that arrives while that retry runs is spent on it
+        # and never fires a second, unasked-for charge later.
+        self._retry_now: int | None = None
+        self._skip: int | None = None
+        self._running: int | None = None  # the retry being made now
         self._outcomes: list[PaymentOutcome] = []
         self._attempts: list[DunningAttempt] = []
         self._notices: list[str] = []
@@ -156,7 +160,7 @@ class DunningWorkflow:
 
     @workflow.update(name=DUNNING_RETRY_NOW_UPDATE)
     async def retry_now(self, action: DunningAction) -> DunningState:
-        self._retry_now = True
+        self._retry_now = self._failures
         await self._record("retry_now", action)
         return self.state()
 
@@ -170,13 +174,18 @@ class DunningWorkflow:
 
     @workflow.update(name=DUNNING_SKIP_STEP_UPDATE)
     async def skip_step(self, action: DunningAction) -> DunningState:
-        self._skip = True
+        self._skip = self._failures
         await self._record("skip_step", action)
         return self.state()
 
     @skip_step.validator
     def _validate_skip_step(self, action: DunningAction) -> None:
         self._validate_retry_now(action)
+        if self._running is not None:
+            raise ApplicationError(
+                f"retry {self._running} is being made now: skip the next one once it has ended",
+                type=ERR_DUNNING_REFUSED,
+            )
 
     @workflow.update(name=DUNNING_EXTEND_UPDATE)
     async def extend(self, extension: DunningExtension) -> DunningState:
@@ -228,10 +237,14 @@ class DunningWorkflow:
                 self._next_at = None
                 return self.state()
             self._retry_round = retry
-            if self._skip:  # an operator skipped this retry: escalate without charging
-                self._skip = False
-            elif await self._retry(data):
-                return await self._resolve(data, cycle)
+            if self._skip == retry:  # an operator skipped this retry: escalate without charging
+                pass
+            else:
+                self._running = retry
+                charged_off = await self._retry(data)
+                self._running = None
+                if charged_off:
+                    return await self._resolve(data, cycle)
             self._failures += 1
             await self._enter(data, cycle, stage_after_failures(self._failures, self._retries))
         self._next_at = None
@@ -307,19 +320,22 @@ class DunningWorkflow:
         while True:
             assert self._next_at is not None
             left = self._next_at - workflow.now()
-            if not self._paused and (self._retry_now or self._skip or left <= timedelta(0)):
-                self._retry_now = False
+            if not self._paused and (self._asked() or left <= timedelta(0)):
                 return False
             await self._woken(None if self._paused else left)
             if self._outcomes and await self._settled(data):
                 return True
+
+    def _asked(self) -> bool:
+        """An operator asked for the pending retry (after ``_failures`` failures) now, or to skip it."""
+        return self._failures in (self._retry_now, self._skip)
 
     async def _woken(self, at_most: timedelta | None) -> None:
         """Until an outcome, an operator's retry or skip, a pause or resume, or ``at_most``."""
         version = self._version
         try:
             await workflow.wait_condition(
-                lambda: bool(self._outcomes) or self._retry_now or self._skip or self._version != version,
+                lambda: bool(self._outcomes) or self._asked() or self._version != version,
                 timeout=at_most,
             )
         except TimeoutError:
