@@ -18,7 +18,9 @@ from temporalio.client import Client
 
 from adapters.psp import Psp
 from adapters.storage import DocumentStore
+from api.middleware import client_of
 from core.settings import Settings
+from services import audit
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ ANONYMOUS_OPERATOR = Principal(subject="anonymous", roles=frozenset({"operator"}
 async def current_principal() -> Principal:
     """Who is calling. Replace with token verification; handlers stay untouched."""
     return ANONYMOUS_OPERATOR
+
+
+async def audited_principal(request: Request, principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    """The caller, also named as the actor of the writes this request makes (services/audit.py)."""
+    address, request_id = client_of(request)
+    audit.set_actor(audit.Actor(principal.subject, "user", tuple(sorted(principal.roles)), address, request_id))
+    return principal
 
 
 def get_settings(request: Request) -> Settings:

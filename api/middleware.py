@@ -10,10 +10,12 @@ import uuid
 import structlog
 from asgi_correlation_id import correlation_id
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ErrorItem, error_json
 from core.observability import bind_tenant as bind_tenant
+from services import audit
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -28,6 +30,12 @@ def is_sane_request_id(offered: str) -> bool:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def client_of(request: Request) -> tuple[str | None, str | None]:
+    """Where a request comes from, for the audit log: the client's address (behind a proxy, the
+    one uvicorn's ``--forwarded-allow-ips`` trusts) and the request id."""
+    return (request.client.host if request.client else None), correlation_id.get()
 
 
 class RequestContextMiddleware:
@@ -47,6 +55,7 @@ class RequestContextMiddleware:
             return
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=correlation_id.get() or new_request_id())
+        audit.set_actor(None)  # each request names its own actor (api/auth.py)
         status = 500
         started = time.perf_counter()
 

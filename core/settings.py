@@ -121,6 +121,13 @@ class Settings(BaseSettings):
         default=60.0, gt=0, le=86400, description="Seconds collection waits for the PSP's webhook before asking it"
     )
     psp_emulator_port: int = 12111
+    # Signed meter webhooks (docs/security.md "Signed meter webhooks").
+    meter_webhook_tolerance: int = Field(
+        default=300, ge=10, le=3600, description="Seconds a meter gateway's signature time may be from ours"
+    )
+    meter_gateway_rotation_overlap: int = Field(
+        default=86400, ge=0, le=30 * 86400, description="Seconds a rotated gateway secret is still accepted"
+    )
     # PSP event processing (docs/payments.md "Webhook processing"): a Schedule sweeps events the
     # API stored but could not hand to Temporal.
     psp_events_sweep_schedule_id: str = "psp-events-sweep"

@@ -883,3 +883,66 @@ class Notice(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1000)
     created_at: datetime = _ts(default_factory=utcnow)
     sent_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One write by a principal, append-only (``services/audit.py``, ``docs/security.md``).
+
+    Written in the same transaction as the change it describes: who (``actor`` and its kind and
+    roles), what (``entity``/``entity_id``, ``action``, the changed columns ``before`` and
+    ``after``, secrets redacted), when (``at``, the transaction's time) and from where
+    (``address``, ``request_id``). ``tenant_id`` is the tenant the row belongs to, when it does.
+    A trigger refuses UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_entity", "entity", "entity_id", "id"),
+        Index("ix_audit_tenant", "tenant_id", "id"),
+        Index("ix_audit_actor", "actor", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(always=True), primary_key=True))
+    at: datetime = _ts(default_factory=utcnow)
+    actor: str = Field(max_length=320)
+    actor_kind: str = Field(max_length=32)
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    action: str = Field(max_length=100)
+    entity: str = Field(max_length=100)
+    entity_id: str | None = Field(default=None, max_length=255)
+    tenant_id: uuid.UUID | None = Field(default=None)
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    address: str | None = Field(default=None, max_length=100)
+    request_id: str | None = Field(default=None, max_length=100)
+
+
+class MeterGateway(SQLModel, table=True):
+    """A meter gateway that posts signed usage to ``/v1/webhooks/meters`` (``services/meter_gateways.py``).
+
+    ``secret`` is the shared HMAC-SHA256 key (it must be readable to verify, like any webhook
+    secret); after a rotation ``previous_secret`` is still accepted until ``previous_valid_until``.
+    A gateway bound to a tenant may only report that tenant's usage.
+    """
+
+    __tablename__ = "meter_gateways"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=200)
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id")
+    secret: str = Field(max_length=200)
+    previous_secret: str | None = Field(default=None, max_length=200)
+    previous_valid_until: datetime | None = _ts(nullable=True, default=None)
+    created_at: datetime = _ts(default_factory=utcnow)
+    disabled_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class MeterWebhookNonce(SQLModel, table=True):
+    """A signature already accepted from a gateway (replay protection), kept for twice the tolerance."""
+
+    __tablename__ = "meter_webhook_nonces"
+    __table_args__ = (Index("ix_meter_webhook_nonce_seen", "seen_at"),)
+
+    gateway_id: uuid.UUID = Field(foreign_key="meter_gateways.id", primary_key=True)
+    nonce: str = Field(primary_key=True, max_length=128)
+    seen_at: datetime = _ts(default_factory=utcnow)

@@ -23,7 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from schema.db import execute_sql
 from schema.models import UsageSource
-from services import usage_fence
+from services import audit, usage_fence
 from services.inputs import ExactDecimal, IdempotencyKey, MeterCode, Properties, UtcDatetime, check_pg_text
 
 
@@ -187,11 +187,17 @@ def _shown(value: object) -> str:
 
 
 async def ingest(
-    session: AsyncSession, raws: Sequence[object], source: UsageSource, *, first_index: int = 0
+    session: AsyncSession,
+    raws: Sequence[object],
+    source: UsageSource,
+    *,
+    first_index: int = 0,
+    only_tenant: uuid.UUID | None = None,
 ) -> UsageBatchResult:
-    """Validate and store ``raws``; ``index`` of each result is ``first_index`` + its position."""
+    """Validate and store ``raws``; ``index`` of each result is ``first_index`` + its position.
+    With ``only_tenant`` (a caller bound to one tenant) another tenant's rows are rejected."""
     outcomes = [parse_row(first_index + i, raw) for i, raw in enumerate(raws)]
-    await store(session, outcomes, source)
+    await store(session, outcomes, source, only_tenant=only_tenant)
     results = [o.result() for o in outcomes]
     return UsageBatchResult(
         accepted=sum(r.status is RowStatus.accepted for r in results),
@@ -202,7 +208,13 @@ async def ingest(
     )
 
 
-async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: UsageSource) -> None:
+async def store(
+    session: AsyncSession,
+    outcomes: Sequence[RowOutcome],
+    source: UsageSource,
+    *,
+    only_tenant: uuid.UUID | None = None,
+) -> None:
     """Resolve references and insert the valid rows of ``outcomes``; settles each one's status.
 
     Valid rows arrive tentatively ``accepted`` and leave accepted, duplicate or rejected (unknown
@@ -220,6 +232,10 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
     first_in_batch: dict[tuple[uuid.UUID, str], UsageEventIn] = {}
     batch: list[tuple[RowOutcome, UsageEventIn]] = []
     for outcome, event in valid:
+        if only_tenant is not None and event.tenant_id != only_tenant:
+            message = f"this caller reports usage for tenant {only_tenant} only"
+            outcome.reject(("tenant_id",), message, "tenant_forbidden")
+            continue
         if event.tenant_id not in known_tenants:
             outcome.reject(("tenant_id",), f"tenant {event.tenant_id} does not exist", "not_found")
         if event.meter not in meter_ids:
@@ -264,11 +280,21 @@ async def store(session: AsyncSession, outcomes: Sequence[RowOutcome], source: U
             outcome.settle_repeat(
                 _differences(event, meter_ids[event.meter], by_key[(event.tenant_id, event.idempotency_key)])
             )
+    audit.record(
+        session,
+        "ingest",
+        "usage_events",
+        tenant_id=only_tenant,
+        after={"source": source.value, "rows": len(batch), "stored": len(stored)},
+    )
     await session.commit()
 
 
-async def ingest_event(session: AsyncSession, event: UsageEventIn, source: UsageSource) -> RowOutcome:
-    """Store one already validated event; the outcome is accepted, duplicate, or rejected (unknown ids)."""
+async def ingest_event(
+    session: AsyncSession, event: UsageEventIn, source: UsageSource, *, only_tenant: uuid.UUID | None = None
+) -> RowOutcome:
+    """Store one already validated event; the outcome is accepted, duplicate, or rejected (unknown
+    ids, or another tenant's than ``only_tenant``)."""
     outcome = parse_row(0, event)
-    await store(session, [outcome], source)
+    await store(session, [outcome], source, only_tenant=only_tenant)
     return outcome

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.deps import current_principal
+from api.deps import audited_principal
 from api.routers import (
     billing_runs,
     credit_notes,
@@ -13,6 +13,7 @@ from api.routers import (
     health,
     invoices,
     ledger,
+    meter_gateways,
     meters,
     plans,
     promo_codes,
@@ -26,7 +27,7 @@ from api.routers import (
 
 health_router = health.router
 
-v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
+v1_router = APIRouter(prefix="/v1", dependencies=[Depends(audited_principal)])
 for _module in (
     tenants,
     meters,
@@ -41,6 +42,7 @@ for _module in (
     dunning,
     ledger,
     reconciliation,
+    meter_gateways,
 ):
     v1_router.include_router(_module.router)
 

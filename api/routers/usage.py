@@ -28,7 +28,7 @@ MAX_BATCH = 10_000
 CSV_COLUMNS = ("tenant_id", "meter", "quantity", "occurred_at", "idempotency_key")
 MAX_CSV_BYTES = 8 * 1024 * 1024
 
-_BATCH_SCHEMA: dict[str, Any] = {
+BATCH_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["events"],
     "properties": {
@@ -47,7 +47,7 @@ def _check_batch_size(count: int, loc: str) -> None:
         raise body_error((loc,), f"must hold 1 to {MAX_BATCH} events, got {count}", "batch_size")
 
 
-def _log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult:
+def log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult:
     log.info(
         "usage ingested",
         source=source.value,
@@ -61,19 +61,25 @@ def _log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResul
 
 @router.post(
     "",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _BATCH_SCHEMA}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BATCH_SCHEMA}}}},
 )
 async def ingest_batch(request: Request, session: SessionDep) -> UsageBatchResult:
     """Store a JSON batch; every row gets its own status. Numbers are read as exact decimals."""
+    events = batch_events(await request.body())
+    return log_batch(UsageSource.api, await ingest(session, events, UsageSource.api))
+
+
+def batch_events(body: bytes) -> list[Any]:
+    """The rows of a JSON batch body ``{"events": [...]}``; the envelope's faults are 422s."""
     try:
-        payload = loads_decimal(await request.body())
+        payload = loads_decimal(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise body_error((), f"body is not valid JSON: {exc}", "json_invalid") from None
     events = payload.get("events") if isinstance(payload, dict) else None
     if not isinstance(events, list):
         raise body_error(("events",), 'body must be an object with an "events" list', "list_type")
     _check_batch_size(len(events), "events")
-    return _log_batch(UsageSource.api, await ingest(session, events, UsageSource.api))
+    return events
 
 
 def _csv_rows(text: str) -> list[dict[str, str]]:
@@ -122,7 +128,7 @@ async def ingest_csv(
         raise body_error(("file",), "must be UTF-8 text", "unicode_decode") from None
     rows = _csv_rows(text)
     _check_batch_size(len(rows), "file")
-    return _log_batch(UsageSource.csv, await ingest(session, rows, UsageSource.csv, first_index=1))
+    return log_batch(UsageSource.csv, await ingest(session, rows, UsageSource.csv, first_index=1))
 
 
 @router.post(

@@ -17,8 +17,12 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError, error_responses
-from schema.models import PspEventStatus
-from services import psp_events
+from api.middleware import client_of
+from api.routers.usage import BATCH_SCHEMA, batch_events, log_batch
+from schema.models import PspEventStatus, UsageSource, utcnow
+from services import audit, meter_gateways, psp_events
+from services.ingestion import UsageBatchResult, ingest
+from services.signatures import SignatureRejected
 from workflows.contracts import PSP_EVENT_WORKFLOW, PspEventInput, psp_event_workflow_id
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
@@ -96,3 +100,39 @@ async def stripe_webhook(
     return WebhookAck(
         event_id=intake.event_id, type=intake.type, status=intake.status.value, duplicate=intake.duplicate
     )
+
+
+@router.post(
+    "/meters",
+    responses=error_responses(401, 409, 422),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BATCH_SCHEMA}}}},
+)
+async def meter_webhook(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    roomly_gateway: Annotated[str | None, Header(description="The meter gateway's id")] = None,
+    roomly_signature: Annotated[str | None, Header(description="t=<unix time>,v1=<HMAC-SHA256 of t.body>")] = None,
+) -> UsageBatchResult:
+    """A signed batch of usage from a meter gateway, answered row by row like ``POST /v1/usage``.
+    401 for a missing, wrong or stale signature, an unknown gateway, or a replayed delivery
+    (nothing written); a gateway bound to one tenant has other tenants' rows rejected."""
+    body = await request.body()
+    try:
+        gateway = await meter_gateways.authenticate(
+            session,
+            roomly_gateway,
+            roomly_signature,
+            body,
+            utcnow(),
+            timedelta(seconds=settings.meter_webhook_tolerance),
+        )
+    except SignatureRejected as refused:
+        raise ApiError(
+            status.HTTP_401_UNAUTHORIZED, refused.kind, refused.message, "Roomly-Signature", "header"
+        ) from None
+    events = batch_events(body)
+    audit.set_actor(audit.Actor(f"gateway:{gateway.id}", "gateway", ("meter_gateway",), *client_of(request)))
+    result = await ingest(session, events, UsageSource.webhook, only_tenant=gateway.tenant_id)
+    await session.commit()  # the nonce, when no row was new (ingest committed otherwise)
+    return log_batch(UsageSource.webhook, result)

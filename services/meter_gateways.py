@@ -1,0 +1,117 @@
+"""Meter gateways: who may post signed usage to ``/v1/webhooks/meters``, and the check of each delivery.
+
+A delivery is accepted when its gateway exists and is enabled, its ``Roomly-Signature``
+(:mod:`services.signatures`) matches the body under the gateway's secret — or, for a while after a
+rotation, the previous one — its time is within the tolerance, and its signature was not seen
+before from that gateway (the nonce row is written in the delivery's transaction, so a replay
+inside the tolerance is refused and a delivery that wrote nothing can be sent again).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from schema.db import execute_sql
+from schema.models import MeterGateway, Tenant, utcnow
+from services.errors import InvalidInput, NotFound
+from services.signatures import SignatureRejected, new_secret, verify
+
+_CLAIM_NONCE = text(
+    "INSERT INTO meter_webhook_nonces (gateway_id, nonce, seen_at) VALUES (:gateway, :nonce, :now) "
+    "ON CONFLICT DO NOTHING RETURNING nonce"
+)
+_FORGET_NONCES = text("DELETE FROM meter_webhook_nonces WHERE gateway_id = :gateway AND seen_at < :before")
+
+
+@dataclass(frozen=True)
+class GatewayWithSecret:
+    gateway: MeterGateway
+    secret: str  # shown once, when made or rotated
+
+
+async def create(session: AsyncSession, name: str, tenant_id: uuid.UUID | None = None) -> GatewayWithSecret:
+    name = name.strip()
+    if not name:
+        raise InvalidInput("name", "must not be blank")
+    if tenant_id is not None and await session.get(Tenant, tenant_id) is None:
+        raise InvalidInput("tenant_id", f"tenant {tenant_id} does not exist")
+    secret = new_secret()
+    gateway = MeterGateway(name=name, tenant_id=tenant_id, secret=secret)
+    session.add(gateway)
+    await session.commit()
+    return GatewayWithSecret(gateway, secret)
+
+
+async def get(session: AsyncSession, gateway_id: uuid.UUID) -> MeterGateway:
+    gateway = await session.get(MeterGateway, gateway_id)
+    if gateway is None:
+        raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
+    return gateway
+
+
+async def listing(session: AsyncSession) -> list[MeterGateway]:
+    return list((await session.exec(select(MeterGateway).order_by(col(MeterGateway.created_at)))).all())
+
+
+async def rotate(session: AsyncSession, gateway_id: uuid.UUID, overlap: timedelta) -> GatewayWithSecret:
+    """A new secret; the old one is still accepted for ``overlap`` (time to reconfigure the gateway)."""
+    gateway = await session.get(MeterGateway, gateway_id, with_for_update=True)
+    if gateway is None:
+        raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
+    secret = new_secret()
+    gateway.previous_secret = gateway.secret
+    gateway.previous_valid_until = utcnow() + overlap
+    gateway.secret = secret
+    session.add(gateway)
+    await session.commit()
+    return GatewayWithSecret(gateway, secret)
+
+
+async def disable(session: AsyncSession, gateway_id: uuid.UUID) -> MeterGateway:
+    gateway = await session.get(MeterGateway, gateway_id, with_for_update=True)
+    if gateway is None:
+        raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
+    if gateway.disabled_at is None:
+        gateway.disabled_at = utcnow()
+        session.add(gateway)
+        await session.commit()
+    return gateway
+
+
+def _secrets(gateway: MeterGateway, now: datetime) -> list[str]:
+    accepted = [gateway.secret]
+    if gateway.previous_secret and gateway.previous_valid_until and now < gateway.previous_valid_until:
+        accepted.append(gateway.previous_secret)
+    return accepted
+
+
+async def authenticate(
+    session: AsyncSession,
+    gateway_header: str | None,
+    signature: str | None,
+    body: bytes,
+    now: datetime,
+    tolerance: timedelta,
+) -> MeterGateway:
+    """The gateway a delivery comes from, its signature checked and its nonce claimed in the
+    session's transaction (commit it with the delivery's writes). Raises :class:`SignatureRejected`:
+    an unknown or disabled gateway reads as a bad signature, so gateway ids cannot be probed."""
+    try:
+        gateway_id = uuid.UUID(gateway_header or "")
+    except ValueError:
+        raise SignatureRejected("gateway_unknown", "Roomly-Gateway must be a meter gateway's id") from None
+    gateway = await session.get(MeterGateway, gateway_id)
+    if gateway is None or gateway.disabled_at is not None:
+        raise SignatureRejected("signature_invalid", "the signature does not match the body")
+    verified = verify(signature, body, _secrets(gateway, now), now, tolerance)
+    await execute_sql(session, _FORGET_NONCES, {"gateway": gateway.id, "before": now - 2 * tolerance})
+    claimed = await execute_sql(session, _CLAIM_NONCE, {"gateway": gateway.id, "nonce": verified.signature, "now": now})
+    if claimed.first() is None:
+        raise SignatureRejected("signature_replayed", "this signed delivery was already received")
+    return gateway
