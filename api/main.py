@@ -13,6 +13,7 @@ import structlog
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +32,8 @@ from api.idempotency import IdempotencyMiddleware
 from api.middleware import (
     REQUEST_ID_HEADER,
     BodyLimitMiddleware,
+    CrossOriginGuard,
+    HostGuard,
     RequestContextMiddleware,
     is_sane_request_id,
     new_request_id,
@@ -102,6 +105,16 @@ def create_app(
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(CrossOriginGuard, allowed=settings.cors_origins)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", REQUEST_ID_HEADER],
+        expose_headers=[REQUEST_ID_HEADER, "Retry-After", "Idempotent-Replayed"],
+        max_age=600,
+    )
+    app.add_middleware(HostGuard, allowed=settings.allowed_hosts)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(
         CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=is_sane_request_id, generator=new_request_id

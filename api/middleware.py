@@ -132,3 +132,78 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class CrossOriginGuard:
+    """403 for a state-changing request (not GET, HEAD or OPTIONS) that a browser sent from a page
+    of another origin: its ``Origin`` is neither this host nor one of ``allowed``. CORS alone would
+    only hide the answer; a form post or a no-preflight fetch would still act. Requests without an
+    ``Origin`` (servers, curl, PSP and meter webhooks) are not browsers' and pass."""
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in self.SAFE:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is None or origin in self.allowed or _same_host(origin, headers.get("host")):
+            await self.app(scope, receive, send)
+            return
+        message = f"requests from origin {origin!r} are refused"
+        await _refuse(send, 403, ErrorItem(type="cross_origin_refused", message=message, field="Origin", in_="header"))
+
+
+class HostGuard:
+    """400 naming ``Host`` for a request to a host name not in ``allowed`` (``*.example.com``
+    allows its subdomains): a page that rebinds its own DNS name to this server cannot read our
+    answers. The probes (``/healthz``, ``/readyz``) are exempt: a kubelet calls them by pod IP."""
+
+    EXEMPT = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.exact = frozenset(h.lower() for h in allowed if not h.startswith("*."))
+        self.suffixes = tuple(h[1:].lower() for h in allowed if h.startswith("*."))
+
+    def allows(self, host_header: str | None) -> bool:
+        if self.any:
+            return True
+        if not host_header:
+            return False
+        host = host_header.lower()
+        if host.startswith("["):  # [::1]:8000
+            host = host[: host.find("]") + 1]
+        elif host.count(":") == 1:
+            host = host.rsplit(":", 1)[0]
+        return host in self.exact or (bool(self.suffixes) and host.endswith(self.suffixes))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT or self.allows(Headers(scope=scope).get("host")):
+            await self.app(scope, receive, send)
+            return
+        message = "this host name is not served (API_ALLOWED_HOSTS)"
+        await _refuse(send, 400, ErrorItem(type="host_refused", message=message, field="Host", in_="header"))
+
+
+async def _refuse(send: Send, status: int, item: ErrorItem) -> None:
+    body = json.dumps(error_json([item])).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _same_host(origin: str, host: str | None) -> bool:
+    _, sep, rest = origin.partition("://")
+    return bool(sep) and host is not None and rest.lower() == host.lower()

@@ -149,6 +149,24 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
+    # Browsers (docs/security.md "Browsers"): the Host names the API answers to (others get 400,
+    # which defeats DNS rebinding), and the web origins allowed to call it cross-origin.
+    api_allowed_hosts: str = Field(
+        default="localhost,127.0.0.1,[::1]",
+        min_length=1,
+        description="Comma-separated Host names the API answers (a leading *. allows subdomains)",
+    )
+    api_cors_origins: str = Field(
+        default="", description="Comma-separated origins (scheme://host[:port]) allowed cross-origin; empty: none"
+    )
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return [h.strip() for h in self.api_allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()]
 
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto

@@ -142,7 +142,10 @@ async def test_an_unexpected_error_is_a_json_500_that_closes_the_connection(sett
 
     app.add_api_route("/boom", boom)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://localhost") as c,
+    ):
         response = await c.get("/boom")
     assert response.status_code == 500
     assert response.json() == {

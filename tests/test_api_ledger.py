@@ -50,7 +50,7 @@ async def api(sessions, settings, temporal_env) -> AsyncIterator[tuple[httpx.Asy
     chunks = BodyChunks(app)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=chunks)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield client, chunks
 
 

@@ -21,7 +21,7 @@ async def api_client(settings: Settings, temporal_client: Client) -> AsyncIterat
     app = create_app(settings, temporal_client=temporal_client)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield client
 
 

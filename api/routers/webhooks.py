@@ -25,6 +25,7 @@ from services.ingestion import UsageBatchResult, ingest
 from services.signatures import SignatureRejected
 from workflows.contracts import PSP_EVENT_WORKFLOW, PspEventInput, psp_event_workflow_id
 
+# No media-type check here: a signature, which no web page can make, is these routes' credential.
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 log = structlog.stdlib.get_logger("api")
 
