@@ -5,6 +5,7 @@ refused (403), unknown Host names get 400 (DNS rebinding), CORS answers only all
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -30,8 +31,9 @@ async def _count(sessions, table: str) -> int:
         return int((await execute_sql(session, text(f"SELECT count(*) FROM {table}"))).scalar_one())
 
 
-def _error(response) -> dict:
+def _error(response) -> dict[str, Any]:
     (error,) = response.json()["errors"]
+    assert isinstance(error, dict)
     return error
 
 

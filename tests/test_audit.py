@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -25,7 +26,7 @@ async def api(sessions, settings, temporal_env):
         yield client
 
 
-async def _log(sessions) -> list[dict]:
+async def _log(sessions) -> list[dict[str, Any]]:
     async with sessions() as session:
         rows = await execute_sql(session, text("SELECT * FROM audit_log ORDER BY id"))
         return [dict(row._mapping) for row in rows]
