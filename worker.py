@@ -42,6 +42,7 @@ from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
+from adapters.webhooks import HttpWebhookSender
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -248,7 +249,9 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         )
         reconciliation = ReconciliationActivities(sessions, psp)
         credit_notes = CreditNoteActivities(sessions, renderer, store, psp)
-        notice_sender = NoticeActivities(sessions, SmtpMailSender.from_settings(settings), store)
+        notice_sender = NoticeActivities(
+            sessions, SmtpMailSender.from_settings(settings), store, HttpWebhookSender.from_settings(settings)
+        )
         # Its client is the worker's own: processing signals and starts workflows with it.
         events = PspEventActivities(
             sessions,

@@ -110,6 +110,28 @@ class TenantPublic(Public):
     default_payment_method: str | None = Field(
         default=None, description="The saved card charged off-session (read-only; POST .../payment-method)"
     )
+    notice_webhook_url: str | None = Field(
+        default=None, description="Where notices are also posted, signed (PUT .../notice-webhook); null: email only"
+    )
+
+
+class NoticeWebhookSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="https URL (http too outside production) notices are posted to; a public address in production",
+        examples=["https://tenant.example/roomly/notices"],
+    )
+
+
+class NoticeWebhookSecret(BaseModel):
+    url: str
+    secret: str = Field(
+        description="The HMAC-SHA256 key of the Roomly-Signature header; shown only here, once. "
+        "A new PUT makes a new one (the old one signs nothing more)"
+    )
 
 
 class PaymentMethodSave(BaseModel):

@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = Field(default=False, description="Require STARTTLS before authenticating and sending")
     smtp_timeout: float = Field(default=30.0, gt=0, le=300, description="Seconds one SMTP conversation may take")
+    # ... and an optional signed webhook per tenant (services/notice_webhooks.py).
+    notice_webhook_timeout: float = Field(
+        default=10.0, gt=0, le=120, description="Seconds one webhook delivery may take (resolving, connecting, answer)"
+    )
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

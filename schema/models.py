@@ -83,7 +83,12 @@ class UsageSource(StrEnum):
 
 class Tenant(SQLModel, table=True):
     __tablename__ = "tenants"
-    __table_args__ = (CheckConstraint("currency ~ '^[A-Z]{3}$'", name="ck_tenant_currency"),)
+    __table_args__ = (
+        CheckConstraint("currency ~ '^[A-Z]{3}$'", name="ck_tenant_currency"),
+        CheckConstraint(
+            "(notice_webhook_url IS NULL) = (notice_webhook_secret IS NULL)", name="ck_tenant_notice_webhook"
+        ),
+    )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     name: str = Field(max_length=200)
@@ -103,6 +108,9 @@ class Tenant(SQLModel, table=True):
     # The tenant at the PSP: its customer and the saved card charged off-session (docs/payments.md).
     psp_customer_id: str | None = Field(default=None, max_length=255, unique=True)
     default_payment_method: str | None = Field(default=None, max_length=255)
+    # Where notices are also posted, signed with the shared HMAC secret (services/notice_webhooks.py).
+    notice_webhook_url: str | None = Field(default=None, max_length=2048)
+    notice_webhook_secret: str | None = Field(default=None, max_length=128)
 
 
 class Meter(SQLModel, table=True):
@@ -852,13 +860,21 @@ class NoticeStatus(StrEnum):
     failed = "failed"  # the mail server refused it for good (a 5xx on the recipient or the message)
 
 
+class NoticeWebhookStatus(StrEnum):
+    none = "none"  # the tenant had no webhook when the notice was written (or cleared it before delivery)
+    pending = "pending"  # to be posted to the tenant's webhook
+    sent = "sent"  # the receiver answered 2xx (webhook_delivered_at set)
+    failed = "failed"  # refused for good (a 4xx other than 408/429, a redirect, a forbidden address)
+
+
 class Notice(SQLModel, table=True):
     """One email to a tenant in the outbox (``services/notices.py``, ``docs/notices.md``).
 
     Written in the caller's transaction, with the state change it tells about; ``key`` is the
     business key (``dunning:{tenant}:{cycle}:step:{n}``), so enqueueing again adds nothing. The
     recipient is the tenant's email when it was enqueued. ``message_id`` is deterministic from the
-    id (``<notice-{id}@roomly.local>``) and stored when the server accepted it.
+    id (``<notice-{id}@roomly.local>``) and stored when the server accepted it. ``webhook_*`` is the
+    delivery to the tenant's signed webhook, apart from the email (``services/notice_webhooks.py``).
     """
 
     __tablename__ = "notices"
@@ -866,7 +882,12 @@ class Notice(SQLModel, table=True):
         UniqueConstraint("key", name="uq_notice_key"),
         CheckConstraint("(status = 'sent') = (sent_at IS NOT NULL AND message_id IS NOT NULL)", name="ck_notice_sent"),
         CheckConstraint("attempts >= 0", name="ck_notice_attempts"),
+        CheckConstraint(
+            "(webhook_status = 'sent') = (webhook_delivered_at IS NOT NULL)", name="ck_notice_webhook_sent"
+        ),
+        CheckConstraint("webhook_attempts >= 0", name="ck_notice_webhook_attempts"),
         Index("ix_notice_pending", "created_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_notice_webhook_pending", "created_at", postgresql_where=text("webhook_status = 'pending'")),
         Index("ix_notice_tenant", "tenant_id", "created_at"),
     )
 
@@ -883,6 +904,11 @@ class Notice(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1000)
     created_at: datetime = _ts(default_factory=utcnow)
     sent_at: datetime | None = _ts(nullable=True, default=None)
+    # The webhook's delivery, apart from the email's: each is delivered once, independently.
+    webhook_status: NoticeWebhookStatus = Field(default=NoticeWebhookStatus.none, sa_type=_enum(NoticeWebhookStatus))
+    webhook_attempts: int = 0
+    webhook_delivered_at: datetime | None = _ts(nullable=True, default=None)
+    webhook_last_error: str | None = Field(default=None, max_length=1000)
 
 
 class AuditEntry(SQLModel, table=True):

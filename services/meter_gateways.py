@@ -1,8 +1,8 @@
 """Meter gateways: who may post signed usage to ``/v1/webhooks/meters``, and the check of each delivery.
 
-A delivery is accepted when its gateway exists and is enabled, its ``Roomly-Signature``
-(:mod:`services.signatures`) matches the body under the gateway's secret — or, for a while after a
-rotation, the previous one — its time is within the tolerance, and its signature was not seen
+A delivery is accepted when its gateway exists and is enabled, its ``Roomly-Signature`` (the one
+format of our webhooks, ``adapters/webhooks.py``) matches the body under the gateway's secret —
+or, for a while after a rotation, the previous one — its time is within the tolerance, and its signature was not seen
 before from that gateway (the nonce row is written in the delivery's transaction, so a replay
 inside the tolerance is refused and a delivery that wrote nothing can be sent again).
 """
@@ -17,10 +17,10 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from adapters.webhooks import SignatureError, check_signature, new_signing_secret
 from schema.db import execute_sql
 from schema.models import MeterGateway, Tenant, utcnow
 from services.errors import InvalidInput, NotFound
-from services.signatures import SignatureRejected, new_secret, verify
 
 _CLAIM_NONCE = text(
     "INSERT INTO meter_webhook_nonces (gateway_id, nonce, seen_at) VALUES (:gateway, :nonce, :now) "
@@ -41,7 +41,7 @@ async def create(session: AsyncSession, name: str, tenant_id: uuid.UUID | None =
         raise InvalidInput("name", "must not be blank")
     if tenant_id is not None and await session.get(Tenant, tenant_id) is None:
         raise InvalidInput("tenant_id", f"tenant {tenant_id} does not exist")
-    secret = new_secret()
+    secret = new_signing_secret()
     gateway = MeterGateway(name=name, tenant_id=tenant_id, secret=secret)
     session.add(gateway)
     await session.commit()
@@ -64,7 +64,7 @@ async def rotate(session: AsyncSession, gateway_id: uuid.UUID, overlap: timedelt
     gateway = await session.get(MeterGateway, gateway_id, with_for_update=True)
     if gateway is None:
         raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
-    secret = new_secret()
+    secret = new_signing_secret()
     gateway.previous_secret = gateway.secret
     gateway.previous_valid_until = utcnow() + overlap
     gateway.secret = secret
@@ -100,18 +100,18 @@ async def authenticate(
     tolerance: timedelta,
 ) -> MeterGateway:
     """The gateway a delivery comes from, its signature checked and its nonce claimed in the
-    session's transaction (commit it with the delivery's writes). Raises :class:`SignatureRejected`:
+    session's transaction (commit it with the delivery's writes). Raises :class:`SignatureError`:
     an unknown or disabled gateway reads as a bad signature, so gateway ids cannot be probed."""
     try:
         gateway_id = uuid.UUID(gateway_header or "")
     except ValueError:
-        raise SignatureRejected("gateway_unknown", "Roomly-Gateway must be a meter gateway's id") from None
+        raise SignatureError("Roomly-Gateway must be a meter gateway's id", "gateway_unknown") from None
     gateway = await session.get(MeterGateway, gateway_id)
     if gateway is None or gateway.disabled_at is not None:
-        raise SignatureRejected("signature_invalid", "the signature does not match the body")
-    verified = verify(signature, body, _secrets(gateway, now), now, tolerance)
+        raise SignatureError("no signature matches the body", "signature_invalid")
+    _, nonce = check_signature(signature, body, _secrets(gateway, now), now.timestamp(), tolerance.total_seconds())
     await execute_sql(session, _FORGET_NONCES, {"gateway": gateway.id, "before": now - 2 * tolerance})
-    claimed = await execute_sql(session, _CLAIM_NONCE, {"gateway": gateway.id, "nonce": verified.signature, "now": now})
+    claimed = await execute_sql(session, _CLAIM_NONCE, {"gateway": gateway.id, "nonce": nonce, "now": now})
     if claimed.first() is None:
-        raise SignatureRejected("signature_replayed", "this signed delivery was already received")
+        raise SignatureError("this signed delivery was already received", "signature_replayed")
     return gateway

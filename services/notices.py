@@ -5,7 +5,8 @@ tells about (it never commits), unique by its business ``key``: enqueueing the s
 returns the first row's id and adds nothing. The sender (``activities/notices.py``) then renders
 it (:func:`render`: Jinja2 templates ``templates/notices/<kind>.txt.j2`` and ``.html.j2``, the
 invoices' PDFs attached) and marks it sent (:func:`mark_sent`) right after the mail server
-accepted it; :func:`pending` lists what is left for a sweep.
+accepted it; :func:`pending` lists what is left for a sweep. A tenant with a webhook also gets
+the notice posted there, signed (``services/notice_webhooks.py``): its state is the notice's too.
 
 The context is JSON the caller gives and the templates show: money as integer minor units with
 ``currency`` (shown with :func:`billing.money.format_money`), dates as ISO strings. Per kind,
@@ -34,16 +35,18 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from adapters.mail import MailAttachment, OutgoingMail
 from adapters.storage import DocumentStore
 from billing.money import check_currency, format_money
-from schema.models import Invoice, Notice, NoticeKind, NoticeStatus, Tenant
+from schema.models import Invoice, Notice, NoticeKind, NoticeStatus, NoticeWebhookStatus, Tenant
 from services.errors import InvalidInput, NotFound
 
 __all__ = [
     "REQUIRED",
     "NoticeKind",
     "NoticeStatus",
+    "NoticeWebhookStatus",
     "RenderedNotice",
     "enqueue",
     "get",
+    "how_to_pay_line",
     "lock_for_sending",
     "mark_failed",
     "mark_sent",
@@ -51,6 +54,7 @@ __all__ = [
     "pending",
     "record_attempt",
     "render",
+    "total_due",
 ]
 
 MESSAGE_ID_DOMAIN = "roomly.local"
@@ -188,7 +192,8 @@ async def enqueue(
 
     ``key`` is the notice's business key: a second enqueue with it returns the first notice's id
     and writes nothing (``INSERT ... ON CONFLICT DO NOTHING``, then read back). The recipient is
-    the tenant's email now. ``invoice_ids``: the invoices whose PDFs are attached.
+    the tenant's email now. ``invoice_ids``: the invoices whose PDFs are attached. The webhook is
+    ``pending`` if the tenant has one now, else ``none`` (``services/notice_webhooks.py``).
     """
     kind = NoticeKind(kind)
     if not key or len(key) > 255:
@@ -209,6 +214,10 @@ async def enqueue(
             recipient=tenant.email,
             status=NoticeStatus.pending.value,
             attempts=0,
+            webhook_status=(
+                NoticeWebhookStatus.pending if tenant.notice_webhook_url else NoticeWebhookStatus.none
+            ).value,
+            webhook_attempts=0,
             created_at=func.now(),
         )
         .on_conflict_do_nothing(index_elements=["key"])
@@ -243,10 +252,12 @@ async def lock_for_sending(session: AsyncSession, notice_id: uuid.UUID) -> Notic
 
 
 async def pending(session: AsyncSession, limit: int = 100) -> list[uuid.UUID]:
-    """Ids of notices still pending, oldest first."""
+    """Ids of notices whose email or webhook is still pending, oldest first."""
     query = (
         select(Notice.id)
-        .where(col(Notice.status) == NoticeStatus.pending)
+        .where(
+            (col(Notice.status) == NoticeStatus.pending) | (col(Notice.webhook_status) == NoticeWebhookStatus.pending)
+        )
         .order_by(col(Notice.created_at), col(Notice.id))
         .limit(limit)
     )
@@ -293,11 +304,17 @@ def _show_date(value: str) -> str:
     return format_date(date.fromisoformat(value[:10]), format="long", locale=_LOCALE)
 
 
-def _how_to_pay(invoice: Mapping[str, Any]) -> str:
+def how_to_pay_line(invoice: Mapping[str, Any]) -> str:
+    """How to pay one invoice of a context, when the context gives no ``how_to_pay`` of its own."""
     return (
         f"pay with your saved card in the portal or with POST /v1/invoices/{invoice['id']}/pay, "
         f"or by bank transfer quoting the reference {invoice['number']}"
     )
+
+
+def total_due(context: Mapping[str, Any]) -> int:
+    """The total overdue a notice tells about: ``amount_due``, else the sum of its invoices'."""
+    return int(context.get("amount_due", sum(int(item["amount_due"]) for item in context.get("invoices", []))))
 
 
 def view(kind: NoticeKind, context: Mapping[str, Any], tenant_name: str) -> dict[str, Any]:
@@ -313,16 +330,15 @@ def view(kind: NoticeKind, context: Mapping[str, Any], tenant_name: str) -> dict
             "number": str(item["number"]),
             "amount_due": money(int(item["amount_due"])),
             "due_on": _show_date(str(item["due_date"])),
-            "how_to_pay": _how_to_pay(item),
+            "how_to_pay": how_to_pay_line(item),
         }
         for item in context.get("invoices", [])
     ]
-    total = sum(int(item["amount_due"]) for item in context.get("invoices", []))
     shown: dict[str, Any] = {
         "kind": kind.value,
         "tenant_name": tenant_name,
         "invoices": invoices,
-        "total_due": money(int(context.get("amount_due", total))),
+        "total_due": money(total_due(context)),
         "how_to_pay": str(context["how_to_pay"]) if context.get("how_to_pay") else None,
         "failure_reason": context.get("failure_reason"),
         "plan_name": context.get("plan_name"),

@@ -26,6 +26,7 @@ from activities.notices import NoticeActivities
 from adapters.mail import SmtpMailSender
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
+from adapters.webhooks import HttpWebhookSender
 from billing.dunning import Campaign, DunningStage, stage_after_failures
 from schema.models import (
     DunningCampaign,
@@ -266,7 +267,12 @@ async def declined(
             sessions, psp, renderer, store, client=env.client, task_queue=settings.task_queue
         )
         dunning_acts = DunningActivities(sessions, env.client, task_queue=settings.task_queue)
-        mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"), store)
+        mail = NoticeActivities(
+            sessions,
+            SmtpMailSender("127.0.0.1", smtp_port, "billing@roomly.test"),
+            store,
+            HttpWebhookSender(timeout=5, allow_private=True),
+        )
         async with build_worker(
             env.client, settings, activities, collection=collection, extra_activities=[*dunning_acts.all(), *mail.all()]
         ):

@@ -25,6 +25,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.notices import NoticeActivities
 from adapters.mail import OutgoingMail, SmtpMailSender
 from adapters.storage import LocalDocumentStore
+from adapters.webhooks import HttpWebhookSender
 from devstack.services import free_port
 from schema.models import Invoice, Notice, NoticeStatus, Tenant
 from services import invoicing, notices
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.db
 
 SENDER = "Roomly Billing <billing@roomly.test>"
 REFUSED = "nobody@refused.test"
+HOOKS = HttpWebhookSender(timeout=5, allow_private=True)  # no tenant here has a webhook
 
 
 class Killed(BaseException):
@@ -277,7 +279,7 @@ async def test_send_delivers_one_message_and_a_rerun_after_the_commit_sends_noth
     store = LocalDocumentStore(tmp_path)
     invoice = await _invoice_with_pdf(sessions, store)
     notice_id = await _enqueue(sessions, invoice, NoticeKind.dunning_final)
-    acts = NoticeActivities(sessions, _sender(port), store)
+    acts = NoticeActivities(sessions, _sender(port), store, HOOKS)
     env = ActivityEnvironment()
     first = await env.run(acts.send_notice, SendNoticeInput(notice_id))
     second = await env.run(acts.send_notice, SendNoticeInput(notice_id))
@@ -303,7 +305,7 @@ async def test_server_down_is_retryable_and_the_notice_stays_pending(sessions, t
     store = LocalDocumentStore(tmp_path)
     invoice = await _invoice_with_pdf(sessions, store)
     notice_id = await _enqueue(sessions, invoice, NoticeKind.payment_failed)
-    acts = NoticeActivities(sessions, _sender(free_port()), store)  # nothing listens there
+    acts = NoticeActivities(sessions, _sender(free_port()), store, HOOKS)  # nothing listens there
     with pytest.raises(ApplicationError) as err:
         await ActivityEnvironment().run(acts.send_notice, SendNoticeInput(notice_id))
     assert err.value.type == ERR_MAIL_TRANSIENT and not err.value.non_retryable
@@ -322,7 +324,7 @@ async def test_a_refused_recipient_fails_the_notice_for_good(sessions, tmp_path:
         row.recipient = REFUSED
         s.add(row)
         await s.commit()
-    acts = NoticeActivities(sessions, _sender(port), store)
+    acts = NoticeActivities(sessions, _sender(port), store, HOOKS)
     with pytest.raises(ApplicationError) as err:
         await ActivityEnvironment().run(acts.send_notice, SendNoticeInput(notice_id))
     assert err.value.type == ERR_MAIL_REJECTED and err.value.non_retryable
@@ -336,7 +338,7 @@ async def test_send_pending_notices_sends_each_pending_one_once(sessions, tmp_pa
     store = LocalDocumentStore(tmp_path)
     invoice = await _invoice_with_pdf(sessions, store)
     ids = [await _enqueue(sessions, invoice, kind) for kind in NoticeKind]
-    acts = NoticeActivities(sessions, _sender(port), store)
+    acts = NoticeActivities(sessions, _sender(port), store, HOOKS)
     await ActivityEnvironment().run(acts.send_notice, SendNoticeInput(ids[0]))  # one sent already
     env = ActivityEnvironment()
     first = await env.run(acts.send_pending_notices, SendPendingNoticesInput())
@@ -362,11 +364,11 @@ async def test_the_window_between_accept_and_commit_resends_with_the_same_messag
             raise Killed("the worker died after the server's accept, before our commit")
 
     with pytest.raises(Killed):
-        await NoticeActivities(sessions, DiesAfterAccept("127.0.0.1", port, SENDER), store).send(notice_id)
+        await NoticeActivities(sessions, DiesAfterAccept("127.0.0.1", port, SENDER), store, HOOKS).send_email(notice_id)
     (row,) = await _rows(sessions)
     assert row.status is NoticeStatus.pending  # the lock went with the rolled-back transaction
     await ActivityEnvironment().run(
-        NoticeActivities(sessions, _sender(port), store).send_notice, SendNoticeInput(notice_id)
+        NoticeActivities(sessions, _sender(port), store, HOOKS).send_notice, SendNoticeInput(notice_id)
     )
     assert [m["Message-ID"] for m in collector.messages] == [notices.message_id_for(notice_id)] * 2
 

@@ -13,6 +13,7 @@ from activities.notices import NoticeActivities
 from activities.renewals import RenewalActivities
 from adapters.mail import SmtpMailSender
 from adapters.storage import LocalDocumentStore
+from adapters.webhooks import HttpWebhookSender
 from schema.models import Interval as PlanInterval
 from schema.models import Plan, Subscription
 from tests import factories
@@ -55,7 +56,12 @@ async def test_an_annual_plan_is_reminded_once_before_it_renews(
     await _renewing(sessions, cat, "Grace", PlanInterval.month, 10)  # monthly: no reminder
     await _renewing(sessions, cat, "Alan", PlanInterval.year, 20)  # renews later than 14 days: not yet
     store = LocalDocumentStore(settings.documents_root)
-    mail = NoticeActivities(sessions, SmtpMailSender("127.0.0.1", port, "billing@roomly.test"), store)
+    mail = NoticeActivities(
+        sessions,
+        SmtpMailSender("127.0.0.1", port, "billing@roomly.test"),
+        store,
+        HttpWebhookSender(timeout=5, allow_private=True),
+    )
     worker = build_worker(
         temporal_env.client,
         settings,

@@ -652,6 +652,8 @@ ERR_NOTICE_NOT_FOUND = "NoticeNotFound"  # non-retryable
 ERR_NOTICE_BUSY = "NoticeBusy"  # retryable: another sender holds the notice right now
 ERR_MAIL_TRANSIENT = "MailTransient"  # retryable: the mail server unreachable, busy, or refusing our login
 ERR_MAIL_REJECTED = "MailRejected"  # non-retryable: the server refused the recipient or message (notice failed)
+ERR_WEBHOOK_TRANSIENT = "WebhookTransient"  # retryable: the webhook answered 5xx/408/429, timed out, unreachable
+ERR_WEBHOOK_REJECTED = "WebhookRejected"  # non-retryable: a 4xx, a redirect or a forbidden address (webhook failed)
 
 
 @dataclass
@@ -666,6 +668,8 @@ class SendNoticeResult:
     status: str = ""  # "sent" (now or before) or "failed"
     message_id: str | None = None
     sent_now: bool = False  # False: it had been sent already, nothing was sent this time
+    webhook_status: str = ""  # the tenant's webhook: "none" (no webhook), "sent" (now or before) or "failed"
+    webhook_delivered_now: bool = False
 
 
 @dataclass
@@ -677,7 +681,9 @@ class SendPendingNoticesInput:
 class SendPendingNoticesResult:
     sent: int = 0  # sent by this sweep
     failed: int = 0  # refused for good (now failed)
-    retry_later: int = 0  # the server unreachable or the notice held by another sender: still pending
+    retry_later: int = 0  # the server or webhook unreachable, or the notice held by another sender: still pending
+    webhooks_sent: int = 0  # webhooks delivered by this sweep
+    webhooks_failed: int = 0  # webhooks refused for good (now failed)
 
 
 # --- Renewal reminders (services/renewals.py) ------------------------------------------------------

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from sqlmodel import select
 
-from api.deps import PspDep, SessionDep
+from api.deps import PspDep, SessionDep, SettingsDep
 from api.errors import error_responses, get_or_404
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
-from api.schemas import Address, PaymentMethodSave, PaymentMethodSaved, TenantCreate, TenantPublic, TenantUpdate
+from api.schemas import (
+    Address,
+    NoticeWebhookSecret,
+    NoticeWebhookSet,
+    PaymentMethodSave,
+    PaymentMethodSaved,
+    TenantCreate,
+    TenantPublic,
+    TenantUpdate,
+)
+from core.settings import Environment
 from schema.models import Tenant, utcnow
-from services import payment_methods, tenants
+from services import notice_webhooks, payment_methods, tenants
 
 router = APIRouter(prefix="/tenants", tags=["tenants"], route_class=DecimalJSONRoute)
 
@@ -32,6 +42,7 @@ def public(tenant: Tenant) -> TenantPublic:
         created_at=tenant.created_at,
         psp_customer_id=tenant.psp_customer_id,
         default_payment_method=tenant.default_payment_method,
+        notice_webhook_url=tenant.notice_webhook_url,
     )
 
 
@@ -87,3 +98,24 @@ async def save_payment_method(
     return PaymentMethodSaved(
         psp_customer_id=tenant.psp_customer_id, default_payment_method=tenant.default_payment_method
     )
+
+
+@router.put("/{tenant_id}/notice-webhook", responses=error_responses(404, 422))
+async def set_notice_webhook(
+    tenant_id: uuid.UUID, body: NoticeWebhookSet, session: SessionDep, settings: SettingsDep, response: Response
+) -> NoticeWebhookSecret:
+    """Post the tenant's notices to ``url`` too, signed (``Roomly-Signature``; docs/notices.md
+    "Webhooks"). Answers the signing secret, shown this once; another PUT rotates it. 422 naming
+    ``url`` for a URL notices may not go to (https only and public addresses only in production)."""
+    bind_tenant(tenant_id)
+    production = settings.environment is Environment.production
+    hook = await notice_webhooks.configure(session, tenant_id, body.url, production=production)
+    response.headers["Cache-Control"] = "no-store"
+    return NoticeWebhookSecret(url=hook.url, secret=hook.secret)
+
+
+@router.delete("/{tenant_id}/notice-webhook", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
+async def clear_notice_webhook(tenant_id: uuid.UUID, session: SessionDep) -> None:
+    """Email only from now on: the URL and its secret are removed (notices not yet posted are not)."""
+    bind_tenant(tenant_id)
+    await notice_webhooks.clear(session, tenant_id)

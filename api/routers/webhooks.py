@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from adapters.webhooks import SignatureError
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import ApiError, error_responses
 from api.middleware import client_of
@@ -22,7 +23,6 @@ from api.routers.usage import BATCH_SCHEMA, batch_events, log_batch
 from schema.models import PspEventStatus, UsageSource, utcnow
 from services import audit, meter_gateways, psp_events
 from services.ingestion import UsageBatchResult, ingest
-from services.signatures import SignatureRejected
 from workflows.contracts import PSP_EVENT_WORKFLOW, PspEventInput, psp_event_workflow_id
 
 # No media-type check here: a signature, which no web page can make, is these routes' credential.
@@ -128,10 +128,9 @@ async def meter_webhook(
             utcnow(),
             timedelta(seconds=settings.meter_webhook_tolerance),
         )
-    except SignatureRejected as refused:
-        raise ApiError(
-            status.HTTP_401_UNAUTHORIZED, refused.kind, refused.message, "Roomly-Signature", "header"
-        ) from None
+    except SignatureError as refused:
+        where = "Roomly-Gateway" if refused.kind == "gateway_unknown" else "Roomly-Signature"
+        raise ApiError(status.HTTP_401_UNAUTHORIZED, refused.kind, str(refused), where, "header") from None
     events = batch_events(body)
     audit.set_actor(audit.Actor(f"gateway:{gateway.id}", "gateway", ("meter_gateway",), *client_of(request)))
     result = await ingest(session, events, UsageSource.webhook, only_tenant=gateway.tenant_id)

@@ -1,7 +1,7 @@
 """audit log (append-only) and signed meter gateways
 
 Revision ID: 0018
-Revises: 0014
+Revises: 0017
 Create Date: 2026-12-05 08:00:00
 
 - ``audit_log``: every write by a principal, in the transaction of the write; a trigger refuses
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0018"
-down_revision: str | None = "0014"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
