@@ -53,6 +53,7 @@ from workflows.billing_run import BillingRunWorkflow
 from workflows.collection import InvoiceCollectionWorkflow
 from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
+    NOTICES_SWEEP_WORKFLOW,
     PSP_EVENT_SWEEP_WORKFLOW,
     RENEWAL_REMINDERS_WORKFLOW,
     BillingRunInput,
@@ -62,7 +63,7 @@ from workflows.dunning import DunningWorkflow
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
-from workflows.renewals import RenewalRemindersWorkflow
+from workflows.renewals import RenewalRemindersWorkflow, SweepNoticesWorkflow
 
 log = structlog.get_logger("worker")
 
@@ -75,6 +76,7 @@ WORKFLOWS: Sequence[type] = (
     SweepPspEventsWorkflow,
     DunningWorkflow,
     RenewalRemindersWorkflow,
+    SweepNoticesWorkflow,
 )
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
@@ -158,6 +160,20 @@ def psp_events_sweep_schedule(settings: Settings) -> Schedule:
     )
 
 
+def notices_sweep_schedule(settings: Settings) -> Schedule:
+    """Every NOTICES_SWEEP_INTERVAL seconds, ``SweepNotices`` (overlap: skip)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            NOTICES_SWEEP_WORKFLOW,
+            id=f"{settings.notices_sweep_schedule_id}-run",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(minutes=30),
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.notices_sweep_interval))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
 def renewal_reminders_schedule(settings: Settings) -> Schedule:
     """Daily (RENEWAL_REMINDERS_CRON) ``RenewalReminders``; a missed day runs once (catch-up: 1 day)."""
     return Schedule(
@@ -187,6 +203,11 @@ async def ensure_psp_events_sweep_schedule(client: Client, settings: Settings) -
 async def ensure_renewal_reminders_schedule(client: Client, settings: Settings) -> None:
     schedule = renewal_reminders_schedule(settings)
     await _ensure_schedule(client, settings.renewal_reminders_schedule_id, schedule, "renewal reminders")
+
+
+async def ensure_notices_sweep_schedule(client: Client, settings: Settings) -> None:
+    schedule = notices_sweep_schedule(settings)
+    await _ensure_schedule(client, settings.notices_sweep_schedule_id, schedule, "notices sweep")
 
 
 async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, what: str) -> None:
@@ -228,6 +249,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
     try:
         await ensure_billing_schedule(client, settings)
         await ensure_psp_events_sweep_schedule(client, settings)
+        await ensure_notices_sweep_schedule(client, settings)
         await ensure_renewal_reminders_schedule(client, settings)
         sessions = make_sessionmaker(engine)
         store = LocalDocumentStore(settings.documents_root)

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     )
     # PSP event processing (docs/payments.md "Webhook processing"): a Schedule sweeps events the
     # API stored but could not hand to Temporal.
+    notices_sweep_schedule_id: str = "notices-sweep"
+    notices_sweep_interval: int = Field(
+        default=300, ge=10, description="Seconds between two sweeps of notices still pending (email or webhook)"
+    )
     psp_events_sweep_schedule_id: str = "psp-events-sweep"
     psp_events_sweep_interval: int = Field(default=60, ge=1, description="Seconds between two sweeps")
     psp_events_sweep_age: int = Field(

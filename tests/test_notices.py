@@ -21,6 +21,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
+from temporalio.worker import Worker
 
 from activities.notices import NoticeActivities
 from adapters.mail import OutgoingMail, SmtpMailSender
@@ -35,9 +36,12 @@ from tests.credit_note_support import finalized_invoice, subscription
 from workflows.contracts import (
     ERR_MAIL_REJECTED,
     ERR_MAIL_TRANSIENT,
+    NOTICES_SWEEP_WORKFLOW,
     SendNoticeInput,
     SendPendingNoticesInput,
+    SendPendingNoticesResult,
 )
+from workflows.renewals import SweepNoticesWorkflow
 
 pytestmark = pytest.mark.db
 
@@ -383,3 +387,22 @@ async def test_pending_lists_oldest_first_and_mark_sent_is_once(sessions, tmp_pa
         assert await notices.mark_sent(s, a, notices.message_id_for(a), now)
         assert not await notices.mark_sent(s, a, notices.message_id_for(a), now)
         assert await notices.pending(s, 10) == [b]
+
+
+async def test_the_sweep_workflow_sends_what_is_still_pending(sessions, tmp_path: Path, smtp, temporal_env):
+    """``SweepNotices`` (run by its Schedule) hands the pending notices to the sender activity."""
+    collector, port = smtp
+    store = LocalDocumentStore(tmp_path)
+    invoice = await _invoice_with_pdf(sessions, store)
+    ids = [
+        await _enqueue(sessions, invoice, kind)
+        for kind in (NoticeKind.dunning_reminder, NoticeKind.subscription_suspended)
+    ]
+    acts = NoticeActivities(sessions, _sender(port), store, HOOKS)
+    queue = f"sweep-{uuid.uuid4().hex[:8]}"
+    async with Worker(temporal_env.client, task_queue=queue, workflows=[SweepNoticesWorkflow], activities=acts.all()):
+        result = await temporal_env.client.execute_workflow(
+            NOTICES_SWEEP_WORKFLOW, id=f"notices-sweep-{queue}", task_queue=queue, result_type=SendPendingNoticesResult
+        )
+    assert (result.sent, result.failed, result.retry_later) == (2, 0, 0)
+    assert sorted(str(m["Message-ID"]) for m in collector.messages) == sorted(notices.message_id_for(i) for i in ids)

@@ -689,6 +689,7 @@ class SendPendingNoticesResult:
 # --- Renewal reminders (services/renewals.py) ------------------------------------------------------
 
 RENEWAL_REMINDERS_WORKFLOW = "RenewalReminders"
+NOTICES_SWEEP_WORKFLOW = "SweepNotices"
 ACT_ENQUEUE_RENEWAL_REMINDERS = "enqueue_renewal_reminders"
 
 
