@@ -107,3 +107,19 @@ async def test_the_log_is_append_only_in_the_database(api, sessions, statement):
         with pytest.raises(DBAPIError, match="append-only"):
             await execute_sql(session, text(statement))
     assert len(await _log(sessions)) == 1
+
+
+async def test_operators_read_the_log_newest_first_filtered_and_paged(api, sessions):
+    first = await tenant(api)
+    await tenant(api)
+    await api.patch(f"/v1/tenants/{first['id']}", json={"name": "Renamed"})
+    page = await api.get("/v1/audit", params={"entity": "tenants", "limit": 2})
+    assert page.status_code == 200
+    body = page.json()
+    assert [e["action"] for e in body["data"]] == ["update", "create"] and body["has_more"]
+    rest = (await api.get("/v1/audit", params={"entity": "tenants", "cursor": body["next_cursor"]})).json()
+    assert [e["entity_id"] for e in rest["data"]] == [first["id"]] and not rest["has_more"]
+    mine = (await api.get("/v1/audit", params={"tenant_id": first["id"]})).json()["data"]
+    assert {e["tenant_id"] for e in mine} == {first["id"]} and len(mine) == 2
+    bad = await api.get("/v1/audit", params={"cursor": "x"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"

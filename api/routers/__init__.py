@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 
 from api.deps import audited_principal
 from api.routers import (
+    audit,
     billing_runs,
     credit_notes,
     dunning,
@@ -43,6 +44,7 @@ for _module in (
     ledger,
     reconciliation,
     meter_gateways,
+    audit,
 ):
     v1_router.include_router(_module.router)
 
