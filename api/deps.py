@@ -1,38 +1,57 @@
 """Request dependencies: the resources the lifespan put on ``app.state``, and the caller.
 
-Authentication is :func:`current_principal` alone. Today every caller is the anonymous
-operator; real JWT auth replaces that one function (and may take a bearer token parameter),
+Authentication is :func:`current_principal` alone. Today every caller of the v1 routes is the
+anonymous operator; :func:`authenticated_principal` is the real thing (a bearer access token,
+verified, its session not revoked), so switching the v1 tree to tokens replaces that one function,
 and every v1 route, which depends on it through its router, is covered.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from adapters.psp import Psp
+from adapters.signing_keys import KeyStore
 from adapters.storage import DocumentStore
+from core.principal import Principal, Role
 from core.settings import Settings
+from services.auth import RevocationCache, is_session_revoked
+from services.errors import InvalidToken
+from services.tokens import verify_access_token
 
-
-@dataclass(frozen=True)
-class Principal:
-    subject: str
-    roles: frozenset[str]
-
-
-ANONYMOUS_OPERATOR = Principal(subject="anonymous", roles=frozenset({"operator"}))
+ANONYMOUS_OPERATOR = Principal(
+    subject="anonymous", kind="anonymous", roles=frozenset({Role.operator.value}), tenant_id=None, session_id=None
+)
+_bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/auth/token")
 
 
 async def current_principal() -> Principal:
     """Who is calling. Replace with token verification; handlers stay untouched."""
     return ANONYMOUS_OPERATOR
+
+
+def get_clock(request: Request) -> Callable[[], datetime]:
+    """The API's clock (tests set one they can move)."""
+    clock: Callable[[], datetime] = request.app.state.clock
+    return clock
+
+
+def get_key_store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
+
+
+def get_revocations(request: Request) -> RevocationCache:
+    cache: RevocationCache = request.app.state.revocations
+    return cache
 
 
 def get_settings(request: Request) -> Settings:
@@ -76,3 +95,28 @@ SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessio
 TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
 DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]
 PspDep = Annotated[Psp, Depends(get_psp)]
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
+KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
+
+
+async def authenticated_principal(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    session: SessionDep,
+) -> Principal:
+    """The caller of a bearer access token: verified (``services.tokens.verify_access_token``) and,
+    for a user, its login session not revoked; 401 with ``WWW-Authenticate`` otherwise."""
+    if credentials is None:
+        raise InvalidToken("a bearer access token is required", missing=True)
+    settings = get_settings(request)
+    principal = verify_access_token(
+        credentials.credentials, get_key_store(request).keyset(), settings, now=get_clock(request)()
+    )
+    if principal.session_id is not None and await is_session_revoked(
+        session, principal.session_id, get_revocations(request)
+    ):
+        raise InvalidToken("the session of this token was revoked")
+    return principal
+
+
+AuthenticatedPrincipal = Annotated[Principal, Depends(authenticated_principal)]

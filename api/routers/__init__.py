@@ -1,5 +1,6 @@
-"""Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, and the
-PSP's webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal."""
+"""Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, the PSP's
+webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal, and the token
+routes (``/v1/auth``, where credentials are exchanged for tokens) with ``/.well-known/jwks.json``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from fastapi import APIRouter, Depends
 
 from api.deps import current_principal
 from api.routers import (
+    auth,
     billing_runs,
     credit_notes,
     dunning,
@@ -46,3 +48,6 @@ for _module in (
 
 webhooks_router = APIRouter(prefix="/v1")
 webhooks_router.include_router(webhooks.router)
+
+auth_router = auth.router
+jwks_router = auth.jwks_router
