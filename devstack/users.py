@@ -23,7 +23,7 @@ import asyncio
 import secrets
 import sys
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -122,7 +122,8 @@ class TokenLogin(httpx.Auth):
         token: str = response.json()["access_token"]
         return token
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        # httpx runs this flow for async clients too, reading each response first (requires_response_body).
         if self._token is None:
             self._token = self._take((yield self._token_request(request)))
         request.headers["Authorization"] = f"Bearer {self._token}"

@@ -424,3 +424,48 @@ async def test_a_refresh_waits_for_the_row_lock_of_one_in_flight_and_is_then_reu
     assert refused.value.message == auth.REUSED_REFRESH
     async with sessions() as s:
         assert all(r.revoked_at is not None for r in (await s.exec(select(RefreshToken))).all())
+
+
+async def test_make_up_accounts_log_in_and_the_demo_client_logs_in_again_when_its_token_expires(
+    sessions, auth_settings, temporal_env, clock
+):
+    from devstack.users import LOCAL_PASSWORDS, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
+
+    assert auth_settings.database_url is not None
+    operator, gateway = await ensure_demo_accounts(auth_settings.database_url, auth_settings)
+    assert (operator.name, operator.secret) == ("operator@roomly.local", LOCAL_PASSWORDS["operator"])
+    tenant_id = await a_tenant(sessions)
+    tenant_admin = await ensure_demo_tenant_admin(auth_settings.database_url, auth_settings, "ada@example.com")
+    assert tenant_admin is not None
+    assert await ensure_demo_tenant_admin(auth_settings.database_url, auth_settings, "nobody@example.com") is None
+    elsewhere = auth_settings.model_copy(update={"environment": "test"})
+    again, gateway = await ensure_demo_accounts(auth_settings.database_url, elsewhere)
+    assert LOCAL_PASSWORDS["operator"] != again.secret != operator.secret  # random outside the local environment
+    assert gateway.secret != LOCAL_PASSWORDS["gateway"]
+
+    app = create_app(auth_settings, temporal_client=temporal_env.client, clock=clock)
+    token_requests: list[str] = []
+
+    async def count(request: httpx.Request) -> None:
+        if request.url.path == "/v1/auth/token":
+            token_requests.append(request.url.path)
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=ADDRESS)
+        for login_, expected in [(again, "operator_admin"), (tenant_admin, "tenant_admin"), (gateway, "operator")]:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://test", auth=TokenLogin(login_), event_hooks={"request": [count]}
+            ) as client:
+                assert (await client.get("/v1/auth/me")).json()["roles"] == [expected]
+        assert len(token_requests) == 3
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", auth=TokenLogin(gateway), event_hooks={"request": [count]}
+        ) as client:
+            assert (await client.get("/v1/auth/me")).status_code == 200
+            clock.advance(600)  # its token expired: one 401, one new login, the request again
+            found = await client.get("/v1/auth/me")
+            assert found.status_code == 200 and found.json()["kind"] == "client"
+        assert len(token_requests) == 5
+    async with app_client(auth_settings, temporal_env, clock) as api:
+        tokens = await login(api, **password_form("ada@example.com", LOCAL_PASSWORDS["tenant"]))
+        assert (await me(api, tokens["access_token"])).json()["tenant_id"] == str(tenant_id)
