@@ -203,6 +203,15 @@ async def test_malformed_token_requests_are_422_naming_the_field(api):
     assert error_locs(await api.post("/v1/auth/token", data=password_form(password="p" * 300))) == [
         ["body", "password"]
     ]
+    # PostgreSQL cannot store a NUL: refused naming the field before it reaches a query (it was a 500).
+    assert error_locs(await api.post("/v1/auth/token", data=password_form(username="a\x00b@example.com"))) == [
+        ["body", "username"]
+    ]
+    nul_client = {"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": PASSWORD}
+    assert error_locs(await api.post("/v1/auth/token", data=nul_client)) == [["body", "client_id"]]
+    assert error_locs(await api.post("/v1/auth/refresh", json={"refresh_token": "a\x00b"})) == [
+        ["body", "refresh_token"]
+    ]
     # The token route takes a form, as OAuth 2 has it; a JSON body is not one.
     assert error_locs(await api.post("/v1/auth/token", json=password_form())) == [["body", "grant_type"]]
     assert error_locs(await api.post("/v1/auth/refresh", json={})) == [["body", "refresh_token"]]

@@ -18,6 +18,9 @@ from api.errors import body_errors, error_responses
 from core.settings import Settings
 from services import auth, throttle
 from services.auth import Tokens
+from services.inputs import PgText
+
+Text = Annotated[str, PgText]  # no NUL: a username or client id goes into SQL parameters
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 jwks_router = APIRouter(tags=["auth"])
@@ -36,7 +39,7 @@ class TokenResponse(BaseModel):
 class RefreshBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    refresh_token: str = Field(min_length=1, max_length=200)
+    refresh_token: Text = Field(min_length=1, max_length=200)
 
 
 class Me(BaseModel):
@@ -88,10 +91,10 @@ async def token(
     keys: KeyStoreDep,
     clock: ClockDep,
     grant_type: Annotated[Literal["password", "client_credentials"], Form()],
-    username: Annotated[str | None, Form(min_length=1, max_length=320)] = None,
-    password: Annotated[str | None, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)] = None,
-    client_id: Annotated[str | None, Form(min_length=1, max_length=100)] = None,
-    client_secret: Annotated[str | None, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)] = None,
+    username: Annotated[Text | None, Form(min_length=1, max_length=320)] = None,
+    password: Annotated[Text | None, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)] = None,
+    client_id: Annotated[Text | None, Form(min_length=1, max_length=100)] = None,
+    client_secret: Annotated[Text | None, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)] = None,
 ) -> TokenResponse:
     """OAuth 2 token endpoint, form-encoded (``application/x-www-form-urlencoded``):
     ``grant_type=password`` with ``username`` (the email) and ``password`` gives an access token and
