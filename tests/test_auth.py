@@ -478,3 +478,14 @@ async def test_make_up_accounts_log_in_and_the_demo_client_logs_in_again_when_it
     async with app_client(auth_settings, temporal_env, clock) as api:
         tokens = await login(api, **password_form("ada@example.com", LOCAL_PASSWORDS["tenant"]))
         assert (await me(api, tokens["access_token"])).json()["tenant_id"] == str(tenant_id)
+
+
+async def test_token_answers_are_never_stored_for_idempotency_replays(api, sessions):
+    await a_user(sessions)
+    headers = {"Idempotency-Key": "login-1"}
+    first = await api.post("/v1/auth/token", data=password_form(), headers=headers)
+    second = await api.post("/v1/auth/token", data=password_form(), headers=headers)
+    assert first.status_code == second.status_code == 200 and "idempotent-replayed" not in second.headers
+    assert first.json()["refresh_token"] != second.json()["refresh_token"]
+    async with sessions() as s:
+        assert (await (await s.connection()).execute(text("SELECT count(*) FROM idempotency_records"))).scalar() == 0
