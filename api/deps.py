@@ -1,47 +1,48 @@
 """Request dependencies: the resources the lifespan put on ``app.state``, and the caller.
 
-Authentication is :func:`current_principal` alone. Today every caller is the anonymous
-operator; real JWT auth replaces that one function (and may take a bearer token parameter),
-and every v1 route, which depends on it through its router, is covered.
+Authentication is :func:`authenticated_principal` alone: a bearer access token, verified, its
+login session not revoked. Which roles may call a route, and which tenant's rows they may touch,
+is ``api.auth.allow``, the one dependency every v1 route declares.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from adapters.psp import Psp
+from adapters.signing_keys import KeyStore
 from adapters.storage import DocumentStore
-from api.middleware import client_of
+from core.principal import Principal
 from core.settings import Settings
-from services import audit
+from services.auth import RevocationCache, is_session_revoked
+from services.errors import InvalidToken
+from services.tokens import verify_access_token
+
+_bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/auth/token")
 
 
-@dataclass(frozen=True)
-class Principal:
-    subject: str
-    roles: frozenset[str]
+def get_clock(request: Request) -> Callable[[], datetime]:
+    """The API's clock (tests set one they can move)."""
+    clock: Callable[[], datetime] = request.app.state.clock
+    return clock
 
 
-ANONYMOUS_OPERATOR = Principal(subject="anonymous", roles=frozenset({"operator"}))
+def get_key_store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
 
 
-async def current_principal() -> Principal:
-    """Who is calling. Replace with token verification; handlers stay untouched."""
-    return ANONYMOUS_OPERATOR
-
-
-async def audited_principal(request: Request, principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-    """The caller, also named as the actor of the writes this request makes (services/audit.py)."""
-    address, request_id = client_of(request)
-    audit.set_actor(audit.Actor(principal.subject, "user", tuple(sorted(principal.roles)), address, request_id))
-    return principal
+def get_revocations(request: Request) -> RevocationCache:
+    cache: RevocationCache = request.app.state.revocations
+    return cache
 
 
 def get_settings(request: Request) -> Settings:
@@ -78,10 +79,36 @@ def get_psp(request: Request) -> Psp:
     return psp
 
 
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
 DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]
 PspDep = Annotated[Psp, Depends(get_psp)]
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
+KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
+
+
+async def authenticated_principal(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    session: SessionDep,
+) -> Principal:
+    """The caller of a bearer access token: verified (``services.tokens.verify_access_token``) and,
+    for a user, its login session not revoked; 401 with ``WWW-Authenticate`` otherwise."""
+    if credentials is None:
+        raise InvalidToken("a bearer access token is required", missing=True)
+    settings = get_settings(request)
+    principal = verify_access_token(
+        credentials.credentials, get_key_store(request).keyset(), settings, now=get_clock(request)()
+    )
+    if principal.session_id is not None and await is_session_revoked(
+        session, principal.session_id, get_revocations(request)
+    ):
+        raise InvalidToken("the session of this token was revoked")
+    return principal
+
+
+AuthenticatedPrincipal = Annotated[Principal, Depends(authenticated_principal)]
+# The caller of a v1 route (verified once per request: FastAPI caches the dependency).
+CurrentPrincipal = AuthenticatedPrincipal

@@ -7,8 +7,9 @@
 - ``field``: the offending field's path inside its location (``charges[0].price``), or null;
 - ``in``: where that field is: ``body``, ``query``, ``path`` or ``header``; null for the request as a whole.
 
-422 for invalid input (many errors at once), 404 for an unknown id in the path, 409 for a
-state that does not allow the request, 413 for a body too large, 503 with ``Retry-After`` when
+422 for invalid input (many errors at once), 401 for wrong credentials or an invalid bearer token
+(``WWW-Authenticate``), 404 for an unknown id in the path, 409 for a state that does not allow the
+request, 413 for a body too large, 429 with ``Retry-After`` for too many login attempts, 503 with ``Retry-After`` when
 PostgreSQL or Temporal cannot be reached, 500 otherwise (both 5xx with ``Connection: close``, so
 a keep-alive client is not left with a dropped connection).
 """
@@ -31,7 +32,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
-from services.errors import Conflict, NotFound, ServiceError, Unavailable
+from services.errors import (
+    Conflict,
+    InvalidToken,
+    NotFound,
+    ServiceError,
+    TooManyAttempts,
+    Unauthenticated,
+    Unavailable,
+)
 
 UNIQUE_VIOLATION = "23505"
 LOCATIONS = ("body", "query", "path", "header", "cookie")
@@ -59,10 +68,12 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries with the one error shape, for ``codes``."""
     described = {
         400: "Malformed request",
+        401: "Missing or invalid credentials",
         404: "Unknown id",
         409: "The resource's state does not allow this",
         413: "Request body too large",
         422: "Invalid input; each error names its field",
+        429: "Too many attempts; retry after Retry-After seconds",
         500: "Unexpected error",
         503: "PostgreSQL or Temporal unreachable; retry after Retry-After seconds",
     }
@@ -161,8 +172,19 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A service's refusal: 422 for a bad body value, 404 for what the path names, 409 for a state,
-    503 with Retry-After for a dependency that cannot be reached now."""
+    401 for credentials, 429 and 503 with Retry-After (a rate limit; a dependency that cannot be
+    reached now)."""
     assert isinstance(exc, ServiceError)
+    if isinstance(exc, Unauthenticated):
+        item = ErrorItem(type=exc.kind, message=_text(exc.message), field=exc.field, in_="body" if exc.field else None)
+        headers = {"Cache-Control": "no-store"}
+        if isinstance(exc, InvalidToken):  # RFC 6750 section 3: the challenge, with the error unless none was sent
+            headers["WWW-Authenticate"] = "Bearer" if exc.missing else 'Bearer error="invalid_token"'
+        return JSONResponse(error_json([item]), status_code=status.HTTP_401_UNAUTHORIZED, headers=headers)
+    if isinstance(exc, TooManyAttempts):
+        item = ErrorItem(type=exc.kind, message=exc.message)
+        headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse(error_json([item]), status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=headers)
     if isinstance(exc, Unavailable):  # the PSP, say: retry the same request later
         log.warning("dependency unavailable", error=_text(exc.message)[:500], error_type=type(exc).__name__)
         item = ErrorItem(type=exc.kind, message=_text(exc.message))
@@ -189,10 +211,16 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# How the Temporal SDK says a lazily connected client could not connect (a plain RuntimeError).
+TEMPORAL_CONNECT_FAILED = "Failed client connect"
+
+
 def is_outage(exc: BaseException) -> bool:
     """A dependency that cannot be reached right now: worth a retry."""
     if isinstance(exc, RPCError):
         return exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+    if type(exc) is RuntimeError and str(exc).startswith(TEMPORAL_CONNECT_FAILED):
+        return True  # the API connects to Temporal lazily: Temporal down at the first call
     return isinstance(exc, OUTAGE_ERRORS)
 
 

@@ -11,7 +11,8 @@
 - Keys are scoped by the caller's credentials (a hash of the Authorization header), so two
   callers never share a key. A POST without the header is not affected.
 - PSP webhooks (``/v1/webhooks/``) are not handled here: each event is stored once by its own
-  id (``services/psp_events.py``), whatever headers come with it.
+  id (``services/psp_events.py``), whatever headers come with it. Nor are the token routes
+  (``/v1/auth/``): their responses hold credentials, which are never stored.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LEASE = timedelta(seconds=60)
 WAIT = timedelta(seconds=10)
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 _KEPT_HEADERS = ("content-type", "location")
-_EXEMPT_PREFIXES = ("/v1/webhooks/",)  # deduplicated by event id instead
+_EXEMPT_PREFIXES = ("/v1/webhooks/", "/v1/auth/")  # deduplicated by event id; tokens are never stored
 
 log = structlog.stdlib.get_logger("api")
 

@@ -6,8 +6,9 @@ document store are made in the lifespan and kept on ``app.state``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import structlog
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.client import Client
 
 from adapters.psp import Psp, StripePsp
+from adapters.signing_keys import KeyStore
 from adapters.storage import LocalDocumentStore
 from api.errors import (
     OUTAGE_ERRORS,
@@ -39,11 +41,12 @@ from api.middleware import (
     new_request_id,
 )
 from api.openapi import install as install_openapi
-from api.routers import health_router, v1_router, webhooks_router
+from api.routers import auth_router, health_router, jwks_router, v1_router, webhooks_router
 from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
+from services.auth import RevocationCache
 from services.errors import ServiceError
 
 log = structlog.stdlib.get_logger("api")
@@ -55,17 +58,22 @@ def create_app(
     temporal_client: Client | None = None,
     tracer_provider: TracerProvider | None = None,
     psp: Psp | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> FastAPI:
     """The app for ``settings`` (default: the environment); ``temporal_client`` skips connecting;
     ``tracer_provider`` (default: the global one the lifespan configures) receives the spans;
-    ``psp`` replaces the adapter built from the settings (and is not closed by the app)."""
+    ``psp`` replaces the adapter built from the settings (and is not closed by the app); ``clock``
+    (default: the system's, UTC) is the time tokens are issued and checked at."""
     settings = settings or get_settings()
+    now = clock or _utc_now
     configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.database_url is None:
             raise RuntimeError("DATABASE_URL must be set to run the API (e.g. postgresql://user@host:5432/billing)")
+        app.state.keys = KeyStore.open(settings, now())  # refuses to start without a usable signing key
+        app.state.revocations = RevocationCache(settings.auth_revocation_cache_seconds)
         configured = configure_tracing(settings, "api") if tracer_provider is None else None
         provider = tracer_provider or configured
         engine = make_engine(settings.database_url, settings.database_pool_size)
@@ -96,12 +104,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.clock = now
     install_openapi(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(ServiceError, service_error_handler)
-    for outage in OUTAGE_ERRORS:  # answered here, not re-raised: an outage is not a bug
-        app.add_exception_handler(outage, unexpected_error_handler)
+    for outage in (*OUTAGE_ERRORS, RuntimeError):  # answered here, not re-raised: an outage is not a bug
+        app.add_exception_handler(outage, unexpected_error_handler)  # (RuntimeError: Temporal's failed connect)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
@@ -123,7 +132,13 @@ def create_app(
     app.include_router(health_router)
     app.include_router(v1_router)
     app.include_router(webhooks_router)
+    app.include_router(auth_router)
+    app.include_router(jwks_router)
     return app
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 app = create_app()

@@ -6,7 +6,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +16,13 @@ DEFAULT_CHROMIUM = "/usr/lib/chromium/chromium-headless-shell"
 class Environment(StrEnum):
     local = "local"
     test = "test"
+    staging = "staging"  # like production for secrets and keys: no placeholders, no generated keys
     production = "production"
+
+    @property
+    def generates_secrets(self) -> bool:
+        """Whether this environment may run on placeholder secrets and a signing key made on the spot."""
+        return self in (Environment.local, Environment.test)
 
 
 class LogFormat(StrEnum):
@@ -34,6 +40,10 @@ class TraceExporter(StrEnum):
 _ISSUER_FIELDS = ("issuer_name", "issuer_address", "issuer_tax_id")
 _PSP_SECRETS = ("stripe_api_key", "stripe_webhook_secret")
 DEFAULT_SMTP_FROM = "Roomly Billing <billing@roomly.local>"
+# Values that are never a real secret: refused outside local/test (compared case-insensitively, trimmed).
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "change-me", "changeme", "change_me", "dev-secret", "secret", "password", "placeholder", "todo", "xxx"}
+)
 
 
 class Settings(BaseSettings):
@@ -154,6 +164,32 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=120, description="Seconds one webhook delivery may take (resolving, connecting, answer)"
     )
 
+    # Identity and tokens (docs/security.md): ES256 access tokens signed with the current key of
+    # AUTH_KEYS_DIR (or the one key of AUTH_SIGNING_KEY_PEM / AUTH_SIGNING_KEY_FILE), opaque refresh tokens.
+    auth_issuer: str = Field(default="roomly-billing", min_length=1, description="iss of every access token")
+    auth_audience: str = Field(default="roomly-billing-api", min_length=1, description="aud of every access token")
+    auth_access_ttl: int = Field(default=600, ge=30, le=86400, description="Seconds an access token is valid")
+    auth_refresh_ttl: int = Field(
+        default=30 * 86400, ge=60, description="Seconds a refresh token is valid (each refresh issues a new one)"
+    )
+    auth_keys_dir: Path | None = Field(
+        default=None, description="PEM signing keys and manifest.json; default DATA_DIR/keys"
+    )
+    auth_signing_key_pem: SecretStr | None = Field(
+        default=None, description="One EC P-256 private key (PEM) instead of AUTH_KEYS_DIR"
+    )
+    auth_signing_key_file: Path | None = Field(
+        default=None, description="A mounted file holding one EC P-256 private key (PEM) instead of AUTH_KEYS_DIR"
+    )
+    auth_revocation_cache_seconds: float = Field(
+        default=5.0, ge=0, le=300, description="How long a process trusts that a session is not revoked"
+    )
+    auth_rate_limit: str = Field(
+        default="10/60",
+        pattern=r"^[1-9]\d{0,6}/[1-9]\d{0,6}$",
+        description="Attempts per window (count/seconds) on the token and refresh routes, per account and per address",
+    )
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
@@ -218,6 +254,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_placeholder_secrets_outside_local(self) -> Settings:
+        """Outside local/test a secret left at its local default or a placeholder value refuses to start."""
+        if self.environment.generates_secrets:
+            return self
+        bad = []
+        for name in _PSP_SECRETS:
+            value = getattr(self, name)
+            if value == type(self).model_fields[name].default or _is_placeholder(value):
+                bad.append(name)
+        for name in ("smtp_password", "auth_signing_key_pem"):
+            value = getattr(self, name)
+            if value is not None and _is_placeholder(value):
+                bad.append(name)
+        if bad:
+            names = ", ".join(n.upper() for n in bad)
+            raise ValueError(f"{names}: a placeholder secret is refused when ENVIRONMENT={self.environment.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_signing_keys(self) -> Settings:
+        if self.auth_signing_key_pem is not None and self.auth_signing_key_file is not None:
+            raise ValueError("set AUTH_SIGNING_KEY_PEM or AUTH_SIGNING_KEY_FILE, not both")
+        return self
+
+    @model_validator(mode="after")
     def _credit_notes_have_their_own_prefix(self) -> Settings:
         # Both count in invoice_number_counters: one prefix would interleave the two sequences.
         if self.credit_note_number_prefix == self.invoice_number_prefix:
@@ -229,6 +290,19 @@ class Settings(BaseSettings):
         return self.documents_dir or self.data_dir / "documents"
 
     @property
+    def auth_keys_root(self) -> Path:
+        return self.auth_keys_dir or self.data_dir / "keys"
+
+    @property
+    def auth_rate_limit_count(self) -> int:
+        return int(self.auth_rate_limit.split("/")[0])
+
+    @property
+    def auth_rate_limit_window(self) -> int:
+        """Seconds of one rate-limit window."""
+        return int(self.auth_rate_limit.split("/")[1])
+
+    @property
     def smtp_target(self) -> str:
         """The SMTP server's host: SMTP_HOST, or the loopback address of the local sink."""
         return self.smtp_host or "127.0.0.1"
@@ -236,6 +310,11 @@ class Settings(BaseSettings):
     @property
     def temporal_target(self) -> str:
         return self.temporal_address or "127.0.0.1:7233"
+
+
+def _is_placeholder(value: str | SecretStr) -> bool:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return text.strip().lower() in PLACEHOLDER_SECRETS
 
 
 @lru_cache(maxsize=1)

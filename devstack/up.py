@@ -4,9 +4,11 @@
 
 PostgreSQL (embedded unless DATABASE_URL), migrations, the Temporal dev server (unless
 TEMPORAL_ADDRESS) with our custom search attributes registered, the worker and the API as
-child processes in their own process groups; then demo data through the HTTP API and a billing
-run as of now. A child that exits stops everything (exit 1); Ctrl-C or SIGTERM stops the
-children in reverse order and the embedded database (exit 0).
+child processes in their own process groups; then the demo accounts (an operator, a meter-gateway
+client, and once the demo tenant exists its admin: printed with their passwords at the end), demo
+data through the HTTP API (as the demo operator, with a bearer token) and a billing run as of now.
+A child that exits stops everything (exit 1); Ctrl-C or SIGTERM stops the children in reverse
+order and the embedded database (exit 0).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from devstack.services import (
     wait_for_port,
     wait_for_temporal,
 )
+from devstack.users import Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
 
 DEMO_DUNNING_DELAYS = "60,120,180"  # make up's default campaign: retries 1, 2 and 3 minutes after a failure
 log = structlog.get_logger("devstack")
@@ -252,9 +255,9 @@ def _progress_line(progress: dict[str, Any]) -> str:
     return "billing run: " + " ".join(parts) + (" done" if progress.get("done") else "")
 
 
-async def demo_and_billing(stack: Stack, now: datetime) -> None:
-    """Seed the demo data (idempotent), bill everything due as of ``now``, print the invoices."""
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60.0) as client:
+async def demo_and_billing(stack: Stack, now: datetime, login: Login) -> None:
+    """Seed the demo data (idempotent) as ``login``, bill everything due as of ``now``, print the invoices."""
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60.0, auth=TokenLogin(login)) as client:
         summary = await demo.seed(client, now)
         emit(summary.line())
         for rejection in summary.rejections:
@@ -315,6 +318,27 @@ def dunning_lines(
     return lines
 
 
+# Prints access_token from the token route's JSON answer (python3 is there wherever `make up` runs; jq may not be).
+_PICK_ACCESS = """python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'"""
+
+
+def login_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
+    """The demo logins, and how to get a token with the first one and call the API with it."""
+    lines = ["Logins (docs/security.md):"]
+    for login in logins:
+        kind = "password" if login.grant == "password" else "client secret"
+        lines.append(f"  {login.what}: {login.name}   {kind} {login.secret}")
+    if logins:
+        first = logins[0]
+        lines += [
+            "Get a token and call the API:",
+            f"  TOKEN=$(curl -s {stack.api_url}/v1/auth/token -d grant_type=password"
+            f" --data-urlencode username={first.name} --data-urlencode password={first.secret} | {_PICK_ACCESS})",
+            f'  curl -s {stack.api_url}/v1/auth/me -H "Authorization: Bearer $TOKEN"',
+        ]
+    return lines
+
+
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
@@ -346,14 +370,21 @@ async def run(settings: Settings, *, seed_data: bool = True, project_root: Path 
     try:
         stack = await start_stack(settings, sup, project_root=project_root)
         notes: list[str] = []
+        logins = await sup.guard(ensure_demo_accounts(stack.database_url, stack.settings))
         if seed_data:
             try:
-                await sup.guard(demo_and_billing(stack, datetime.now(UTC)))
+                await sup.guard(demo_and_billing(stack, datetime.now(UTC), logins[0]))
+                tenant_admin = await sup.guard(
+                    ensure_demo_tenant_admin(stack.database_url, stack.settings, demo.TENANTS[0].email)
+                )
+                if tenant_admin is not None:
+                    logins.insert(1, tenant_admin)
             except Shutdown:
                 raise
             except Exception:
                 log.exception("demo data / billing run failed; the stack keeps running")
                 notes.append("Demo data or billing run FAILED: see the log above.")
+        notes += login_lines(stack, logins)
         emit(banner(stack, notes))
         stopped = await sup.watch()
         code = stopped.code

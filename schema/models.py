@@ -8,6 +8,8 @@
 - invoice numbers are gap-free per prefix: ``invoice_number_counters``, taken at finalization
 - the ledger is append-only and every posting balances per currency: triggers (migration 0008,
   ``docs/ledger.md``); one posting per (source_type, source_id, kind): ``uq_ledger_posting_source``
+- a tenant role belongs to exactly one tenant, an operator role to none: ``ck_user_tenant_role``,
+  ``ck_service_client_tenant_role`` (``docs/security.md``)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from billing.pricing.promos import PromoDuration as PromoDuration
 from billing.pricing.usage import Aggregation as Aggregation
 from billing.states import AttemptStatus as AttemptStatus
 from billing.states import InvoiceStatus as InvoiceStatus
+from core.principal import Role as Role
 
 # Quantities and per-unit prices: exact decimals, never floats.
 QUANTITY = Numeric(24, 9)
@@ -972,3 +975,83 @@ class MeterWebhookNonce(SQLModel, table=True):
     gateway_id: uuid.UUID = Field(foreign_key="meter_gateways.id", primary_key=True)
     nonce: str = Field(primary_key=True, max_length=128)
     seen_at: datetime = _ts(default_factory=utcnow)
+
+
+_TENANT_ROLE = "role IN ('tenant_admin', 'tenant_member')"
+_ROLE_TENANT_RULE = f"role = 'meter_gateway' OR ({_TENANT_ROLE}) = (tenant_id IS NOT NULL)"
+
+
+class User(SQLModel, table=True):
+    """A person who logs in with email and password (``services/auth.py``). The email is stored
+    lower-case (one account per address whatever its case); the password as an argon2id hash."""
+
+    __tablename__ = "users"
+    __table_args__ = (
+        CheckConstraint("email = lower(email)", name="ck_user_email_lower"),
+        CheckConstraint(_ROLE_TENANT_RULE, name="ck_user_tenant_role"),
+        CheckConstraint("role <> 'meter_gateway'", name="ck_user_not_gateway"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    password_hash: str = Field(max_length=255)
+    role: Role = Field(sa_type=_enum(Role))
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id")
+    disabled_at: datetime | None = _ts(nullable=True, default=None)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class ServiceClient(SQLModel, table=True):
+    """A machine caller (a meter gateway, the demo seeder) with client credentials; its secret is
+    stored as an argon2id hash, shown once when it is made."""
+
+    __tablename__ = "service_clients"
+    __table_args__ = (CheckConstraint(_ROLE_TENANT_RULE, name="ck_service_client_tenant_role"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    client_id: str = Field(max_length=100, unique=True)
+    secret_hash: str = Field(max_length=255)
+    role: Role = Field(sa_type=_enum(Role))
+    tenant_id: uuid.UUID | None = Field(default=None, foreign_key="tenants.id")
+    name: str = Field(max_length=200)
+    disabled_at: datetime | None = _ts(nullable=True, default=None)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class RefreshToken(SQLModel, table=True):
+    """One opaque refresh token, stored as the sha256 of what the caller holds. Tokens of one login
+    share ``family_id`` (the access tokens' ``sid``); each refresh marks its token used and adds the
+    next one (``parent_id``); a used token presented again revokes the whole family."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (
+        CheckConstraint("subject_kind IN ('user', 'client')", name="ck_refresh_token_subject_kind"),
+        CheckConstraint("expires_at > issued_at", name="ck_refresh_token_expiry"),
+        Index("ix_refresh_token_family", "family_id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    family_id: uuid.UUID
+    token_hash: str = Field(max_length=64, unique=True)  # hex sha256 of the opaque token
+    subject_kind: str = Field(max_length=8)
+    subject_id: uuid.UUID
+    parent_id: uuid.UUID | None = Field(default=None, foreign_key="refresh_tokens.id")
+    issued_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    used_at: datetime | None = _ts(nullable=True, default=None)
+    revoked_at: datetime | None = _ts(nullable=True, default=None)
+
+
+class AuthThrottle(SQLModel, table=True):
+    """Attempts on the token and refresh routes per key (``account:…``, ``address:…``) in the current
+    fixed window, shared by every API replica (``services/throttle.py``)."""
+
+    __tablename__ = "auth_throttle"
+    __table_args__ = (
+        CheckConstraint("hits >= 1", name="ck_auth_throttle_hits"),
+        Index("ix_auth_throttle_window", "window_start"),
+    )
+
+    key: str = Field(primary_key=True, max_length=400)
+    window_start: datetime = _ts()
+    hits: int

@@ -5,7 +5,11 @@
 - :class:`NotFound`: the thing the operation is about does not exist — HTTP 404;
 - :class:`Conflict`: the state does not allow the operation now (``field`` names what) — HTTP 409;
 - :class:`Unavailable`: a dependency (the PSP) cannot be reached right now; nothing is known to
-  have happened and the same request may be retried — HTTP 503 with ``Retry-After``.
+  have happened and the same request may be retried — HTTP 503 with ``Retry-After``;
+- :class:`Unauthenticated`: credentials (a password, a client secret, a refresh token) are wrong —
+  HTTP 401; :class:`InvalidToken`, a bearer access token that is missing or not valid — HTTP 401
+  with ``WWW-Authenticate: Bearer error="invalid_token"``;
+- :class:`TooManyAttempts`: a rate limit is reached; ``retry_after`` seconds — HTTP 429 with ``Retry-After``.
 
 ``kind`` is a stable machine-readable word (the API's error ``type``).
 """
@@ -43,6 +47,29 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     default_kind = "service_unavailable"
+
+
+class Unauthenticated(ServiceError):
+    default_kind = "unauthenticated"
+
+
+class InvalidToken(Unauthenticated):
+    """A bearer access token that cannot be trusted: ``missing`` when none was sent (answered with a
+    bare ``WWW-Authenticate: Bearer`` challenge, RFC 6750 section 3.1)."""
+
+    default_kind = "invalid_token"
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(None, message)
+        self.missing = missing
+
+
+class TooManyAttempts(ServiceError):
+    default_kind = "rate_limited"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(None, f"too many attempts; retry after {retry_after} s")
+        self.retry_after = retry_after
 
 
 UNIQUE_VIOLATION = "23505"

@@ -15,20 +15,20 @@ ADMINS = frozenset({"operator_admin"})
 TENANT_WRITERS = OPERATORS | {"tenant_admin"}
 READERS = TENANT_WRITERS | {"tenant_member"}
 INGESTERS = OPERATORS | {"meter_gateway"}
+ANYONE = READERS | {"meter_gateway"}  # any valid token
 
 ROLES = ("operator_admin", "operator", "tenant_admin", "tenant_member", "meter_gateway")
 TENANT_ROLES = frozenset({"tenant_admin", "tenant_member", "meter_gateway"})
 
 POLICY: dict[str, object] = {
     "GET /healthz": PUBLIC,
-    "GET /readyz": PUBLIC,
     "GET /.well-known/jwks.json": PUBLIC,
     "POST /v1/auth/token": PUBLIC,
     "POST /v1/auth/refresh": PUBLIC,
     "POST /v1/auth/logout": PUBLIC,
+    "GET /v1/auth/me": ANYONE,
     "POST /v1/webhooks/stripe": PUBLIC,
     "POST /v1/webhooks/meters": PUBLIC,
-    "GET /metrics": PUBLIC,
     "POST /v1/tenants": OPERATORS,
     "GET /v1/tenants": READERS,
     "GET /v1/tenants/{tenant_id}": READERS,

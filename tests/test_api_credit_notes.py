@@ -50,7 +50,7 @@ async def test_issue_read_list_and_refuse(api, sessions, settings, temporal_env)
         5000,
         0,
     )
-    assert note["invoice_number"] == "INV-000001" and note["actor"] == "anonymous" and note["pdf_url"] is None
+    assert note["invoice_number"] == "INV-000001" and note["actor"] == "test-operator" and note["pdf_url"] is None
     assert [(line["position"], line["amount"]) for line in note["lines"]] == [(1, 3870), (2, 1130)]
     assert note["refunds"] == []
     # Its workflow was started under the note's business key (no worker here: it waits).

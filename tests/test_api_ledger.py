@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from api.main import create_app
 from services import ledger
+from tests.test_api_support import bearer
 from tests.test_ledger import new_tenant
 
 pytestmark = pytest.mark.db
@@ -50,7 +51,8 @@ async def api(sessions, settings, temporal_env) -> AsyncIterator[tuple[httpx.Asy
     chunks = BodyChunks(app)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=chunks)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        headers = bearer(settings)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers) as client:
             yield client, chunks
 
 

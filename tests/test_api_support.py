@@ -6,22 +6,57 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from temporalio.client import Client
 
+from adapters.signing_keys import KeyStore
 from api.main import create_app
+from core.principal import Role
 from core.settings import Settings
+from services.tokens import issue_access_token
+
+
+def token_for(
+    settings: Settings,
+    role: Role = Role.operator_admin,
+    tenant_id: uuid.UUID | str | None = None,
+    subject: str = "test-operator",
+) -> str:
+    """A real access token (signed with the settings' current key, verified by the app as any
+    other) for a service client with ``role``: the caller of the API tests."""
+    now = datetime.now(UTC)
+    keys = KeyStore.open(settings, now).keyset()
+    tenant = uuid.UUID(str(tenant_id)) if tenant_id is not None else None
+    issued = issue_access_token(
+        keys, settings, subject=subject, kind="client", role=role, tenant_id=tenant, session_id=None, now=now
+    )
+    return issued.token
+
+
+def bearer(
+    settings: Settings, role: Role = Role.operator_admin, tenant_id: uuid.UUID | str | None = None
+) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(settings, role, tenant_id)}"}
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, temporal_client: Client) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan running, called through ASGI (no sockets)."""
+async def api_client(
+    settings: Settings,
+    temporal_client: Client,
+    *,
+    role: Role | None = Role.operator_admin,
+    tenant_id: uuid.UUID | str | None = None,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, called through ASGI (no sockets), as a caller with
+    ``role`` (an operator unless told; None: no token)."""
     app = create_app(settings, temporal_client=temporal_client)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        headers = bearer(settings, role, tenant_id) if role is not None else {}
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers) as client:
             yield client
 
 

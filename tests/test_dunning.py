@@ -473,7 +473,7 @@ async def test_the_api_shows_dunning_and_refuses_what_does_not_fit(
             assert refused.status_code == 409 and refused.json()["errors"][0]["field"] == "status"
             paused = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/pause", json={"reason": "on holiday"})
             assert paused.status_code == 200 and paused.json()["paused"] is True
-            assert paused.json()["actions"] == ["paused by anonymous: on holiday"]
+            assert paused.json()["actions"] == ["paused by test-operator: on holiday"]
             assert (await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/fly")).status_code == 422
             missing = await api.post(f"/v1/tenants/{case.sub.tenant_id}/dunning/extend", json={"reason": "x"})
             assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "until"

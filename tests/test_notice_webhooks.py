@@ -24,12 +24,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.billing import BillingActivities
 from activities.notices import NoticeActivities
 from activities.renewals import RenewalActivities
+from adapters.signing_keys import new_private_key
 from adapters.storage import LocalDocumentStore
 from adapters.webhooks import (
     HttpWebhookSender,
@@ -709,7 +711,12 @@ async def test_production_accepts_an_https_url_at_a_public_address():
 
 
 async def test_the_api_in_production_refuses_http_and_loopback_422_naming_url(sessions, settings, temporal_env):
-    production = settings.model_copy(update={"environment": Environment.production})
+    key = new_private_key().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    production = settings.model_copy(
+        update={"environment": Environment.production, "auth_signing_key_pem": SecretStr(key.decode())}
+    )
     sub = await factories.subscriber(sessions, await factories.catalog(sessions), datetime.now(UTC))
     async with api_client(production, temporal_env.client) as api:
         for url in ("http://hooks.example.com/", "https://127.0.0.1/hook"):

@@ -21,6 +21,7 @@ from api.main import create_app
 from core.observability import configure_logging, instrument_engine
 from core.settings import LogFormat
 from tests import factories
+from tests.test_api_support import bearer
 from worker import build_worker
 from workflows.contracts import BILLING_RUN_WORKFLOW, BillingRunInput, BillingRunProgress
 
@@ -94,7 +95,9 @@ async def test_a_real_request_is_one_trace_from_http_through_the_workflow_to_sql
         async with (
             build_worker(client, settings, activities),
             app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://localhost", headers=bearer(settings)
+            ) as api,
         ):
             started = await api.post("/v1/billing-runs", json={"as_of": "2026-02-15T00:00:00Z"})
             assert started.status_code == 202, started.text

@@ -40,6 +40,7 @@ from schema.models import PspEvent
 from services.credit_notes import apply_charge_refunded
 from tests import factories
 from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_api_support import bearer
 from tests.test_billing_workflows import START
 from worker import build_worker
 
@@ -69,8 +70,11 @@ def emulator_and_api(stack_settings: Settings) -> Iterator[tuple[RunningEmulator
 
 
 @pytest_asyncio.fixture
-async def api(emulator_and_api: tuple[RunningEmulator, str]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=emulator_and_api[1], timeout=30) as client:
+async def api(
+    emulator_and_api: tuple[RunningEmulator, str], stack_settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
+    headers = bearer(stack_settings)
+    async with httpx.AsyncClient(base_url=emulator_and_api[1], timeout=30, headers=headers) as client:
         yield client
 
 

@@ -40,6 +40,7 @@ from services import ledger, reconciliation
 from services.errors import NotFound
 from tests import factories
 from tests.psp_support import RunningEmulator, running_emulator
+from tests.test_api_support import bearer
 from tests.test_invoice_immutability import BASE, invoice_with_lines
 from worker import build_worker
 from workflows.contracts import (
@@ -353,7 +354,8 @@ async def api(sessions, settings, temporal_env) -> AsyncIterator[httpx.AsyncClie
     app = create_app(settings, temporal_client=temporal_env.client)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        headers = bearer(settings)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers) as client:
             yield client
 
 

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from sqlmodel import col, select
 
+from api.auth import OPERATORS, allow
 from api.deps import SessionDep
 from api.pagination import Page
 from api.routing import DecimalJSONRoute
@@ -35,7 +36,7 @@ class AuditEntryPublic(BaseModel):
     request_id: str | None
 
 
-@router.get("")
+@router.get("", dependencies=[allow(OPERATORS)])
 async def list_audit_entries(
     session: SessionDep,
     entity: Annotated[str | None, Query(max_length=100, description="A table, e.g. invoices")] = None,

@@ -11,6 +11,7 @@ from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedErr
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.auth import OPERATORS, allow
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, TemporalClientDep
 from api.errors import not_found
 from api.routing import DecimalJSONRoute
@@ -32,7 +33,7 @@ log = structlog.stdlib.get_logger("api")
 PROGRESS_QUERY_TIMEOUT = timedelta(seconds=5)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", dependencies=[allow(OPERATORS)], status_code=status.HTTP_202_ACCEPTED)
 async def start_billing_run(
     client: TemporalClientDep,
     session: SessionDep,
@@ -79,7 +80,11 @@ async def start_billing_run(
     return BillingRunStarted(workflow_id=workflow_id, run_id=handle.result_run_id, as_of=as_of)
 
 
-@router.get("/{workflow_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "No such billing run"}})
+@router.get(
+    "/{workflow_id}",
+    dependencies=[allow(OPERATORS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "No such billing run"}},
+)
 async def get_billing_run(workflow_id: str, client: TemporalClientDep) -> BillingRunStatus:
     """Temporal's status of the run and, when a worker answers, its progress."""
     handle = client.get_workflow_handle(workflow_id)

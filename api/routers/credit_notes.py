@@ -4,6 +4,7 @@ list them, read one and its PDF. The rules are ``services/credit_notes.py``."""
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Response, status
@@ -11,6 +12,7 @@ from sqlmodel import col, select
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError
 
+from api.auth import OPERATORS, READERS, Caller, allow
 from api.deps import CurrentPrincipal, DocumentStoreDep, SessionDep, SettingsDep, TemporalClientDep
 from api.errors import conflict, error_responses, get_or_404, not_found
 from api.middleware import bind_tenant
@@ -52,6 +54,7 @@ async def _detail(session: SessionDep, credit_note_id: uuid.UUID) -> CreditNoteD
 
 @router.post(
     "/invoices/{invoice_id}/credit-notes",
+    dependencies=[allow(OPERATORS)],
     status_code=status.HTTP_201_CREATED,
     responses=error_responses(404, 409, 422),
 )
@@ -101,20 +104,25 @@ async def create_credit_note(
 async def list_credit_notes(
     session: SessionDep,
     paging: PageQuery,
+    caller: Annotated[Caller, allow(READERS)],
     invoice_id: uuid.UUID | None = None,
     tenant_id: uuid.UUID | None = None,
 ) -> Page[CreditNotePublic]:
-    """Credit notes, oldest first, filtered by invoice and tenant."""
+    """Credit notes, oldest first, filtered by invoice and tenant (a tenant's caller: its own)."""
     query = select(CreditNote)
     if invoice_id is not None:
         query = query.where(col(CreditNote.invoice_id) == invoice_id)
-    if tenant_id is not None:
+    if (tenant_id := caller.tenant_filter(tenant_id)) is not None:
         bind_tenant(tenant_id)
         query = query.where(col(CreditNote.tenant_id) == tenant_id)
     return (await fetch_page(session, query, CreditNote, paging)).page(_public)
 
 
-@router.get("/credit-notes/{credit_note_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown note"}})
+@router.get(
+    "/credit-notes/{credit_note_id}",
+    dependencies=[allow(READERS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown note"}},
+)
 async def get_credit_note(credit_note_id: uuid.UUID, session: SessionDep) -> CreditNoteDetail:
     note = await get_or_404(session, CreditNote, credit_note_id, "credit note")
     bind_tenant(note.tenant_id)
@@ -123,6 +131,7 @@ async def get_credit_note(credit_note_id: uuid.UUID, session: SessionDep) -> Cre
 
 @router.get(
     "/credit-notes/{credit_note_id}/pdf",
+    dependencies=[allow(READERS)],
     response_class=Response,
     responses={
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The rendered credit note"},

@@ -17,6 +17,7 @@ from temporalio.client import WorkflowQueryFailedError, WorkflowUpdateFailedErro
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.auth import OPERATORS, READERS, allow
 from api.deps import CurrentPrincipal, SessionDep, TemporalClientDep
 from api.errors import body_error, conflict, get_or_404, not_found
 from api.middleware import bind_tenant
@@ -86,7 +87,11 @@ def _public(tenant_id: uuid.UUID, state: DunningState) -> DunningPublic:
     )
 
 
-@router.get("/{tenant_id}/dunning", responses={status.HTTP_404_NOT_FOUND: {"description": "No dunning for the tenant"}})
+@router.get(
+    "/{tenant_id}/dunning",
+    dependencies=[allow(READERS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "No dunning for the tenant"}},
+)
 async def get_dunning(tenant_id: uuid.UUID, session: SessionDep, client: TemporalClientDep) -> DunningPublic:
     """The tenant's dunning: stage, next attempt, attempts with their decline codes, notices, actions."""
     tenant = await get_or_404(session, Tenant, tenant_id, "tenant")
@@ -107,6 +112,7 @@ async def get_dunning(tenant_id: uuid.UUID, session: SessionDep, client: Tempora
 
 @router.post(
     "/{tenant_id}/dunning/{action}",
+    dependencies=[allow(OPERATORS)],
     responses={
         status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant, or no dunning running"},
         status.HTTP_409_CONFLICT: {"description": "The action does not fit the dunning's state"},

@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from api.auth import OPERATORS, READERS, TENANT_WRITERS, Caller, allow
 from api.deps import CurrentPrincipal, DocumentStoreDep, SessionDep, SettingsDep, TemporalClientDep
 from api.errors import body_error, conflict, get_or_404, not_found
 from api.middleware import bind_tenant
@@ -76,6 +77,7 @@ def _pdf_url(invoice: Invoice) -> str | None:
 async def list_invoices(
     session: SessionDep,
     paging: PageQuery,
+    caller: Annotated[Caller, allow(READERS)],
     tenant_id: uuid.UUID | None = None,
     subscription_id: uuid.UUID | None = None,
     invoice_status: Annotated[InvoiceStatus | None, Query(alias="status")] = None,
@@ -89,7 +91,7 @@ async def list_invoices(
             [{"loc": ("query", "period_start_to"), "msg": "must be after period_start_from", "type": "value_error"}]
         )
     query = select(Invoice)
-    if tenant_id is not None:
+    if (tenant_id := caller.tenant_filter(tenant_id)) is not None:
         bind_tenant(tenant_id)
         query = query.where(col(Invoice.tenant_id) == tenant_id)
     if subscription_id is not None:
@@ -105,7 +107,11 @@ async def list_invoices(
     return (await fetch_page(session, query, Invoice, paging)).page(_public)
 
 
-@router.get("/{invoice_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}})
+@router.get(
+    "/{invoice_id}",
+    dependencies=[allow(READERS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}},
+)
 async def get_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoiceDetail:
     invoice = await get_or_404(session, Invoice, invoice_id, "invoice")
     bind_tenant(invoice.tenant_id)
@@ -119,6 +125,7 @@ async def get_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoiceDeta
 
 @router.get(
     "/{invoice_id}/pdf",
+    dependencies=[allow(READERS)],
     response_class=Response,
     responses={
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The rendered invoice"},
@@ -204,7 +211,12 @@ async def _attempt_row(session: AsyncSession, attempt: AttemptView) -> PaymentAt
     return _attempt_public(row)
 
 
-@router.post("/{invoice_id}/pay", status_code=status.HTTP_202_ACCEPTED, responses=_ACTION_RESPONSES)
+@router.post(
+    "/{invoice_id}/pay",
+    dependencies=[allow(TENANT_WRITERS)],
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_ACTION_RESPONSES,
+)
 async def pay_invoice(
     invoice_id: uuid.UUID,
     session: SessionDep,
@@ -220,7 +232,12 @@ async def pay_invoice(
     return await _attempt_row(session, attempt)
 
 
-@router.post("/{invoice_id}/payments", status_code=status.HTTP_201_CREATED, responses=_ACTION_RESPONSES)
+@router.post(
+    "/{invoice_id}/payments",
+    dependencies=[allow(OPERATORS)],
+    status_code=status.HTTP_201_CREATED,
+    responses=_ACTION_RESPONSES,
+)
 async def record_payment(
     invoice_id: uuid.UUID,
     body: PaymentRecordCreate,
@@ -250,7 +267,7 @@ async def _invoice_action(
     return _public(await get_or_404(session, Invoice, invoice_id, "invoice", refresh=True))
 
 
-@router.post("/{invoice_id}/void", responses=_ACTION_RESPONSES)
+@router.post("/{invoice_id}/void", dependencies=[allow(OPERATORS)], responses=_ACTION_RESPONSES)
 async def void_invoice(
     invoice_id: uuid.UUID,
     session: SessionDep,
@@ -265,7 +282,7 @@ async def void_invoice(
     return await _invoice_action(client, settings, session, invoice_id, COLLECTION_VOID_UPDATE, request)
 
 
-@router.post("/{invoice_id}/mark-uncollectible", responses=_ACTION_RESPONSES)
+@router.post("/{invoice_id}/mark-uncollectible", dependencies=[allow(OPERATORS)], responses=_ACTION_RESPONSES)
 async def mark_invoice_uncollectible(
     invoice_id: uuid.UUID,
     session: SessionDep,
@@ -279,7 +296,11 @@ async def mark_invoice_uncollectible(
     return await _invoice_action(client, settings, session, invoice_id, COLLECTION_MARK_UNCOLLECTIBLE_UPDATE, request)
 
 
-@router.get("/{invoice_id}/payments", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}})
+@router.get(
+    "/{invoice_id}/payments",
+    dependencies=[allow(READERS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice"}},
+)
 async def list_payments(invoice_id: uuid.UUID, session: SessionDep) -> list[PaymentAttemptPublic]:
     """Every payment attempt of the invoice, in order, with its outcome and decline code."""
     invoice = await get_or_404(session, Invoice, invoice_id, "invoice")
@@ -289,6 +310,7 @@ async def list_payments(invoice_id: uuid.UUID, session: SessionDep) -> list[Paym
 
 @router.get(
     "/{invoice_id}/payments/{attempt_id}/receipt",
+    dependencies=[allow(READERS)],
     response_class=Response,
     responses={
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The receipt"},

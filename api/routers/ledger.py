@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
+from api.auth import OPERATORS, allow
 from api.deps import SessionDep, SessionmakerDep
 from api.errors import error_responses
 from api.middleware import bind_tenant
@@ -33,7 +34,7 @@ AccountCode = Annotated[
 ]
 
 
-@router.get("/entries")
+@router.get("/entries", dependencies=[allow(OPERATORS)])
 async def list_entries(
     session: SessionDep,
     paging: PageQuery,
@@ -71,7 +72,7 @@ async def list_entries(
     return page.page(public)
 
 
-@router.get("/balances")
+@router.get("/balances", dependencies=[allow(OPERATORS)])
 async def list_balances(
     session: SessionDep,
     paging: PageQuery,
@@ -103,6 +104,7 @@ async def list_balances(
 
 @router.get(
     "/export.csv",
+    dependencies=[allow(OPERATORS)],
     response_class=StreamingResponse,
     responses={
         status.HTTP_200_OK: {

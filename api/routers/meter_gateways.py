@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
+from api.auth import ADMINS, allow
 from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
 from api.routing import DecimalJSONRoute
@@ -51,18 +52,18 @@ def with_secret(made: meter_gateways.GatewayWithSecret) -> MeterGatewaySecret:
     return MeterGatewaySecret(**public(made.gateway).model_dump(), secret=made.secret)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=error_responses(422))
+@router.post("", dependencies=[allow(ADMINS)], status_code=status.HTTP_201_CREATED, responses=error_responses(422))
 async def create_meter_gateway(body: MeterGatewayCreate, session: SessionDep) -> MeterGatewaySecret:
     """Register a gateway; its signing secret is in this answer only."""
     return with_secret(await meter_gateways.create(session, body.name, body.tenant_id))
 
 
-@router.get("")
+@router.get("", dependencies=[allow(ADMINS)])
 async def list_meter_gateways(session: SessionDep) -> list[MeterGatewayPublic]:
     return [public(gateway) for gateway in await meter_gateways.listing(session)]
 
 
-@router.post("/{gateway_id}/rotate-secret", responses=error_responses(404))
+@router.post("/{gateway_id}/rotate-secret", dependencies=[allow(ADMINS)], responses=error_responses(404))
 async def rotate_meter_gateway_secret(
     gateway_id: uuid.UUID, session: SessionDep, settings: SettingsDep
 ) -> MeterGatewaySecret:
@@ -71,6 +72,6 @@ async def rotate_meter_gateway_secret(
     return with_secret(await meter_gateways.rotate(session, gateway_id, overlap))
 
 
-@router.post("/{gateway_id}/disable", responses=error_responses(404))
+@router.post("/{gateway_id}/disable", dependencies=[allow(ADMINS)], responses=error_responses(404))
 async def disable_meter_gateway(gateway_id: uuid.UUID, session: SessionDep) -> MeterGatewayPublic:
     return public(await meter_gateways.disable(session, gateway_id))

@@ -11,6 +11,7 @@ from fastapi import APIRouter, status
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from api.auth import OPERATORS, READERS, allow
 from api.deps import SessionDep
 from api.errors import get_or_404
 from api.pagination import Page, PageQuery, fetch_page
@@ -63,6 +64,7 @@ async def _charges_by_plan(session: AsyncSession, plan_ids: Sequence[uuid.UUID])
 
 @router.post(
     "",
+    dependencies=[allow(OPERATORS)],
     status_code=status.HTTP_201_CREATED,
     responses={status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "Invalid field or price, or unknown meter_code"}},
 )
@@ -73,7 +75,7 @@ async def create_plan(body: PlanCreate, session: SessionDep) -> PlanPublic:
     return _public(plan, [_charge_public(code, charges[code]) for code in sorted(charges)])
 
 
-@router.get("")
+@router.get("", dependencies=[allow(READERS)])
 async def list_plans(session: SessionDep, paging: PageQuery) -> Page[PlanPublic]:
     """Every version of every plan, oldest first."""
     fetched = await fetch_page(session, select(Plan), Plan, paging)
@@ -81,7 +83,9 @@ async def list_plans(session: SessionDep, paging: PageQuery) -> Page[PlanPublic]
     return fetched.page(lambda p: _public(p, charges[p.id]))
 
 
-@router.get("/{plan_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown plan"}})
+@router.get(
+    "/{plan_id}", dependencies=[allow(READERS)], responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown plan"}}
+)
 async def get_plan(plan_id: uuid.UUID, session: SessionDep) -> PlanPublic:
     plan = await get_or_404(session, Plan, plan_id, "plan")
     charges = await _charges_by_plan(session, [plan.id])

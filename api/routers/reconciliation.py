@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import tuple_
 from sqlmodel import col, select
 
+from api.auth import OPERATORS, allow
 from api.deps import SessionDep
 from api.errors import error_responses, not_found
 from api.pagination import Page, PageQuery
@@ -95,7 +96,7 @@ def _after(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
-@router.get("/payouts")
+@router.get("/payouts", dependencies=[allow(OPERATORS)])
 async def list_payout_reconciliations(
     session: SessionDep,
     paging: PageQuery,
@@ -129,7 +130,7 @@ async def _report(session: SessionDep, payout_id: str) -> reconciliation.PayoutR
         raise not_found("payout reconciliation", payout_id, field="payout_id") from None
 
 
-@router.get("/payouts/{payout_id}", responses=error_responses(404))
+@router.get("/payouts/{payout_id}", dependencies=[allow(OPERATORS)], responses=error_responses(404))
 async def get_payout_reconciliation(payout_id: PayoutId, session: SessionDep) -> PayoutReconciliationDetail:
     """A payout's reconciliation: its summary and every item in report order."""
     return PayoutReconciliationDetail.model_validate(await _report(session, payout_id))
@@ -137,6 +138,7 @@ async def get_payout_reconciliation(payout_id: PayoutId, session: SessionDep) ->
 
 @router.get(
     "/payouts/{payout_id}/export.csv",
+    dependencies=[allow(OPERATORS)],
     response_class=StreamingResponse,
     responses={
         status.HTTP_200_OK: {

@@ -16,6 +16,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from api.auth import OPERATORS, READERS, TENANT_WRITERS, Caller, allow
 from api.deps import SessionDep, SettingsDep, TemporalClientDep
 from api.errors import get_or_404
 from api.middleware import bind_tenant
@@ -50,6 +51,7 @@ ENDED: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "",
+    dependencies=[allow(OPERATORS)],
     status_code=status.HTTP_201_CREATED,
     responses={
         status.HTTP_409_CONFLICT: {"description": "The tenant already has an active subscription"},
@@ -75,17 +77,18 @@ async def create_subscription(body: SubscriptionCreate, session: SessionDep) -> 
 async def list_subscriptions(
     session: SessionDep,
     paging: PageQuery,
+    caller: Annotated[Caller, allow(READERS)],
     tenant_id: uuid.UUID | None = None,
 ) -> Page[SubscriptionPublic]:
-    """Subscriptions, oldest first, of one tenant or all."""
+    """Subscriptions, oldest first, of one tenant or all (a tenant's caller: its own)."""
     query = select(Subscription)
-    if tenant_id is not None:
+    if (tenant_id := caller.tenant_filter(tenant_id)) is not None:
         bind_tenant(tenant_id)
         query = query.where(col(Subscription.tenant_id) == tenant_id)
     return (await fetch_page(session, query, Subscription, paging)).page(SubscriptionPublic.model_validate)
 
 
-@router.get("/{subscription_id}", responses=NOT_FOUND)
+@router.get("/{subscription_id}", dependencies=[allow(READERS)], responses=NOT_FOUND)
 async def get_subscription(subscription_id: uuid.UUID, session: SessionDep) -> SubscriptionPublic:
     subscription = await get_or_404(session, Subscription, subscription_id, "subscription")
     bind_tenant(subscription.tenant_id)
@@ -94,6 +97,7 @@ async def get_subscription(subscription_id: uuid.UUID, session: SessionDep) -> S
 
 @router.post(
     "/{subscription_id}/promo-codes",
+    dependencies=[allow(TENANT_WRITERS)],
     status_code=status.HTTP_201_CREATED,
     responses={
         **NOT_FOUND,
@@ -118,6 +122,7 @@ async def redeem_promo_code(
 
 @router.post(
     "/{subscription_id}/move-room",
+    dependencies=[allow(OPERATORS)],
     responses={
         **NOT_FOUND,
         **ENDED,
@@ -136,6 +141,7 @@ async def move_room(subscription_id: uuid.UUID, body: MoveRoom, session: Session
 
 @router.post(
     "/{subscription_id}/change-plan",
+    dependencies=[allow(OPERATORS)],
     responses={
         **NOT_FOUND,
         **ENDED,
@@ -154,6 +160,7 @@ async def change_plan(subscription_id: uuid.UUID, body: PlanChange, session: Ses
 
 @router.post(
     "/{subscription_id}/cancel",
+    dependencies=[allow(TENANT_WRITERS)],
     responses={
         **NOT_FOUND,
         status.HTTP_409_CONFLICT: {
@@ -195,6 +202,7 @@ async def cancel_subscription(
 
 @router.delete(
     "/{subscription_id}/cancel",
+    dependencies=[allow(TENANT_WRITERS)],
     responses={
         **NOT_FOUND,
         status.HTTP_409_CONFLICT: {"description": "No cancel scheduled, or its end has been reached"},
@@ -253,6 +261,7 @@ def _upcoming(subscription_id: uuid.UUID, preview: Draft) -> UpcomingInvoice:
 
 @router.get(
     "/{subscription_id}/upcoming-invoice",
+    dependencies=[allow(READERS)],
     responses={**NOT_FOUND, status.HTTP_409_CONFLICT: {"description": "Canceled and fully invoiced"}},
 )
 async def upcoming_invoice(

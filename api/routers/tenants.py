@@ -4,10 +4,12 @@ there), answer."""
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from fastapi import APIRouter, Response, status
-from sqlmodel import select
+from sqlmodel import col, select
 
+from api.auth import OPERATORS, READERS, TENANT_WRITERS, Caller, allow
 from api.deps import PspDep, SessionDep, SettingsDep
 from api.errors import error_responses, get_or_404
 from api.middleware import bind_tenant
@@ -46,7 +48,7 @@ def public(tenant: Tenant) -> TenantPublic:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", dependencies=[allow(OPERATORS)], status_code=status.HTTP_201_CREATED)
 async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantPublic:
     fields = body.model_dump(exclude={"address"})
     address = body.address.model_dump() if body.address is not None else None
@@ -57,12 +59,20 @@ async def create_tenant(body: TenantCreate, session: SessionDep) -> TenantPublic
 async def list_tenants(
     session: SessionDep,
     paging: PageQuery,
+    caller: Annotated[Caller, allow(READERS)],
 ) -> Page[TenantPublic]:
-    """Tenants, oldest first."""
-    return (await fetch_page(session, select(Tenant), Tenant, paging)).page(public)
+    """Tenants, oldest first (a tenant's caller sees its own)."""
+    query = select(Tenant)
+    if (own := caller.tenant_filter(None)) is not None:
+        query = query.where(col(Tenant.id) == own)
+    return (await fetch_page(session, query, Tenant, paging)).page(public)
 
 
-@router.get("/{tenant_id}", responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant"}})
+@router.get(
+    "/{tenant_id}",
+    dependencies=[allow(READERS)],
+    responses={status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant"}},
+)
 async def get_tenant(tenant_id: uuid.UUID, session: SessionDep) -> TenantPublic:
     bind_tenant(tenant_id)
     tenant = await get_or_404(session, Tenant, tenant_id, "tenant")
@@ -71,6 +81,7 @@ async def get_tenant(tenant_id: uuid.UUID, session: SessionDep) -> TenantPublic:
 
 @router.patch(
     "/{tenant_id}",
+    dependencies=[allow(TENANT_WRITERS)],
     responses={
         status.HTTP_404_NOT_FOUND: {"description": "Unknown tenant"},
         status.HTTP_422_UNPROCESSABLE_CONTENT: {"description": "An invalid field, or a currency change"},
@@ -84,7 +95,9 @@ async def update_tenant(tenant_id: uuid.UUID, body: TenantUpdate, session: Sessi
     return public(await tenants.update(session, tenant_id, sent, utcnow()))
 
 
-@router.post("/{tenant_id}/payment-method", responses=error_responses(404, 409, 422, 503))
+@router.post(
+    "/{tenant_id}/payment-method", dependencies=[allow(TENANT_WRITERS)], responses=error_responses(404, 409, 422, 503)
+)
 async def save_payment_method(
     tenant_id: uuid.UUID, body: PaymentMethodSave, session: SessionDep, psp: PspDep
 ) -> PaymentMethodSaved:
@@ -100,7 +113,7 @@ async def save_payment_method(
     )
 
 
-@router.put("/{tenant_id}/notice-webhook", responses=error_responses(404, 422))
+@router.put("/{tenant_id}/notice-webhook", dependencies=[allow(TENANT_WRITERS)], responses=error_responses(404, 422))
 async def set_notice_webhook(
     tenant_id: uuid.UUID, body: NoticeWebhookSet, session: SessionDep, settings: SettingsDep, response: Response
 ) -> NoticeWebhookSecret:
@@ -114,7 +127,12 @@ async def set_notice_webhook(
     return NoticeWebhookSecret(url=hook.url, secret=hook.secret)
 
 
-@router.delete("/{tenant_id}/notice-webhook", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
+@router.delete(
+    "/{tenant_id}/notice-webhook",
+    dependencies=[allow(TENANT_WRITERS)],
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=error_responses(404),
+)
 async def clear_notice_webhook(tenant_id: uuid.UUID, session: SessionDep) -> None:
     """Email only from now on: the URL and its secret are removed (notices not yet posted are not)."""
     bind_tenant(tenant_id)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import structlog
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
+from api.auth import INGESTERS, Caller, allow
 from api.deps import SessionDep
 from api.errors import Loc, body_error, body_errors, conflict
 from api.middleware import bind_tenant
@@ -20,6 +21,8 @@ from api.routing import DecimalJSONRoute, loads_decimal
 from api.schemas import UsageEventResult
 from schema.models import UsageSource
 from services.ingestion import RowStatus, UsageBatchResult, UsageEventIn, ingest, ingest_event
+
+Ingester = Annotated[Caller, allow(INGESTERS)]
 
 router = APIRouter(prefix="/usage", tags=["usage"], route_class=DecimalJSONRoute)
 log = structlog.stdlib.get_logger("api")
@@ -63,10 +66,11 @@ def log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult
     "",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BATCH_SCHEMA}}}},
 )
-async def ingest_batch(request: Request, session: SessionDep) -> UsageBatchResult:
-    """Store a JSON batch; every row gets its own status. Numbers are read as exact decimals."""
+async def ingest_batch(request: Request, session: SessionDep, caller: Ingester) -> UsageBatchResult:
+    """Store a JSON batch; every row gets its own status. Numbers are read as exact decimals. A
+    gateway bound to a tenant has other tenants' rows rejected (``tenant_id``)."""
     events = batch_events(await request.body())
-    return log_batch(UsageSource.api, await ingest(session, events, UsageSource.api))
+    return log_batch(UsageSource.api, await ingest(session, events, UsageSource.api, only_tenant=caller.tenant_id))
 
 
 def batch_events(body: bytes) -> list[Any]:
@@ -117,6 +121,7 @@ def _csv_rows(text: str) -> list[dict[str, str]]:
 async def ingest_csv(
     file: Annotated[UploadFile, File(description="CSV, header: " + ",".join(CSV_COLUMNS))],
     session: SessionDep,
+    caller: Ingester,
 ) -> UsageBatchResult:
     """Store a CSV upload; ``index`` of a result is its data row number (1-based, header excluded)."""
     data = await file.read(MAX_CSV_BYTES + 1)
@@ -128,7 +133,8 @@ async def ingest_csv(
         raise body_error(("file",), "must be UTF-8 text", "unicode_decode") from None
     rows = _csv_rows(text)
     _check_batch_size(len(rows), "file")
-    return log_batch(UsageSource.csv, await ingest(session, rows, UsageSource.csv, first_index=1))
+    result = await ingest(session, rows, UsageSource.csv, first_index=1, only_tenant=caller.tenant_id)
+    return log_batch(UsageSource.csv, result)
 
 
 @router.post(
@@ -139,10 +145,12 @@ async def ingest_csv(
         status.HTTP_409_CONFLICT: {"description": "The idempotency key is already used with another event"},
     },
 )
-async def ingest_single_event(event: UsageEventIn, session: SessionDep, response: Response) -> UsageEventResult:
+async def ingest_single_event(
+    event: UsageEventIn, session: SessionDep, response: Response, caller: Ingester
+) -> UsageEventResult:
     """Store one event: 201 when new, 200 when its idempotency key was seen before, 422 when invalid."""
     bind_tenant(event.tenant_id)
-    outcome = await ingest_event(session, event, UsageSource.manual)
+    outcome = await ingest_event(session, event, UsageSource.manual, only_tenant=caller.tenant_id)
     if outcome.status is RowStatus.rejected:
         raise body_errors([(problem.loc, problem.message, problem.kind) for problem in outcome.problems])
     if outcome.status is RowStatus.conflict:
