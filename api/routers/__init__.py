@@ -1,11 +1,12 @@
 """Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, and the
-PSP's webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal."""
+PSP's webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal.
+Every v1 route runs in its caller's row-level security scope (``api.deps.request_scope``)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.deps import current_principal
+from api.deps import current_principal, request_scope
 from api.routers import (
     billing_runs,
     credit_notes,
@@ -26,7 +27,7 @@ from api.routers import (
 
 health_router = health.router
 
-v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal)])
+v1_router = APIRouter(prefix="/v1", dependencies=[Depends(current_principal), Depends(request_scope)])
 for _module in (
     tenants,
     meters,

@@ -9,13 +9,13 @@ from datetime import timedelta
 from typing import Annotated, Literal
 
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Header, Request, status
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, status
 from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.deps import SessionDep, SettingsDep, TemporalClientDep, as_operator
 from api.errors import ApiError, error_responses
 from schema.models import PspEventStatus
 from services import psp_events
@@ -65,6 +65,7 @@ class WebhookAck(BaseModel):
 
 @router.post(
     "/stripe",
+    dependencies=[Depends(as_operator)],  # events of any tenant, and psp_events is operator-only
     responses=error_responses(400),
     openapi_extra={
         "requestBody": {
