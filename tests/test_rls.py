@@ -9,7 +9,9 @@ the database is held to that list, and every table of the schema must be in it.
 from __future__ import annotations
 
 import asyncio
+import csv
 import importlib
+import io
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -645,6 +647,8 @@ async def test_the_api_as_billing_app_answers_a_tenant_with_its_own_rows_only(
             invoices = (await api.get("/v1/invoices")).json()["data"]
             b_invoices = (await api.get("/v1/invoices", params={"tenant_id": str(b)})).json()["data"]
             meters = (await api.get("/v1/meters")).json()["data"]
+            window = {"from": (AT - timedelta(days=60)).isoformat(), "to": (AT + timedelta(days=60)).isoformat()}
+            export = await api.get("/v1/ledger/export.csv", params=window)  # streamed after the handler returned
             new_meter = await api.post("/v1/meters", json={"code": "gas", "name": "Gas", "unit": "m3"})
             usage = await api.post(
                 "/v1/usage",
@@ -671,6 +675,8 @@ async def test_the_api_as_billing_app_answers_a_tenant_with_its_own_rows_only(
     assert other.status_code == 404
     assert [i["tenant_id"] for i in invoices] == [str(a)] and b_invoices == []
     assert {m["code"] for m in meters} == {"electricity", "water"}  # the catalog, readable
+    exported = list(csv.DictReader(io.StringIO(export.text)))
+    assert exported and {row["tenant_id"] for row in exported} == {str(a)}  # its receivable's entries
     assert new_meter.status_code == 403 and new_meter.json()["errors"][0]["type"] == "forbidden"
     assert usage.status_code == 200 and usage.json()["rejected"] == 1  # B is not a tenant A can see
     assert replayed.headers.get("idempotent-replayed") == "true" and replayed.json() == usage.json()
