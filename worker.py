@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import (
     Client,
     Schedule,
@@ -47,6 +49,7 @@ from core.observability import LogContextInterceptor, configure_logging, configu
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
+from schema.scope import OPERATOR
 from services.credit_notes import apply_charge_refunded
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
@@ -227,6 +230,12 @@ async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule,
         log.info(f"{what} schedule updated", schedule_id=schedule_id)
 
 
+def activity_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """The activities' sessions: they work across tenants, so every transaction runs in the
+    operator's row-level security scope (``docs/security.md``) unless an activity narrows it."""
+    return make_sessionmaker(engine, scope=OPERATOR)
+
+
 async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
     """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
     configure_logging(settings)
@@ -251,7 +260,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         await ensure_psp_events_sweep_schedule(client, settings)
         await ensure_notices_sweep_schedule(client, settings)
         await ensure_renewal_reminders_schedule(client, settings)
-        sessions = make_sessionmaker(engine)
+        sessions = activity_sessions(engine)
         store = LocalDocumentStore(settings.documents_root)
         activities = activities_type(
             sessions,

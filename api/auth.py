@@ -5,8 +5,9 @@ a valid one), refuses a caller with none of the route's roles (403), and for a c
 tenant checks every path id that names a tenant's row (``OWNED``): another tenant's row — or no
 row — is a 404 naming that path parameter, the answer an unknown id gets, so ids of other tenants
 cannot be probed. It then names the caller as the actor of the request's writes (the audit log)
-and as the database scope of its transactions (row-level security, ``schema/scope.py``), and
-gives the route a :class:`Caller`.
+and runs the request in its database scope (row-level security, ``schema/scope.py``: the caller's
+tenant, or every tenant for operators and unbound meter gateways), and gives the route a
+:class:`Caller`.
 
 Lists a tenant may read narrow themselves with :meth:`Caller.tenant_filter`. The same isolation
 is enforced a second time by PostgreSQL's row-level security policies (docs/security.md).
@@ -15,7 +16,7 @@ is enforced a second time by PostgreSQL's row-level security policies (docs/secu
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from api.errors import ApiError, not_found
 from api.middleware import bind_tenant, client_of
 from core.principal import Principal, Role
 from schema.db import execute_sql
+from schema.scope import operator_scope, tenant_scope
 from services import audit
 
 OPERATORS = frozenset({Role.operator_admin, Role.operator})
@@ -96,7 +98,7 @@ def allow(*groups: Iterable[Role]) -> Any:
         request: Request,
         principal: Annotated[Principal, Depends(authenticated_principal)],
         session: SessionDep,
-    ) -> Caller:
+    ) -> AsyncIterator[Caller]:
         if not principal.roles & allowed:
             raise ApiError(
                 status.HTTP_403_FORBIDDEN,
@@ -110,10 +112,14 @@ def allow(*groups: Iterable[Role]) -> Any:
         audit.set_actor(
             audit.Actor(principal.subject, principal.kind, tuple(sorted(principal.roles)), address, request_id)
         )
-        if caller.tenant_id is not None:
-            bind_tenant(caller.tenant_id)
-            await _check_owned(caller, request, session)
-        return caller
+        # The scope every transaction of this request begins in (the session's first query is the
+        # ownership check below, or the handler's), held until the response is sent (a streamed
+        # body included): a tenant's rows only for a bound caller, every tenant's otherwise.
+        with tenant_scope(caller.tenant_id) if caller.tenant_id is not None else operator_scope():
+            if caller.tenant_id is not None:
+                bind_tenant(caller.tenant_id)
+                await _check_owned(caller, request, session)
+            yield caller
 
     require.allowed_roles = allowed  # type: ignore[attr-defined]  # for docs and the route matrix
     return Depends(require)

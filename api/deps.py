@@ -7,6 +7,7 @@ is ``api.auth.allow``, the one dependency every v1 route declares.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated
@@ -22,6 +23,7 @@ from adapters.signing_keys import KeyStore
 from adapters.storage import DocumentStore
 from core.principal import Principal
 from core.settings import Settings
+from schema.scope import Scope, operator_scope
 from services.auth import RevocationCache, is_session_revoked
 from services.errors import InvalidToken
 from services.tokens import verify_access_token
@@ -43,6 +45,12 @@ def get_key_store(request: Request) -> KeyStore:
 def get_revocations(request: Request) -> RevocationCache:
     cache: RevocationCache = request.app.state.revocations
     return cache
+
+
+async def as_operator() -> AsyncIterator[Scope]:
+    """The API acting on its own behalf (a PSP webhook, authenticated by its signature): every tenant's rows."""
+    with operator_scope() as bound:
+        yield bound
 
 
 def get_settings(request: Request) -> Settings:
@@ -89,10 +97,19 @@ ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
 KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
 
 
+async def _revoked(request: Request, session_id: uuid.UUID) -> bool:
+    """Whether the login session was revoked: asked in a session of its own, in operator scope (the
+    refresh tokens are no caller's to read), so the request's own transaction begins later, in the
+    caller's scope (``api.auth.allow``)."""
+    cache = get_revocations(request)
+    with operator_scope():
+        async with get_sessionmaker(request)() as session:
+            return await is_session_revoked(session, session_id, cache)
+
+
 async def authenticated_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     request: Request,
-    session: SessionDep,
 ) -> Principal:
     """The caller of a bearer access token: verified (``services.tokens.verify_access_token``) and,
     for a user, its login session not revoked; 401 with ``WWW-Authenticate`` otherwise."""
@@ -102,9 +119,7 @@ async def authenticated_principal(
     principal = verify_access_token(
         credentials.credentials, get_key_store(request).keyset(), settings, now=get_clock(request)()
     )
-    if principal.session_id is not None and await is_session_revoked(
-        session, principal.session_id, get_revocations(request)
-    ):
+    if principal.session_id is not None and await _revoked(request, principal.session_id):
         raise InvalidToken("the session of this token was revoked")
     return principal
 

@@ -9,7 +9,9 @@
 
 422 for invalid input (many errors at once), 401 for wrong credentials or an invalid bearer token
 (``WWW-Authenticate``), 404 for an unknown id in the path, 409 for a state that does not allow the
-request, 413 for a body too large, 429 with ``Retry-After`` for too many login attempts, 503 with ``Retry-After`` when
+request, 413 for a body too large, 429 with ``Retry-After`` for too many login attempts, 403 when PostgreSQL
+refused the write as outside the caller's scope (row-level security: the route should have refused
+first; see ``docs/security.md``), 503 with ``Retry-After`` when
 PostgreSQL or Temporal cannot be reached, 500 otherwise (both 5xx with ``Connection: close``, so
 a keep-alive client is not left with a dropped connection).
 """
@@ -25,7 +27,7 @@ from fastapi import Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -43,6 +45,7 @@ from services.errors import (
 )
 
 UNIQUE_VIOLATION = "23505"
+INSUFFICIENT_PRIVILEGE = "42501"  # a row-level security policy (or a grant) refused the statement
 LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 log = structlog.stdlib.get_logger("api")
@@ -69,6 +72,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Malformed request",
         401: "Missing or invalid credentials",
+        403: "Outside the caller's scope",
         404: "Unknown id",
         409: "The resource's state does not allow this",
         413: "Request body too large",
@@ -200,6 +204,9 @@ async def service_error_handler(request: Request, exc: Exception) -> JSONRespons
     return JSONResponse(error_json([item]), status_code=code)
 
 
+# PostgreSQL's refusals (SQLSTATE class 42, insufficient privilege among them) arrive as these.
+DATABASE_REFUSALS: tuple[type[Exception], ...] = (ProgrammingError,)
+
 # Errors that may mean a dependency (the database, Temporal) cannot be reached right now.
 OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     OperationalError,
@@ -222,6 +229,21 @@ def is_outage(exc: BaseException) -> bool:
     if type(exc) is RuntimeError and str(exc).startswith(TEMPORAL_CONNECT_FAILED):
         return True  # the API connects to Temporal lazily: Temporal down at the first call
     return isinstance(exc, OUTAGE_ERRORS)
+
+
+def is_refused_by_database(exc: BaseException) -> bool:
+    """PostgreSQL refused the statement for the current role and scope (SQLSTATE 42501)."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
+
+
+async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """403 for a statement the database refused as outside the caller's scope (the route's own
+    check should have come first: logged as a warning); anything else as unexpected."""
+    if is_refused_by_database(exc):
+        log.warning("refused by the database: outside the caller's scope", error=_text(exc)[:500])
+        item = ErrorItem(type="forbidden", message="outside the caller's scope")
+        return JSONResponse(error_json([item]), status_code=status.HTTP_403_FORBIDDEN)
+    return await unexpected_error_handler(request, exc)
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:

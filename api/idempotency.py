@@ -13,6 +13,10 @@
 - PSP webhooks (``/v1/webhooks/``) are not handled here: each event is stored once by its own
   id (``services/psp_events.py``), whatever headers come with it. Nor are the token routes
   (``/v1/auth/``): their responses hold credentials, which are never stored.
+- The records are read and written in the caller's own scope (``schema.scope.caller_scope``): the
+  row-level security policy of ``idempotency_records`` shows a transaction only the records of the
+  credentials hash it set, so no request (nor a hand-written query in one) reads another caller's
+  stored responses.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ErrorItem, error_json
 from schema.db import execute_sql
+from schema.scope import caller_scope
 
 HEADER = "idempotency-key"
 REPLAYED_HEADER = "idempotent-replayed"
@@ -96,13 +101,14 @@ class IdempotencyMiddleware:
 
         deadline = asyncio.get_running_loop().time() + WAIT.total_seconds()
         while True:
-            async with sessions() as session:
-                claimed = await execute_sql(session, _CLAIM, {**params, "ttl": IDEMPOTENCY_TTL, "lease": LEASE})
-                record_id = claimed.scalar_one_or_none()
-                existing = None if record_id else (await execute_sql(session, _EXISTING, params)).first()
-                await session.commit()
+            with caller_scope(caller):
+                async with sessions() as session:
+                    claimed = await execute_sql(session, _CLAIM, {**params, "ttl": IDEMPOTENCY_TTL, "lease": LEASE})
+                    record_id = claimed.scalar_one_or_none()
+                    existing = None if record_id else (await execute_sql(session, _EXISTING, params)).first()
+                    await session.commit()
             if record_id is not None:
-                await self._first(scope, body, send, sessions, record_id)
+                await self._first(scope, body, send, sessions, record_id, caller)
                 return
             if existing is None:  # released between the two statements (its request failed): try again
                 continue
@@ -120,7 +126,13 @@ class IdempotencyMiddleware:
             await asyncio.sleep(0.05)
 
     async def _first(
-        self, scope: Scope, body: bytes, send: Send, sessions: async_sessionmaker[AsyncSession], record_id: Any
+        self,
+        scope: Scope,
+        body: bytes,
+        send: Send,
+        sessions: async_sessionmaker[AsyncSession],
+        record_id: Any,
+        caller: str,
     ) -> None:
         """Run the request and keep its response (unless a 5xx, or it failed: then release the key)."""
         start: Message = {}
@@ -142,21 +154,20 @@ class IdempotencyMiddleware:
             await self.app(scope, replay_body, capture)
             status = start.get("status", 500)
         finally:
-            async with sessions() as session:
-                if status >= 500:
-                    await execute_sql(session, _RELEASE, {"id": record_id})
-                else:
-                    kept = {
-                        name.decode("latin-1"): value.decode("latin-1")
-                        for name, value in start.get("headers", [])
-                        if name.decode("latin-1").lower() in _KEPT_HEADERS
-                    }
-                    await execute_sql(
-                        session,
-                        _STORE,
-                        {"id": record_id, "status": status, "headers": json.dumps(kept), "body": b"".join(chunks)},
-                    )
-                await session.commit()
+            with caller_scope(caller):
+                async with sessions() as session:
+                    if status >= 500:
+                        await execute_sql(session, _RELEASE, {"id": record_id})
+                    else:
+                        kept = {
+                            name.decode("latin-1"): value.decode("latin-1")
+                            for name, value in start.get("headers", [])
+                            if name.decode("latin-1").lower() in _KEPT_HEADERS
+                        }
+                        kept_body = b"".join(chunks)
+                        stored = {"id": record_id, "status": status, "headers": json.dumps(kept), "body": kept_body}
+                        await execute_sql(session, _STORE, stored)
+                    await session.commit()
 
 
 def _fingerprint(path: str, query: bytes, content_type: str, body: bytes) -> str:

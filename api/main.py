@@ -24,7 +24,9 @@ from adapters.psp import Psp, StripePsp
 from adapters.signing_keys import KeyStore
 from adapters.storage import LocalDocumentStore
 from api.errors import (
+    DATABASE_REFUSALS,
     OUTAGE_ERRORS,
+    database_error_handler,
     http_error_handler,
     service_error_handler,
     unexpected_error_handler,
@@ -111,6 +113,8 @@ def create_app(
     app.add_exception_handler(ServiceError, service_error_handler)
     for outage in (*OUTAGE_ERRORS, RuntimeError):  # answered here, not re-raised: an outage is not a bug
         app.add_exception_handler(outage, unexpected_error_handler)  # (RuntimeError: Temporal's failed connect)
+    for refusal in DATABASE_REFUSALS:  # 403 when row-level security refused the statement
+        app.add_exception_handler(refusal, database_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL; unset means the embedded server under DATA_DIR",
     )
+    migration_database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL of the login that owns the tables and runs the migrations; unset: DATABASE_URL",
+    )
     database_pool_size: int = 10
 
     temporal_address: str | None = Field(
@@ -284,6 +288,11 @@ class Settings(BaseSettings):
         if self.credit_note_number_prefix == self.invoice_number_prefix:
             raise ValueError("CREDIT_NOTE_NUMBER_PREFIX must differ from INVOICE_NUMBER_PREFIX")
         return self
+
+    @property
+    def migration_url(self) -> str | None:
+        """Where migrations run: MIGRATION_DATABASE_URL, else DATABASE_URL (None: the embedded server)."""
+        return self.migration_database_url or self.database_url
 
     @property
     def documents_root(self) -> Path:

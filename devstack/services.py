@@ -2,6 +2,7 @@
 
 - :func:`start_embedded_database`: embedded PostgreSQL under ``DATA_DIR/pg`` plus the ``billing`` database
 - :func:`migrate`: Alembic to head
+- :func:`ensure_demo_login`: the API's and worker's login, a member of ``billing_app`` (row-level security)
 - :func:`start_temporal_dev_server` / :func:`wait_for_temporal`: the ``temporal`` binary from the venv
 - :func:`start_worker` / :func:`start_api` / :func:`wait_for_http`: the project's own processes
 """
@@ -30,13 +31,17 @@ from core.settings import PROJECT_ROOT, LogFormat, Settings
 from core.temporal import connect
 from devstack.child import Child
 from devstack.embedded_pg import EmbeddedPostgres
-from schema.db import ensure_database, upgrade
+from schema.db import ensure_app_login, ensure_database, upgrade, with_login
 
 log = structlog.get_logger("devstack")
 
 VENV_BIN = Path(sys.executable).parent
 TEMPORAL_BINARY = VENV_BIN / "temporal"
 DEMO_DATABASE = "billing"
+# The login the API and the worker use on the embedded server: a member of billing_app, so row-level
+# security applies to everything they do (the embedded server's own user is a superuser: it would not).
+DEMO_APP_LOGIN = "billing_api"
+DEMO_APP_PASSWORD = "billing_api_local"  # noqa: S105 - local only: the embedded server trusts local connections
 
 
 class ServiceError(RuntimeError):
@@ -75,6 +80,13 @@ async def migrate(url: str) -> None:
     started = time.monotonic()
     await asyncio.to_thread(upgrade, url)
     log.info("migrations at head", seconds=round(time.monotonic() - started, 2))
+
+
+async def ensure_demo_login(admin_url: str) -> str:
+    """The embedded server's app login (created unless it exists); the database URL that logs in with it."""
+    await ensure_app_login(admin_url, DEMO_APP_LOGIN, DEMO_APP_PASSWORD)
+    log.info("app login ready", login=DEMO_APP_LOGIN, member_of="billing_app")
+    return with_login(admin_url, DEMO_APP_LOGIN, DEMO_APP_PASSWORD)
 
 
 # --- Temporal ---------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from devstack.services import (
     ServiceError,
     api_base_url,
     child_environment,
+    ensure_demo_login,
     migrate,
     redact_url,
     start_api,
@@ -179,13 +180,20 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     if settings.database_url is None:
-        database_url, stop_database = await start_embedded_database(settings)
+        owner_url, stop_database = await start_embedded_database(settings)
         sup.add_stopper("postgres", stop_database)
+        sup.check()
+        await migrate(owner_url)  # as the embedded server's superuser, who owns what it creates
+        # The API and the worker log in as a member of billing_app, not as the embedded superuser.
+        database_url = await ensure_demo_login(owner_url)
     else:
         database_url = settings.database_url
         log.info("using DATABASE_URL", url=redact_url(database_url))
-    sup.check()
-    await migrate(database_url)
+        sup.check()
+        migration_url = settings.migration_url or database_url
+        if migration_url != database_url:
+            log.info("migrating with MIGRATION_DATABASE_URL", url=redact_url(migration_url))
+        await migrate(migration_url)
     sup.check()
 
     temporal: Child | None = None

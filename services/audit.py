@@ -5,7 +5,7 @@ dependency (``api/auth.py``) and for nothing else: the worker's own writes (bill
 ledger) are the system's, traced by their workflows and, for money, by the ledger itself.
 
 While an actor is set, every row an ORM session inserts, updates or deletes gains an
-:class:`~schema.models.AuditEntry` in the same flush (``before``/``after`` hold the changed
+:class:`~schema.models.AuditEntry` row, inserted in the same flush (``before``/``after`` hold the changed
 columns, secrets redacted), so a write without its audit row cannot commit. Writes that change no
 row of ours themselves — a workflow Update, a billing run started, a batch of usage written with
 one statement — call :func:`record` with what they did.
@@ -23,11 +23,12 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, insert, inspect
 from sqlalchemy.orm import Session, UOWTransaction
 from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from schema.models import AuditEntry
+from schema.models import AuditEntry, utcnow
 
 # Columns never copied into the log, whatever the table.
 REDACTED = frozenset(
@@ -92,19 +93,34 @@ def _shown(column: str, value: object) -> object:
 
 def _entry(
     actor: Actor, action: str, entity: str, entity_id: str | None, tenant_id: object, **changes: Any
-) -> AuditEntry:
-    return AuditEntry(
-        actor=actor.subject,
-        actor_kind=actor.kind,
-        roles=list(actor.roles),
-        action=action,
-        entity=entity,
-        entity_id=entity_id,
-        tenant_id=tenant_id if isinstance(tenant_id, uuid.UUID) else None,
-        address=actor.address,
-        request_id=actor.request_id,
-        **changes,
-    )
+) -> dict[str, Any]:
+    """An audit row, as the values of its INSERT."""
+    return {
+        "at": utcnow(),
+        "actor": actor.subject,
+        "actor_kind": actor.kind,
+        "roles": list(actor.roles),
+        "action": action,
+        "entity": entity,
+        "entity_id": entity_id,
+        "tenant_id": tenant_id if isinstance(tenant_id, uuid.UUID) else None,
+        "before": changes.get("before"),
+        "after": changes.get("after"),
+        "address": actor.address,
+        "request_id": actor.request_id,
+    }
+
+
+PENDING = "audit_pending"
+AUDIT_TABLE = SQLModel.metadata.tables["audit_log"]
+
+
+def _write(session: Session) -> None:
+    """INSERT the entries waiting on ``session``, in its transaction, without RETURNING: a caller
+    may add entries it may not read back (row-level security shows the log to operators only)."""
+    rows = session.info.pop(PENDING, [])
+    if rows:
+        session.connection().execute(insert(AUDIT_TABLE).values(rows))  # multi-VALUES: no implicit RETURNING
 
 
 def _identity(obj: object) -> str | None:
@@ -147,7 +163,7 @@ def _audit_flush(session: Session, _flush: UOWTransaction, _instances: object) -
     actor = _actor.get()
     if actor is None:
         return
-    entries: list[AuditEntry] = []
+    entries: list[dict[str, Any]] = session.info.setdefault(PENDING, [])
     for obj in list(session.new):
         table = _table(obj)
         if table is not None:
@@ -165,8 +181,11 @@ def _audit_flush(session: Session, _flush: UOWTransaction, _instances: object) -
         table = _table(obj)
         if table is not None:
             entries.append(_entry(actor, "delete", table, _identity(obj), _tenant_of(obj, table), before=_columns(obj)))
-    for entry in entries:
-        session.add(entry)
+    _write(session)
+
+
+def _before_commit(session: Session) -> None:
+    _write(session)  # entries of :func:`record` in a transaction the ORM did not flush
 
 
 def _table(obj: object) -> str | None:
@@ -179,7 +198,7 @@ def _table(obj: object) -> str | None:
 
 
 def record(
-    session: Any,
+    session: AsyncSession,
     action: str,
     entity: str,
     entity_id: object = None,
@@ -187,12 +206,12 @@ def record(
     tenant_id: uuid.UUID | None = None,
     before: Mapping[str, object] | None = None,
     after: Mapping[str, object] | None = None,
-) -> AuditEntry | None:
-    """Add an entry for a write the ORM hook cannot see (committed with the caller's transaction).
-    Nothing is added when no actor is set (the system's own work)."""
+) -> None:
+    """An entry for a write the ORM hook cannot see, written at the session's next flush or commit
+    (with the caller's transaction). Nothing when no actor is set (the system's own work)."""
     actor = _actor.get()
     if actor is None:
-        return None
+        return
     entry = _entry(
         actor,
         action,
@@ -202,14 +221,14 @@ def record(
         before=None if before is None else {k: _shown(k, v) for k, v in before.items()},
         after=None if after is None else {k: _shown(k, v) for k, v in after.items()},
     )
-    session.add(entry)
-    return entry
+    session.info.setdefault(PENDING, []).append(entry)
 
 
 def install() -> None:
     """Hook every ORM session (idempotent)."""
     if not event.contains(Session, "before_flush", _audit_flush):
         event.listen(Session, "before_flush", _audit_flush)
+        event.listen(Session, "before_commit", _before_commit)
 
 
 install()

@@ -19,12 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from billing.periods import Interval, period
 from core.settings import Settings
 from devstack import demo
 from devstack.child import Child, group_alive
 from devstack.services import (
+    ensure_demo_login,
     free_port,
     migrate,
     port_in_use,
@@ -36,7 +39,7 @@ from devstack.services import (
     wait_for_temporal,
 )
 from devstack.up import Shutdown, Supervisor
-from schema.db import ensure_database
+from schema.db import ensure_database, make_engine
 
 NOW = datetime(2026, 3, 29, 14, 37, 12, 345678, tzinfo=UTC)  # the week Berlin switches to summer time
 
@@ -262,6 +265,13 @@ def test_invoice_table_formats_money():
     assert "#1 failed (generic_decline)" in table and table.count("$12,345.67") == 2
 
 
+def test_migrations_run_with_migration_database_url_else_database_url():
+    app, owner = "postgresql://billing_api@db:5432/billing", "postgresql://billing_owner@db:5432/billing"
+    assert Settings(database_url=app, migration_database_url=None).migration_url == app
+    assert Settings(database_url=app, migration_database_url=owner).migration_url == owner
+    assert Settings(database_url=None, migration_database_url=None).migration_url is None  # the embedded server
+
+
 def test_redact_url():
     assert redact_url("postgresql://app:s3cret@db:5432/billing") == "postgresql://app:***@db:5432/billing"
     assert redact_url("postgresql://postgres@/billing?host=/tmp/x") == "postgresql://postgres@/billing?host=/tmp/x"
@@ -391,6 +401,22 @@ async def test_embedded_database_starts_migrates_and_stops(tmp_path: Path):
         assert url.startswith("postgresql://postgres@/billing?host=")
         await migrate(url)
         assert await ensure_database(url, "billing") is False
+        # The API's and the worker's login: made once, a member of billing_app, under row-level security.
+        app_url = await ensure_demo_login(url)
+        assert await ensure_demo_login(url) == app_url
+        assert app_url.startswith("postgresql://billing_api:billing_api_local@/billing?host=")
+        engine = make_engine(app_url, pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                who = (await conn.execute(text("SELECT current_user, rolsuper, rolbypassrls FROM pg_roles "
+                                               "WHERE rolname = current_user"))).one()  # fmt: skip
+                assert tuple(who) == ("billing_api", False, False)
+                with pytest.raises(DBAPIError) as refused:  # no scope: row-level security refuses
+                    await conn.execute(text("INSERT INTO meters (id, code, name, unit, aggregation, created_at) "
+                                            "VALUES (gen_random_uuid(), 'x', 'x', 'x', 'sum', now())"))  # fmt: skip
+            assert getattr(refused.value.orig, "sqlstate", None) == "42501"
+        finally:
+            await engine.dispose()
     finally:
         await asyncio.to_thread(stop)
     assert _processes_mentioning(str(tmp_path / "pg")) == []

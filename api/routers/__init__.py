@@ -1,6 +1,7 @@
 """Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, the PSP's
 webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal, and the token
-routes (``/v1/auth``, where credentials are exchanged for tokens) with ``/.well-known/jwks.json``."""
+routes (``/v1/auth``, where credentials are exchanged for tokens) with ``/.well-known/jwks.json``.
+Every v1 route runs in its caller's row-level security scope (``api.auth.allow``)."""
 
 from __future__ import annotations
 

@@ -9,11 +9,11 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Request, Response, status
+from fastapi import APIRouter, Depends, Form, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.deps import AuthenticatedPrincipal, ClockDep, KeyStoreDep, SessionDep, SettingsDep
+from api.deps import AuthenticatedPrincipal, ClockDep, KeyStoreDep, SessionDep, SettingsDep, as_operator
 from api.errors import body_errors, error_responses
 from core.settings import Settings
 from services import auth, throttle
@@ -22,7 +22,8 @@ from services.inputs import PgText
 
 Text = Annotated[str, PgText]  # no NUL: a username or client id goes into SQL parameters
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+# The API on its own behalf: accounts and refresh tokens are no caller's rows (operator scope).
+router = APIRouter(prefix="/v1/auth", tags=["auth"], dependencies=[Depends(as_operator)])
 jwks_router = APIRouter(tags=["auth"])
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 section 5.1

@@ -9,14 +9,14 @@ from datetime import timedelta
 from typing import Annotated, Literal
 
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Header, Request, status
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, status
 from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.webhooks import SignatureError
-from api.deps import SessionDep, SettingsDep, TemporalClientDep
+from api.deps import SessionDep, SettingsDep, TemporalClientDep, as_operator
 from api.errors import ApiError, error_responses
 from api.middleware import client_of
 from api.routers.usage import BATCH_SCHEMA, batch_events, log_batch
@@ -70,6 +70,7 @@ class WebhookAck(BaseModel):
 
 @router.post(
     "/stripe",
+    dependencies=[Depends(as_operator)],  # events of any tenant, and psp_events is operator-only
     responses=error_responses(400),
     openapi_extra={
         "requestBody": {
@@ -105,6 +106,7 @@ async def stripe_webhook(
 
 @router.post(
     "/meters",
+    dependencies=[Depends(as_operator)],  # a gateway's usage of any tenant; gateways and nonces are operator-only
     responses=error_responses(401, 409, 422),
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BATCH_SCHEMA}}}},
 )

@@ -1,8 +1,13 @@
-"""Alembic environment: async engine, URL passed in by ``schema.db.alembic_config``."""
+"""Alembic environment: async engine, URL passed in by ``schema.db.alembic_config``.
+
+Migrations run in the operator's scope: every table FORCEs row-level security (migration 0016), so
+a data migration run by the owning login (not a superuser) would otherwise see no rows at all.
+"""
 
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
@@ -13,6 +18,8 @@ target_metadata = SQLModel.metadata
 
 
 def _run(connection: Connection) -> None:
+    connection.execute(text("SELECT set_config('app.operator', 'on', false)"))  # this connection only
+    connection.commit()
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
