@@ -1,4 +1,4 @@
-"""Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, and the
+"""Every router of the API, gathered once: ``/healthz``, ``/metrics``, the authenticated ``/v1`` tree, and the
 PSP's webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from api.routers import (
     ledger,
     meter_gateways,
     meters,
+    metrics,
     plans,
     promo_codes,
     reconciliation,
@@ -26,6 +27,7 @@ from api.routers import (
 )
 
 health_router = health.router
+metrics_router = metrics.router
 
 v1_router = APIRouter(prefix="/v1", dependencies=[Depends(audited_principal)])
 for _module in (
