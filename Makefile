@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
 export CHROMIUM_PATH
 
-.PHONY: up test lint typecheck test-db venv chromium lock clean
+.PHONY: up test lint typecheck test-db venv chromium prometheus lock clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,18 @@ chromium:
 		exit 1; \
 	fi
 
+# Debian's prometheus package: promtool checks and unit-tests the alert rules, and a real Prometheus
+# scrapes the API and the worker in tests/test_metrics_live.py; installed with apt-get when missing and we are root.
+prometheus:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing prometheus (promtool) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+		echo "promtool and prometheus are missing. Install Debian's prometheus package (sudo apt-get install prometheus)" >&2; \
+		exit 1; \
+	fi
+
 lock:
 	$(BIN)/uv pip compile requirements.in -o requirements.lock -p $(BIN)/python --no-header -q
 
@@ -42,11 +54,11 @@ typecheck: venv
 
 # The whole suite: lint, types, then pytest against embedded PostgreSQL (or DATABASE_URL),
 # the time-skipping Temporal test server and real headless Chromium.
-test: venv chromium lint typecheck
+test: venv chromium prometheus lint typecheck
 	$(BIN)/pytest
 
 # Only the database tests, e.g. against an external server: DATABASE_URL=... make test-db
-test-db: venv chromium
+test-db: venv chromium prometheus
 	$(BIN)/pytest -m db
 
 up: venv chromium

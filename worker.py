@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -21,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import (
     Client,
     Schedule,
+    ScheduleActionExecutionStartWorkflow,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
@@ -29,7 +31,9 @@ from temporalio.client import (
     ScheduleSpec,
     ScheduleUpdate,
     ScheduleUpdateInput,
+    WorkflowExecutionStatus,
 )
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
@@ -45,11 +49,14 @@ from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from adapters.webhooks import HttpWebhookSender
+from billing.dunning import DunningStage
+from core import metrics
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
 from schema.scope import OPERATOR
+from services import dunning, ingestion, psp_events
 from services.credit_notes import apply_charge_refunded
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
@@ -236,21 +243,98 @@ def activity_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return make_sessionmaker(engine, scope=OPERATOR)
 
 
+# --- gauges the worker reads from the database and Temporal (docs/operations.md "Metrics and alerts") ---
+
+# Stages a tenant can be at while its dunning goes on; each is set (0 included) on every refresh.
+_OPEN_STAGES = [s.value for s in DunningStage if s not in (DunningStage.resolved, DunningStage.not_chased)]
+
+
+async def refresh_database_gauges(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    """PSP events backlog, tenants per dunning stage, silent tenants: three bounded queries."""
+    now = datetime.now(UTC)
+    async with sessions() as session:
+        backlog = await psp_events.backlog(session, now, settings.psp_events_backlog_age)
+        stages = await dunning.tenants_by_stage(session)
+        silent = await ingestion.silent_tenants(
+            session,
+            now,
+            timedelta(seconds=settings.usage_silence_after),
+            timedelta(seconds=settings.usage_reporting_lookback),
+            metrics.SILENT_TENANTS_SHOWN,
+        )
+    metrics.PSP_EVENTS_BACKLOG.set(backlog.count)
+    metrics.PSP_EVENTS_BACKLOG_OLDEST.set(backlog.oldest_seconds)
+    for stage in sorted({*_OPEN_STAGES, *stages}):
+        metrics.DUNNING_TENANTS.labels(stage).set(stages.get(stage, 0))
+    metrics.USAGE_SILENT_TENANTS.set(silent.count)
+    metrics.USAGE_TENANT_SILENCE.clear()
+    for tenant_id, seconds in silent.longest:
+        metrics.USAGE_TENANT_SILENCE.labels(str(tenant_id)).set(seconds)
+
+
+async def refresh_schedule_gauges(client: Client, settings: Settings) -> None:
+    """The billing Schedule: paused, its last start, and when the latest of its recent runs that completed
+    did (describing runs newest first: usually one call)."""
+    try:
+        described = await client.get_schedule_handle(settings.billing_schedule_id).describe()
+    except RPCError as error:  # not created yet (a worker starting) or gone
+        log.warning("billing schedule not described", error=str(error))
+        return
+    metrics.BILLING_SCHEDULE_PAUSED.set(1 if described.schedule.state.paused else 0)
+    recent = list(described.info.recent_actions)
+    if not recent:
+        return
+    metrics.BILLING_SCHEDULE_LAST_STARTED.set(recent[-1].started_at.timestamp())
+    completed = 0.0
+    for action in reversed(recent):
+        if not isinstance(action.action, ScheduleActionExecutionStartWorkflow):
+            continue
+        run = await client.get_workflow_handle(action.action.workflow_id).describe()
+        if run.status is WorkflowExecutionStatus.COMPLETED and run.close_time is not None:
+            completed = run.close_time.timestamp()
+            break
+    metrics.BILLING_SCHEDULE_LAST_COMPLETED.set(completed)
+
+
+async def refresh_gauges_forever(
+    sessions: async_sessionmaker[AsyncSession], client: Client, settings: Settings
+) -> None:
+    """Every METRICS_REFRESH_INTERVAL s; a failed source is logged and counted, the next refresh retries."""
+    sources: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("database", lambda: refresh_database_gauges(sessions, settings)),
+        ("temporal", lambda: refresh_schedule_gauges(client, settings)),
+    ]
+    while True:
+        for source, refresh in sources:
+            try:
+                await refresh()
+            except Exception as error:  # an outage must not stop the worker, nor the next refresh
+                metrics.REFRESH_FAILURES.labels(source).inc()
+                log.warning("metrics refresh failed", source=source, error=str(error)[:300])
+        metrics.REFRESHED.set_to_current_time()
+        await asyncio.sleep(settings.metrics_refresh_interval)
+
+
 async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
     """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
     configure_logging(settings)
     provider = configure_tracing(settings, "worker")
-    client = await connect(settings)
+    sdk_address = settings.temporal_sdk_metrics_address or metrics.free_loopback_address()
+    client = await connect(settings, runtime=metrics.temporal_runtime(sdk_address))
     if settings.database_url is None:
         raise SystemExit("DATABASE_URL is not set (make up sets it for the embedded server)")
     engine = make_engine(settings.database_url, settings.database_pool_size)
     instrument_engine(engine, provider)
+    untrack_pool = metrics.POOLS.track(engine)
+    served = metrics.serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port, sdk_address)
+    metrics_url = f"http://{settings.worker_metrics_host}:{served.port}/metrics"
     # Its profiles live under DATA_DIR/chromium, where the next worker finds what a killed one left.
     renderer = ChromiumPdfRenderer(
         settings.chromium_path, pages=settings.pdf_page_pool_size, profile_root=settings.data_dir / "chromium"
     )
     await renderer.start()
     psp = StripePsp.from_settings(settings)
+    refresher: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -310,11 +394,20 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
                 ).all(),
             ],
         )
-        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_target)
+        refresher = asyncio.create_task(refresh_gauges_forever(sessions, client, settings))
+        log.info(
+            "worker started", task_queue=settings.task_queue, temporal=settings.temporal_target, metrics=metrics_url
+        )
         async with worker:
             await stop.wait()
             log.info("worker stopping")
     finally:
+        if refresher is not None:
+            refresher.cancel()
+            with suppress(asyncio.CancelledError):
+                await refresher
+        served.close()
+        untrack_pool()
         await psp.aclose()
         await renderer.close()
         await engine.dispose()

@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.pricing import PricingError
+from core import metrics
 from core.settings import get_settings
 from services import invoicing
 from services.documents import render_invoice_html
@@ -185,7 +186,9 @@ class BillingActivities:
             structlog.contextvars.bind_contextvars(tenant_id=str(invoice.tenant_id))
             if invoice.pdf_location is not None:  # attached earlier: the stored PDF is the invoice
                 return RenderInvoicePdfResult(location=invoice.pdf_location, number=invoice.number)
-            pdf = await self._renderer.render(render_invoice_html(document))
+            html = render_invoice_html(document)
+            with metrics.PDF_RENDER.labels("invoice").time():
+                pdf = await self._renderer.render(html)
             location = await self._store.put(invoicing.pdf_key(invoice), pdf)
         log.info("invoice pdf stored", invoice=invoice.number, location=location, size=len(pdf))
         return RenderInvoicePdfResult(location=location, number=invoice.number)

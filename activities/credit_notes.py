@@ -22,6 +22,7 @@ from activities.billing import heartbeating
 from adapters.pdf import PdfRenderer
 from adapters.psp import Bug, Declined, Psp, Transient, Unknown
 from adapters.storage import DocumentStore
+from core import metrics
 from services import credit_notes
 from services.documents import render_credit_note_html
 from services.errors import NotFound, ServiceError
@@ -80,7 +81,9 @@ class CreditNoteActivities:
             if note.pdf_location is not None:  # attached earlier: the stored PDF is the document
                 done.location = note.pdf_location
                 return done
-            pdf = await self._renderer.render(render_credit_note_html(document))
+            html = render_credit_note_html(document)
+            with metrics.PDF_RENDER.labels("credit_note").time():
+                pdf = await self._renderer.render(html)
             done.location = await self._store.put(credit_notes.pdf_key(note), pdf)
         log.info("credit note pdf stored", credit_note=note.number, location=done.location, size=len(pdf))
         return done

@@ -19,6 +19,7 @@ from temporalio.client import Client
 
 from activities.billing import _utcnow, heartbeating
 from billing.dunning import STAGE_NOTICES, Campaign, DunningStage
+from core import metrics
 from schema.models import NoticeKind
 from services import dunning, notices
 from workflows.contracts import (
@@ -106,7 +107,7 @@ class DunningActivities:
             if stage is DunningStage.resolved:
                 result.resumed = await dunning.resume_if_settled(session, data.tenant_id, f"{data.key}:resume", at)
             owed = await dunning.outstanding(session, data.tenant_id, at)
-            await dunning.record_event(
+            entered = await dunning.record_event(
                 session,
                 data.tenant_id,
                 data.key,
@@ -116,6 +117,8 @@ class DunningActivities:
                 reason=data.reason,
                 at=at,
             )
+            if entered:  # once per key: a retried step does not count again
+                metrics.on_commit(session, metrics.DUNNING_STAGES.labels(stage.value).inc)
             kind = STAGE_NOTICES.get(stage) or ("subscription_resumed" if result.resumed else None)
             if kind is not None:
                 result.notice_id = await notices.enqueue(

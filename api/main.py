@@ -38,12 +38,14 @@ from api.middleware import (
     BodyLimitMiddleware,
     CrossOriginGuard,
     HostGuard,
+    MetricsMiddleware,
     RequestContextMiddleware,
     is_sane_request_id,
     new_request_id,
 )
 from api.openapi import install as install_openapi
-from api.routers import auth_router, health_router, jwks_router, v1_router, webhooks_router
+from api.routers import auth_router, health_router, jwks_router, metrics_router, v1_router, webhooks_router
+from core import metrics
 from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -80,6 +82,7 @@ def create_app(
         provider = tracer_provider or configured
         engine = make_engine(settings.database_url, settings.database_pool_size)
         instrument_engine(engine, provider)
+        untrack_pool = metrics.POOLS.track(engine)
         instrument_http_clients(provider)
         built = StripePsp.from_settings(settings) if psp is None else None  # connects nothing yet
         try:
@@ -95,6 +98,7 @@ def create_app(
         finally:
             if built is not None:
                 await built.aclose()
+            untrack_pool()
             await engine.dispose()
             if configured is not None:
                 configured.shutdown()
@@ -132,8 +136,10 @@ def create_app(
     app.add_middleware(
         CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=is_sane_request_id, generator=new_request_id
     )
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz")
+    app.add_middleware(MetricsMiddleware)  # the outermost: every answer counted, its whole time measured
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz,metrics")
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(v1_router)
     app.include_router(webhooks_router)
     app.include_router(auth_router)

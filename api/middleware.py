@@ -9,11 +9,14 @@ import uuid
 
 import structlog
 from asgi_correlation_id import correlation_id
+from fastapi.routing import RouteContext, iter_route_contexts
 from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ErrorItem, error_json
+from core import metrics
 from core.observability import bind_tenant as bind_tenant
 from services import audit
 
@@ -76,6 +79,68 @@ class RequestContextMiddleware:
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
             )
             structlog.contextvars.clear_contextvars()
+
+
+class MetricsMiddleware:
+    """Counts every request (``http_requests_total``, ``http_request_duration_seconds``, in flight) by
+    its route *template* (``/v1/invoices/{invoice_id}``), so ids never become labels. A request
+    answered before routing (413, a refused host) is matched against the routes here; one that
+    matches no route is ``unmatched``. The outermost middleware: its time covers the whole stack."""
+
+    METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+            method = scope["method"] if scope["method"] in self.METHODS else "other"
+            route = route_template(scope)
+            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            metrics.HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+
+
+def route_template(scope: Scope) -> str:
+    """The full path template of the route that answered (or would have answered) the request."""
+    contexts, by_route = _route_paths(scope.get("app"))
+    route = scope.get("route")  # the route that handled it (FastAPI sets the original, un-prefixed one)
+    if route is not None and id(route) in by_route:
+        return by_route[id(route)]
+    for wanted in (Match.FULL, Match.PARTIAL):  # answered before routing: match here
+        for context in contexts:
+            if context.path and context.matches(scope)[0] is wanted:
+                return str(context.path)
+    return "unmatched"
+
+
+def _route_paths(app: object) -> tuple[list[RouteContext], dict[int, str]]:
+    """Every route of ``app`` with its full path (FastAPI keeps included routers nested: a route's own
+    ``path`` lacks their prefixes), computed once per app."""
+    state = getattr(app, "state", None)
+    cached = getattr(state, "route_paths", None)
+    if cached is None:
+        routes: list[BaseRoute] = list(getattr(getattr(app, "router", None), "routes", []))
+        contexts = list(iter_route_contexts(routes))
+        cached = (contexts, {id(c.original_route): str(c.path) for c in contexts if c.path})
+        if state is not None:
+            state.route_paths = cached
+    return cached
 
 
 class BodyLimitMiddleware:
@@ -162,9 +227,10 @@ class CrossOriginGuard:
 class HostGuard:
     """400 naming ``Host`` for a request to a host name not in ``allowed`` (``*.example.com``
     allows its subdomains): a page that rebinds its own DNS name to this server cannot read our
-    answers. The probes (``/healthz``, ``/readyz``) are exempt: a kubelet calls them by pod IP."""
+    answers. The probes (``/healthz``, ``/readyz``) and ``/metrics`` are exempt: a kubelet and Prometheus call
+    them by pod IP."""
 
-    EXEMPT = frozenset({"/healthz", "/readyz"})
+    EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
     def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
         self.app = app

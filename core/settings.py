@@ -216,6 +216,29 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()]
 
+    # Metrics (docs/operations.md "Metrics and alerts"): the API serves /metrics on its own port; the worker
+    # on WORKER_METRICS_PORT, where the Temporal SDK's metrics (served by its core on a loopback port) are
+    # folded into ours.
+    worker_metrics_host: str = Field(default="0.0.0.0", description="Where the worker's /metrics listens")
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535, description="0: a free port, logged at start")
+    temporal_sdk_metrics_address: str | None = Field(
+        default=None,
+        pattern=r"^[^:]+:\d{1,5}$",
+        description="host:port of the SDK's own endpoint (read by the worker); unset: a free loopback port",
+    )
+    metrics_refresh_interval: float = Field(
+        default=30.0, ge=1, le=3600, description="Seconds between two refreshes of the worker's database gauges"
+    )
+    psp_events_backlog_age: int = Field(
+        default=300, ge=0, description="A PSP event still received after this many seconds counts as backlog"
+    )
+    usage_silence_after: int = Field(
+        default=86400, ge=60, description="A reporting tenant with no usage event for this many seconds is silent"
+    )
+    usage_reporting_lookback: int = Field(
+        default=7 * 86400, ge=3600, description="A tenant with a usage event within this many seconds reports"
+    )
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otel_traces_exporter: TraceExporter = TraceExporter.none

@@ -209,6 +209,8 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
         **({"STRIPE_API_BASE": settings.stripe_api_base} if settings.stripe_api_base else {}),
         **({"SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port)} if settings.smtp_host else {}),
         DUNNING_RETRY_DELAYS=settings.dunning_retry_delays,
+        WORKER_METRICS_HOST=settings.worker_metrics_host,
+        WORKER_METRICS_PORT=str(settings.worker_metrics_port),
         PYTHONUNBUFFERED="1",
     )
     # Their output reaches the terminal through our pipe, so "auto" would pick JSON.
@@ -217,7 +219,17 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
     return env
 
 
-def start_worker(env: Mapping[str, str], *, python: str = sys.executable, cwd: Path = PROJECT_ROOT) -> Child:
+def start_worker(
+    env: Mapping[str, str], *, python: str = sys.executable, cwd: Path = PROJECT_ROOT, settings: Settings | None = None
+) -> Child:
+    """``worker.py``; with ``settings``, its metrics port is checked first (a taken one is a clear error)."""
+    if (
+        settings is not None
+        and settings.worker_metrics_port
+        and port_in_use(settings.worker_metrics_host, settings.worker_metrics_port)
+    ):
+        where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        raise ServiceError(f"port {where} is taken; stop that process or set WORKER_METRICS_PORT")
     child = Child("worker", [python, "worker.py"], env=env, cwd=cwd).start()
     log.info("worker starting", pid=child.pid)
     return child
@@ -332,3 +344,11 @@ def redact_url(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def worker_metrics_url(settings: Settings) -> str:
+    """Where a worker started with ``settings`` serves /metrics (its own and the Temporal SDK's)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+        settings.worker_metrics_host, settings.worker_metrics_host
+    )
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.worker_metrics_port}/metrics"

@@ -51,6 +51,7 @@ from devstack.services import (
     wait_for_http,
     wait_for_port,
     wait_for_temporal,
+    worker_metrics_url,
 )
 from devstack.users import Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
 
@@ -173,6 +174,7 @@ class Stack:
     api_url: str
     psp_url: str | None  # only when we run the emulator
     mail_folder: Path | None = None  # only when we run the mail sink
+    worker_metrics_url: str | None = None  # the worker's /metrics (Prometheus text, with the Temporal SDK's)
 
 
 async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path = PROJECT_ROOT) -> Stack:
@@ -229,18 +231,23 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
     }
     if "dunning_retry_delays" not in settings.model_fields_set:  # the demo walks through dunning in minutes
         update["dunning_retry_delays"] = DEMO_DUNNING_DELAYS
+    if "worker_metrics_host" not in settings.model_fields_set:  # this machine's Prometheus, if any, is local
+        update["worker_metrics_host"] = "127.0.0.1"
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     client = await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
     await register_search_attributes(client, effective, external=settings.temporal_address is not None)
 
     env = child_environment(effective, database_url=database_url, temporal_address=temporal_address)
-    sup.add_child(start_worker(env, cwd=project_root))
+    worker = sup.add_child(start_worker(env, cwd=project_root, settings=effective))
     api = sup.add_child(start_api(effective, env, cwd=project_root))
     api_url = api_base_url(effective)
     await sup.guard(wait_for_http(f"{api_url}/healthz", child=api))
     log.info("api ready", url=api_url)
-    return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url, mail_folder)
+    metrics_url = worker_metrics_url(effective)
+    await sup.guard(wait_for_http(metrics_url, child=worker))
+    log.info("worker ready", metrics=metrics_url)
+    return Stack(effective, database_url, temporal_address, temporal_ui, api_url, psp_url, mail_folder, metrics_url)
 
 
 async def register_search_attributes(client: Client, settings: Settings, *, external: bool) -> None:
@@ -351,7 +358,10 @@ def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
         ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
+        ("API metrics", f"{stack.api_url}/metrics"),
     ]
+    if stack.worker_metrics_url:
+        rows.append(("Worker metrics", f"{stack.worker_metrics_url}   (with the Temporal SDK's)"))
     if stack.temporal_ui:
         rows.append(("Temporal UI", stack.temporal_ui))
     if stack.psp_url:

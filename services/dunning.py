@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.dunning import Campaign
 from billing.states import COLLECTABLE, AttemptStatus, InvoiceStatus, amount_due
+from schema.db import execute_sql
 from schema.models import (
     DunningCampaign,
     DunningEvent,
@@ -239,3 +240,20 @@ async def room_name(session: AsyncSession, tenant_id: uuid.UUID) -> str:
     subscription = await _subscription(session, tenant_id)
     room = await session.get(Room, subscription.room_id) if subscription is not None else None
     return room.name if room is not None else "your room"
+
+
+_STAGES_NOW = text(
+    """
+    SELECT stage, count(*) AS tenants FROM (
+        SELECT DISTINCT ON (tenant_id) tenant_id, stage FROM dunning_events
+        WHERE kind = 'stage' ORDER BY tenant_id, at DESC
+    ) latest
+    WHERE stage NOT IN ('resolved', 'not_chased')
+    GROUP BY stage
+    """
+)
+
+
+async def tenants_by_stage(session: AsyncSession) -> dict[str, int]:
+    """How many tenants are at each dunning stage now (their latest stage event; ended dunnings left out)."""
+    return {row.stage: row.tenants for row in await execute_sql(session, _STAGES_NOW)}

@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core import metrics
 from schema.db import execute_sql
 from schema.models import UsageSource
 from services import audit, usage_fence
@@ -198,6 +199,7 @@ async def ingest(
     With ``only_tenant`` (a caller bound to one tenant) another tenant's rows are rejected."""
     outcomes = [parse_row(first_index + i, raw) for i, raw in enumerate(raws)]
     await store(session, outcomes, source, only_tenant=only_tenant)
+    _count(source, outcomes)
     results = [o.result() for o in outcomes]
     return UsageBatchResult(
         accepted=sum(r.status is RowStatus.accepted for r in results),
@@ -297,4 +299,46 @@ async def ingest_event(
     ids, or another tenant's than ``only_tenant``)."""
     outcome = parse_row(0, event)
     await store(session, [outcome], source, only_tenant=only_tenant)
+    _count(source, [outcome])
     return outcome
+
+
+def _count(source: UsageSource, outcomes: Sequence[RowOutcome]) -> None:
+    """``usage_events_total`` by outcome, once :func:`store` has settled (and committed) every row."""
+    for status in RowStatus:
+        if n := sum(o.status is status for o in outcomes):
+            metrics.USAGE_EVENTS.labels(source.value, status.value).inc(n)
+
+
+# Per tenant with an active subscription, its latest event by the (tenant_id, id) index: one index probe
+# each, so the cost grows with the tenants, not with the events.
+_LAST_EVENTS = text(
+    """
+    SELECT t.id AS tenant_id, last.received_at
+    FROM tenants t
+    CROSS JOIN LATERAL (
+        SELECT u.received_at FROM usage_events u WHERE u.tenant_id = t.id ORDER BY u.id DESC LIMIT 1
+    ) last
+    WHERE EXISTS (SELECT 1 FROM subscriptions s WHERE s.tenant_id = t.id AND s.status = 'active')
+      AND last.received_at >= :reporting_since AND last.received_at < :silent_since
+    ORDER BY last.received_at
+    """
+)
+
+
+@dataclass(frozen=True)
+class SilentTenants:
+    count: int
+    longest: list[tuple[uuid.UUID, float]]  # (tenant, seconds since its last event), longest silence first
+
+
+async def silent_tenants(
+    session: AsyncSession, now: datetime, silence: timedelta, lookback: timedelta, limit: int
+) -> SilentTenants:
+    """Tenants that normally report (an event within ``lookback``, an active subscription) but sent none
+    for ``silence``: a meter or gateway may be down. ``longest`` holds at most ``limit`` of them."""
+    rows = list(
+        await execute_sql(session, _LAST_EVENTS, {"reporting_since": now - lookback, "silent_since": now - silence})
+    )
+    longest = [(row.tenant_id, (now - row.received_at).total_seconds()) for row in rows[:limit]]
+    return SilentTenants(len(rows), longest)

@@ -19,6 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.periods import Interval, period
 from billing.pricing import FieldError, LineKind
+from core import metrics
 from core.settings import Settings
 from schema.db import execute_sql
 from schema.models import (
@@ -232,8 +233,14 @@ async def create_invoice(session: AsyncSession, data: BoundaryToInvoice) -> Writ
         sub.current_period_start = draft.period.start
         sub.current_period_end = draft.period.end
     session.add(sub)
+    metrics.on_commit(session, lambda: _count_created(draft.currency, draft.total))
     await session.commit()
     return WrittenInvoice(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
+
+
+def _count_created(currency: str, total: int) -> None:
+    metrics.INVOICES_CREATED.labels(currency).inc()
+    metrics.INVOICED_AMOUNT.labels(currency).inc(max(total, 0))  # a counter only grows; totals are not negative
 
 
 # Lines that take something off the charges (the rest make up the subtotal).

@@ -18,6 +18,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters.webhooks import SignatureError, check_signature, new_signing_secret
+from core import metrics
 from schema.db import execute_sql
 from schema.models import MeterGateway, Tenant, utcnow
 from services.errors import InvalidInput, NotFound
@@ -101,7 +102,29 @@ async def authenticate(
 ) -> MeterGateway:
     """The gateway a delivery comes from, its signature checked and its nonce claimed in the
     session's transaction (commit it with the delivery's writes). Raises :class:`SignatureError`:
-    an unknown or disabled gateway reads as a bad signature, so gateway ids cannot be probed."""
+    an unknown or disabled gateway reads as a bad signature, so gateway ids cannot be probed. Each
+    refusal is counted by its kind (``meter_webhooks_refused_total``)."""
+    try:
+        return await _authenticate(session, gateway_header, signature, body, now, tolerance)
+    except SignatureError as refused:
+        metrics.METER_WEBHOOKS_REFUSED.labels(refused.kind).inc()
+        raise
+
+
+async def delivered(session: AsyncSession) -> None:
+    """Commit an authenticated delivery (its nonce, and whatever its rows left) and count it accepted."""
+    metrics.on_commit(session, metrics.METER_WEBHOOKS_ACCEPTED.inc)
+    await session.commit()
+
+
+async def _authenticate(
+    session: AsyncSession,
+    gateway_header: str | None,
+    signature: str | None,
+    body: bytes,
+    now: datetime,
+    tolerance: timedelta,
+) -> MeterGateway:
     try:
         gateway_id = uuid.UUID(gateway_header or "")
     except ValueError:

@@ -28,6 +28,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters.webhooks import is_public_address, new_signing_secret, resolve
+from core import metrics
 from schema.models import Notice, NoticeWebhookStatus, Tenant
 from services.errors import InvalidInput, NotFound
 from services.notices import how_to_pay_line, total_due
@@ -198,12 +199,15 @@ def body(notice: Notice) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-async def _move(session: AsyncSession, notice_id: uuid.UUID, **values: Any) -> bool:
+async def _move(session: AsyncSession, notice_id: uuid.UUID, outcome: str | None = None, **values: Any) -> bool:
+    """Change the pending delivery and commit; ``outcome`` counts ``notices_delivered_total{channel="webhook"}``."""
     result = await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.webhook_status) == NoticeWebhookStatus.pending)
         .values(**values)
     )
+    if outcome is not None and result.rowcount:
+        metrics.on_commit(session, metrics.NOTICES.labels("webhook", outcome).inc)
     await session.commit()
     return bool(result.rowcount)
 
@@ -213,6 +217,7 @@ async def mark_delivered(session: AsyncSession, notice_id: uuid.UUID, at: dateti
     return await _move(
         session,
         notice_id,
+        "sent",
         webhook_status=NoticeWebhookStatus.sent,
         webhook_delivered_at=at,
         webhook_attempts=Notice.webhook_attempts + 1,
@@ -222,7 +227,9 @@ async def mark_delivered(session: AsyncSession, notice_id: uuid.UUID, at: dateti
 
 async def record_attempt(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
     """A delivery that failed and will be retried: counted, its error kept; it stays pending. Commits."""
-    await _move(session, notice_id, webhook_attempts=Notice.webhook_attempts + 1, webhook_last_error=error[:1000])
+    await _move(
+        session, notice_id, "retry", webhook_attempts=Notice.webhook_attempts + 1, webhook_last_error=error[:1000]
+    )
 
 
 async def mark_failed(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
@@ -230,6 +237,7 @@ async def mark_failed(session: AsyncSession, notice_id: uuid.UUID, error: str) -
     await _move(
         session,
         notice_id,
+        "failed",
         webhook_status=NoticeWebhookStatus.failed,
         webhook_attempts=Notice.webhook_attempts + 1,
         webhook_last_error=error[:1000],

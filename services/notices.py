@@ -35,6 +35,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from adapters.mail import MailAttachment, OutgoingMail
 from adapters.storage import DocumentStore
 from billing.money import check_currency, format_money
+from core import metrics
 from schema.models import Invoice, Notice, NoticeKind, NoticeStatus, NoticeWebhookStatus, Tenant
 from services.errors import InvalidInput, NotFound
 
@@ -273,27 +274,36 @@ async def mark_sent(session: AsyncSession, notice_id: uuid.UUID, message_id: str
             status=NoticeStatus.sent, message_id=message_id, sent_at=at, attempts=Notice.attempts + 1, last_error=None
         )
     )
+    _count(session, result.rowcount, "sent")
     await session.commit()
     return bool(result.rowcount)
 
 
+def _count(session: AsyncSession, moved: int, outcome: str) -> None:
+    """``notices_delivered_total{channel="email"}`` once the row's change commits (none if it was not pending)."""
+    if moved:
+        metrics.on_commit(session, metrics.NOTICES.labels("email", outcome).inc)
+
+
 async def record_attempt(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
     """A send that failed and will be retried: counted, its error kept; it stays pending. Commits."""
-    await (await session.connection()).execute(
+    result = await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.status) == NoticeStatus.pending)
         .values(attempts=Notice.attempts + 1, last_error=error[:1000])
     )
+    _count(session, result.rowcount, "retry")
     await session.commit()
 
 
 async def mark_failed(session: AsyncSession, notice_id: uuid.UUID, error: str) -> None:
     """Pending -> failed: the mail server refused it for good. Commits."""
-    await (await session.connection()).execute(
+    result = await (await session.connection()).execute(
         update(Notice)
         .where(col(Notice.id) == notice_id, col(Notice.status) == NoticeStatus.pending)
         .values(status=NoticeStatus.failed, attempts=Notice.attempts + 1, last_error=error[:1000])
     )
+    _count(session, result.rowcount, "failed")
     await session.commit()
 
 

@@ -36,6 +36,7 @@ from billing.states import (
     attempt_transition,
     invoice_transition,
 )
+from core import metrics
 from schema.models import Invoice, PaymentAttempt, PaymentMethodKind, PaymentSource, Subscription, Tenant, utcnow
 from services import ledger
 from services.errors import Conflict, InvalidInput, NotFound
@@ -253,6 +254,12 @@ def _move(row: PaymentAttempt, status: AttemptStatus, at: datetime) -> bool:
     return True
 
 
+def _count_outcome(session: AsyncSession, outcome: AttemptStatus, decline_code: str | None = None) -> None:
+    """``payment_attempts_total`` once the attempt's move to ``outcome`` commits."""
+    labels = (outcome.value, metrics.decline_label(decline_code) if outcome is AttemptStatus.failed else "none")
+    metrics.on_commit(session, metrics.PAYMENT_ATTEMPTS.labels(*labels).inc)
+
+
 async def submit_attempt(session: AsyncSession, psp: Psp, attempt_id: uuid.UUID) -> Attempt:
     """Ask the PSP to charge the attempt with its key, once per call; commits what it answered.
 
@@ -294,7 +301,8 @@ async def submit_attempt(session: AsyncSession, psp: Psp, attempt_id: uuid.UUID)
         return await _fail(session, attempt_id, declined.decline_code, str(declined), declined.payment_intent_id)
     except Unknown as unknown:
         row = await _attempt(session, attempt_id, lock=True)
-        _move(row, AttemptStatus.unknown, utcnow())
+        if _move(row, AttemptStatus.unknown, utcnow()):
+            _count_outcome(session, AttemptStatus.unknown)
         row.failure_message = str(unknown)[:500]
         session.add(row)
         await session.commit()
@@ -321,6 +329,7 @@ async def _fail(
         if row.psp_payment_intent_id is None and intent_id:
             row.psp_payment_intent_id = intent_id
         session.add(row)
+        _count_outcome(session, AttemptStatus.failed, row.decline_code)
         log.info("payment attempt declined", attempt=row.number, decline_code=decline_code)
     await session.commit()
     return Attempt.of(row)
@@ -379,6 +388,7 @@ async def apply_intent(session: AsyncSession, psp: Psp, attempt_id: uuid.UUID, i
             row.decline_code = intent.decline_code
             row.failure_message = f"the PSP says {intent.status}"
             row.failed_at = at
+            _count_outcome(session, AttemptStatus.failed, intent.decline_code)
     elif AttemptStatus(row.status) is AttemptStatus.unknown:
         _move(row, AttemptStatus.processing, at)
     session.add(row)
@@ -397,6 +407,7 @@ async def _succeed(
     row.psp_fee = fee
     row.succeeded_at = at
     session.add(row)
+    _count_outcome(session, AttemptStatus.succeeded)
     await _pay_invoice(session, row, at)
     await ledger.post_payment_captured(
         session, str(row.id), row.tenant_id, row.currency, row.amount, at, description=_describe(row, "captured")

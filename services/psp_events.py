@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters.psp import InvalidSignature, verify_event
+from core import metrics
 from schema.models import Invoice, PaymentAttempt, PspEvent, PspEventStatus, utcnow
 from services.errors import NotFound, ServiceError
 
@@ -67,8 +68,10 @@ async def record(session: AsyncSession, payload: bytes, signature: str | None, s
     try:
         event = verify_event(payload, signature, secret)
     except InvalidSignature as refused:
+        metrics.PSP_WEBHOOKS_REFUSED.inc()
         raise SignatureRejected(str(refused)) from None
     status = status_for(event.type)
+    received_at = utcnow()
     statement = (
         insert(PspEvent)
         .values(
@@ -76,7 +79,7 @@ async def record(session: AsyncSession, payload: bytes, signature: str | None, s
             type=event.type,
             created=event.created,
             payload=event.payload,
-            received_at=utcnow(),
+            received_at=received_at,
             status=status,
             object_id=event.object_id,
         )
@@ -85,12 +88,23 @@ async def record(session: AsyncSession, payload: bytes, signature: str | None, s
     )
     connection = await session.connection()
     inserted = (await connection.execute(statement)).scalar_one_or_none()
+    type_label = event.type if event.type in HANDLED_TYPES else "other"
     if inserted is not None:
+        lag = max((received_at - event.created).total_seconds(), 0.0)
+        metrics.on_commit(session, lambda: _count_received(type_label, False, lag))
         await session.commit()
         return Intake(event.id, event.type, status, duplicate=False)
     stored = (await session.exec(select(PspEvent.status).where(col(PspEvent.id) == event.id))).one()
+    metrics.on_commit(session, lambda: _count_received(type_label, True, None))
     await session.commit()
     return Intake(event.id, event.type, PspEventStatus(stored), duplicate=True)
+
+
+def _count_received(type_label: str, duplicate: bool, lag: float | None) -> None:
+    """A verified delivery by type (ours, or ``other``); the PSP's lag of a first delivery."""
+    metrics.PSP_WEBHOOKS.labels(type_label, "true" if duplicate else "false").inc()
+    if lag is not None:
+        metrics.PSP_WEBHOOK_LAG.observe(lag)
 
 
 # --- processing: decide what a stored event means, then mark it once ---------------------------
@@ -216,3 +230,21 @@ async def received_before(
     if exclude_types:
         query = query.where(col(PspEvent.type).not_in(exclude_types))
     return list((await session.exec(query)).all())
+
+
+@dataclass(frozen=True)
+class Backlog:
+    count: int  # events still received longer than the age asked for
+    oldest_seconds: float  # age of the oldest event still received, 0 when none
+
+
+async def backlog(session: AsyncSession, now: datetime, older_than: float) -> Backlog:
+    """Events still ``received`` (processing lost or behind): one scan of the partial index on them."""
+    query = select(func.count(), func.min(PspEvent.received_at)).where(col(PspEvent.status) == PspEventStatus.received)
+    late = select(func.count()).where(
+        col(PspEvent.status) == PspEventStatus.received,
+        col(PspEvent.received_at) < now - timedelta(seconds=older_than),
+    )
+    _, oldest = (await session.exec(query)).one()
+    count = (await session.exec(late)).one()
+    return Backlog(count, max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0)

@@ -104,6 +104,7 @@ async def test_events_stored_during_an_outage_are_processed_once_temporal_and_th
                     "PSP_EVENTS_SWEEP_SCHEDULE_ID": f"outage-sweep-{queue}",
                     "PSP_EVENTS_SWEEP_INTERVAL": "1",
                     "PSP_EVENTS_SWEEP_AGE": "0",
+                    "WORKER_METRICS_PORT": "0",  # a free port: tests may run beside another worker
                     "LOG_FORMAT": "json",
                 },
                 stdin=subprocess.DEVNULL,

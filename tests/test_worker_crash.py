@@ -74,6 +74,7 @@ class Workers:
             "TASK_QUEUE": settings.task_queue,
             "DATA_DIR": str(settings.data_dir),
             "BILLING_SCHEDULE_ID": f"crash-test-{uuid.uuid4().hex[:8]}",
+            "WORKER_METRICS_PORT": "0",  # a free port: two workers of a test may overlap
             "LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
         }

@@ -80,6 +80,8 @@ class BillingRunWorkflow:
         self._invoice_timeout = data.invoice_timeout if self._always_ends else None
         if data.progress is not None:
             self._progress = data.progress
+        if self._progress.started_at is None:
+            self._progress.started_at = workflow.now()
         as_of = data.as_of or workflow.now()
         self._progress.as_of = as_of
         cursor = data.cursor
@@ -124,7 +126,21 @@ class BillingRunWorkflow:
         await workflow.wait_condition(lambda: self._in_flight == 0)
         self._progress.done = True
         self._progress.in_flight = 0
+        self._count_run()
         return self._progress
+
+    def _count_run(self) -> None:
+        """``billing_runs_total{outcome}`` and ``billing_run_duration_seconds`` through the SDK's replay-safe
+        meter (served on the worker's metrics port): a run with any failure listed is ``with_failures``."""
+        meter = workflow.metric_meter()
+        outcome = "with_failures" if self._progress.failures else "succeeded"
+        meter.create_counter("billing_runs", "Billing runs completed, by outcome").with_additional_attributes(
+            {"outcome": outcome}
+        ).add(1)
+        started = self._progress.started_at or workflow.now()
+        meter.create_histogram_timedelta(
+            "billing_run_duration", "From a billing run's start to its end, across continue-as-new"
+        ).record(workflow.now() - started)
 
     async def _list_due_periods(self, query: ListDuePeriodsInput) -> ListDuePeriodsResult:
         page: ListDuePeriodsResult
@@ -167,6 +183,9 @@ class BillingRunWorkflow:
                     break
                 except ChildWorkflowError as err:
                     self._progress.failed += 1
+                    workflow.metric_meter().create_counter(
+                        "billing_run_invoice_failures", "Invoice workflows of billing runs that failed"
+                    ).add(1)
                     error_type, message = _reason(err)
                     self._record(due, error_type, message, left)
                     child_id = invoice_workflow_id(due.subscription_id, due.period_start)

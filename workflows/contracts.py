@@ -109,6 +109,7 @@ class BillingRunProgress:
     continued_as_new: int = 0
     done: bool = False
     failures: list[RunFailure] = field(default_factory=list)  # every one, carried across continue-as-new
+    started_at: datetime | None = None  # the first run's start (workflow time), carried across continue-as-new
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Every router of the API, gathered once: ``/healthz``, the authenticated ``/v1`` tree, the PSP's
+"""Every router of the API, gathered once: ``/healthz``, ``/metrics``, the authenticated ``/v1`` tree, the PSP's
 webhooks (``/v1/webhooks``), authenticated by their signature instead of a principal, and the token
 routes (``/v1/auth``, where credentials are exchanged for tokens) with ``/.well-known/jwks.json``.
 Every v1 route runs in its caller's row-level security scope (``api.auth.allow``)."""
@@ -18,6 +18,7 @@ from api.routers import (
     ledger,
     meter_gateways,
     meters,
+    metrics,
     plans,
     promo_codes,
     reconciliation,
@@ -29,6 +30,7 @@ from api.routers import (
 )
 
 health_router = health.router
+metrics_router = metrics.router
 
 # Each route declares its roles with api.auth.allow (test_route_matrix.py holds every route to it).
 v1_router = APIRouter(prefix="/v1")

@@ -136,5 +136,5 @@ async def meter_webhook(
     events = batch_events(body)
     audit.set_actor(audit.Actor(f"gateway:{gateway.id}", "gateway", ("meter_gateway",), *client_of(request)))
     result = await ingest(session, events, UsageSource.webhook, only_tenant=gateway.tenant_id)
-    await session.commit()  # the nonce, when no row was new (ingest committed otherwise)
+    await meter_gateways.delivered(session)  # the nonce, when no row was new (ingest committed otherwise)
     return log_batch(UsageSource.webhook, result)
