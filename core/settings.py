@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         description="PostgreSQL URL; unset means the embedded server under DATA_DIR",
     )
     database_pool_size: int = 10
+    migration_database_url: str | None = Field(
+        default=None,
+        description="A login that owns the schema, used only by `python -m devstack.migrate`; unset: DATABASE_URL",
+    )
 
     temporal_address: str | None = Field(
         default=None, description="host:port of Temporal; unset means the dev server started by `make up`"
@@ -199,6 +203,11 @@ class Settings(BaseSettings):
     def smtp_target(self) -> str:
         """The SMTP server's host: SMTP_HOST, or the loopback address of the local sink."""
         return self.smtp_host or "127.0.0.1"
+
+    @property
+    def migration_target(self) -> str | None:
+        """The URL migrations connect with: MIGRATION_DATABASE_URL, else DATABASE_URL (None: neither is set)."""
+        return self.migration_database_url or self.database_url
 
     @property
     def temporal_target(self) -> str:
