@@ -3,11 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# Deployment checks (checkov, helm-python-sdk, kubernetes-validate, hadolint, actionlint) live in
+# a venv of their own: their dependencies would fight the app's pins.
+TOOLS_VENV := .venv-tools
+PYTEST_ARGS ?=
 UV_VERSION := 0.13.8
 CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
 export CHROMIUM_PATH
 
-.PHONY: up test lint typecheck test-db venv chromium prometheus lock clean
+.PHONY: up test lint typecheck test-db test-deploy venv tools chromium prometheus lock clean
 
 venv: $(VENV)/.installed
 
@@ -16,6 +20,13 @@ $(VENV)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install --quiet -r requirements.lock
+	@touch $@
+
+tools: $(TOOLS_VENV)/.installed
+
+$(TOOLS_VENV)/.installed: requirements-tools.lock $(VENV)/.installed
+	$(BIN)/uv venv --quiet --allow-existing -p $(PYTHON) $(TOOLS_VENV)
+	VIRTUAL_ENV=$(TOOLS_VENV) $(BIN)/uv pip install --quiet -r requirements-tools.lock
 	@touch $@
 
 # Debian's headless shell renders invoice PDFs; installed with apt-get when missing and we are root.
@@ -44,6 +55,8 @@ prometheus:
 
 lock:
 	$(BIN)/uv pip compile requirements.in -o requirements.lock -p $(BIN)/python --no-header -q
+	$(BIN)/uv pip compile requirements-runtime.in -c requirements.lock -o requirements-runtime.lock -p $(BIN)/python --no-header -q
+	$(BIN)/uv pip compile requirements-tools.in -o requirements-tools.lock -p $(BIN)/python --no-header -q
 
 lint: venv
 	$(BIN)/ruff check .
@@ -53,16 +66,20 @@ typecheck: venv
 	$(BIN)/mypy .
 
 # The whole suite: lint, types, then pytest against embedded PostgreSQL (or DATABASE_URL),
-# the time-skipping Temporal test server and real headless Chromium.
-test: venv chromium prometheus lint typecheck
-	$(BIN)/pytest
+# the time-skipping Temporal test server and real headless Chromium, and the deployment checks.
+test: venv tools chromium prometheus lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Only the database tests, e.g. against an external server: DATABASE_URL=... make test-db
 test-db: venv chromium prometheus
 	$(BIN)/pytest -m db
 
+# Only the deployment checks (no database): chart, terraform, Dockerfile, workflows.
+test-deploy: venv tools
+	$(BIN)/pytest -m deploy $(PYTEST_ARGS)
+
 up: venv chromium
 	$(BIN)/python -m devstack.up
 
 clean:
-	rm -rf $(VENV) .data
+	rm -rf $(VENV) $(TOOLS_VENV) .data
