@@ -531,6 +531,11 @@ class Health(BaseModel):
     status: str
 
 
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]  # database, temporal: ok | unavailable
+
+
 # Ledger
 
 

@@ -22,6 +22,7 @@ TENANT_ROLES = frozenset({"tenant_admin", "tenant_member", "meter_gateway"})
 
 POLICY: dict[str, object] = {
     "GET /healthz": PUBLIC,
+    "GET /readyz": PUBLIC,
     "GET /.well-known/jwks.json": PUBLIC,
     "POST /v1/auth/token": PUBLIC,
     "POST /v1/auth/refresh": PUBLIC,

@@ -12,6 +12,8 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from api.main import create_app
+from core.temporal import connect
+from devstack.services import free_port
 from schema.models import Plan, RoomAssignment, Subscription
 from tests.test_api_support import api_client, error_locs, meter, plan, room, tenant
 
@@ -210,3 +212,17 @@ async def test_subscription_validation(api, sessions):
     assert defaulted.status_code == 201
     started = datetime.fromisoformat(defaulted.json()["started_at"])
     assert abs((datetime.now(UTC) - started).total_seconds()) < 60
+
+
+async def test_readyz_is_ok_with_the_database_and_temporal(api):
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "checks": {"database": "ok", "temporal": "ok"}}
+
+
+async def test_readyz_is_503_naming_temporal_when_it_cannot_be_reached(settings):
+    unreachable = settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    lazy = await connect(unreachable, lazy=True)
+    async with api_client(unreachable, lazy) as client:
+        answer = await client.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json() == {"status": "unavailable", "checks": {"database": "ok", "temporal": "unavailable"}}
