@@ -50,7 +50,7 @@ from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from adapters.webhooks import HttpWebhookSender
 from billing.dunning import DunningStage
-from core import metrics
+from core import flags, metrics
 from core.observability import LogContextInterceptor, configure_logging, configure_tracing, instrument_engine
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -318,6 +318,7 @@ async def refresh_gauges_forever(
 async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
     """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
     configure_logging(settings)
+    flags.configure(settings.feature_flags_file)
     provider = configure_tracing(settings, "worker")
     sdk_address = settings.temporal_sdk_metrics_address or metrics.free_loopback_address()
     client = await connect(settings, runtime=metrics.temporal_runtime(sdk_address))

@@ -45,7 +45,7 @@ from api.middleware import (
 )
 from api.openapi import install as install_openapi
 from api.routers import auth_router, health_router, jwks_router, metrics_router, v1_router, webhooks_router
-from core import metrics
+from core import flags, metrics
 from core.observability import configure_logging, configure_tracing, instrument_engine, instrument_http_clients
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -74,6 +74,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        flags.configure(settings.feature_flags_file)  # this process's flags (core/flags.py)
         if settings.database_url is None:
             raise RuntimeError("DATABASE_URL must be set to run the API (e.g. postgresql://user@host:5432/billing)")
         app.state.keys = KeyStore.open(settings, now())  # refuses to start without a usable signing key

@@ -194,6 +194,10 @@ class Settings(BaseSettings):
         description="Attempts per window (count/seconds) on the token and refresh routes, per account and per address",
     )
 
+    feature_flags_file: Path | None = Field(
+        default=None, description="JSON file of feature flags (core/flags.py); FLAG_<NAME> variables override it"
+    )
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")

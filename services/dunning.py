@@ -24,6 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.dunning import Campaign
 from billing.states import COLLECTABLE, AttemptStatus, InvoiceStatus, amount_due
+from core import flags
 from schema.db import execute_sql
 from schema.models import (
     DunningCampaign,
@@ -88,11 +89,17 @@ async def _subscription(session: AsyncSession, tenant_id: uuid.UUID) -> Subscrip
 
 async def campaign_for(session: AsyncSession, tenant_id: uuid.UUID, default: Campaign | None = None) -> Campaign:
     """The tenant's campaign, else its plan's, else a row coded ``default``, else ``default`` (the
-    settings' ``DUNNING_RETRY_DELAYS`` and ``DUNNING_MIN_OVERDUE``), else the rule's 1 h, 24 h, 72 h."""
-    own = (await session.exec(select(DunningCampaign).where(DunningCampaign.tenant_id == tenant_id))).first()
+    settings' ``DUNNING_RETRY_DELAYS`` and ``DUNNING_MIN_OVERDUE``), else the rule's 1 h, 24 h, 72 h.
+    With the ``dunning.campaign-selection`` flag off (core/flags.py), every tenant gets the default."""
+    selecting = flags.enabled(flags.DUNNING_CAMPAIGN_SELECTION)
+    own = (
+        (await session.exec(select(DunningCampaign).where(DunningCampaign.tenant_id == tenant_id))).first()
+        if selecting
+        else None
+    )
     if own is not None:
         return campaign_of(own)
-    subscription = await _subscription(session, tenant_id)
+    subscription = await _subscription(session, tenant_id) if selecting else None
     if subscription is not None:
         by_plan = (
             await session.exec(select(DunningCampaign).where(DunningCampaign.plan_id == subscription.plan_id))

@@ -18,6 +18,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters.psp import Bug, Declined, Psp, Transient, Unknown
+from core import flags
 from core.observability import bind_tenant
 from schema.models import Tenant
 from services.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -34,7 +35,10 @@ def payment_method_key(tenant_id: uuid.UUID, payment_method: str) -> str:
 
 
 async def save_payment_method(session: AsyncSession, psp: Psp, tenant_id: uuid.UUID, payment_method: str) -> Tenant:
-    """Make ``payment_method`` (a ``pm_…`` id or test token) the tenant's default; the tenant after."""
+    """Make ``payment_method`` (a ``pm_…`` id or test token) the tenant's default; the tenant after.
+    Behind the ``payment-methods.save`` flag (core/flags.py): off, a 404 ``feature_disabled``."""
+    if not flags.enabled(flags.PAYMENT_METHODS_SAVE):
+        raise NotFound("payment_method", "saving a payment method is not available", "feature_disabled")
     bind_tenant(tenant_id)
     tenant = await session.get(Tenant, tenant_id)
     if tenant is None:
