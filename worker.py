@@ -47,7 +47,7 @@ from activities.renewals import RenewalActivities
 from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
-from adapters.storage import LocalDocumentStore
+from adapters.storage import document_store
 from adapters.webhooks import HttpWebhookSender
 from billing.dunning import DunningStage
 from core import flags, metrics
@@ -346,7 +346,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         await ensure_notices_sweep_schedule(client, settings)
         await ensure_renewal_reminders_schedule(client, settings)
         sessions = activity_sessions(engine)
-        store = LocalDocumentStore(settings.documents_root)
+        store = document_store(settings)
         activities = activities_type(
             sessions,
             renderer,

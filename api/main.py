@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from adapters.psp import Psp, StripePsp
 from adapters.signing_keys import KeyStore
-from adapters.storage import LocalDocumentStore
+from adapters.storage import document_store
 from api.errors import (
     DATABASE_REFUSALS,
     OUTAGE_ERRORS,
@@ -92,7 +92,7 @@ def create_app(
             tracer = provider.get_tracer("billing.api") if provider is not None else None
             # Lazily: the API starts (and stores webhooks) while Temporal is unreachable.
             app.state.temporal_client = temporal_client or await connect(settings, tracer, lazy=True)
-            app.state.documents = LocalDocumentStore(settings.documents_root)
+            app.state.documents = document_store(settings)
             app.state.psp = psp or built
             log.info("api started", temporal=settings.temporal_target, task_queue=settings.task_queue)
             yield

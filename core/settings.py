@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,6 +104,14 @@ class Settings(BaseSettings):
 
     chromium_path: str = DEFAULT_CHROMIUM
     pdf_page_pool_size: int = Field(default=3, ge=1, le=8)
+    # Documents (docs/operations.md "Documents"): files under DOCUMENTS_DIR, or objects of an S3
+    # bucket (AWS or S3-compatible at S3_ENDPOINT_URL) handed out as presigned URLs.
+    documents_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = Field(default=None, description="The documents bucket (DOCUMENTS_BACKEND=s3)")
+    s3_prefix: str = Field(default="", description="Key prefix inside the bucket")
+    s3_endpoint_url: str | None = Field(default=None, description="An S3-compatible server; unset: AWS S3")
+    s3_region: str | None = None
+    documents_url_ttl: int = Field(default=300, ge=10, le=7 * 86400, description="Seconds a presigned URL works")
     documents_dir: Path | None = Field(
         default=None, description="Where invoice PDFs are stored; default DATA_DIR/documents"
     )
@@ -248,6 +257,12 @@ class Settings(BaseSettings):
     otel_traces_exporter: TraceExporter = TraceExporter.none
     otel_exporter_otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
     otel_service_name: str = "billing"
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.documents_backend == "s3" and not self.s3_bucket:
+            raise ValueError("DOCUMENTS_BACKEND=s3 needs S3_BUCKET")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_external_services(self) -> Settings:

@@ -14,7 +14,8 @@ from temporalio.service import RPCError
 
 from api.auth import OPERATORS, READERS, Caller, allow
 from api.deps import CurrentPrincipal, DocumentStoreDep, SessionDep, SettingsDep, TemporalClientDep
-from api.errors import conflict, error_responses, get_or_404, not_found
+from api.documents import pdf_response
+from api.errors import conflict, error_responses, get_or_404
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
 from api.routing import DecimalJSONRoute
@@ -134,6 +135,7 @@ async def get_credit_note(credit_note_id: uuid.UUID, session: SessionDep) -> Cre
     dependencies=[allow(READERS)],
     response_class=Response,
     responses={
+        status.HTTP_307_TEMPORARY_REDIRECT: {"description": "DOCUMENTS_BACKEND=s3: a presigned URL of the PDF"},
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The rendered credit note"},
         status.HTTP_404_NOT_FOUND: {"description": "Unknown credit note, or its document is missing"},
         status.HTTP_409_CONFLICT: {"description": "The PDF is not rendered yet"},
@@ -144,10 +146,4 @@ async def get_credit_note_pdf(credit_note_id: uuid.UUID, session: SessionDep, do
     bind_tenant(note.tenant_id)
     if note.pdf_location is None:
         raise conflict("pdf", f"credit note {note.number} has no rendered PDF yet")
-    if not await documents.exists(note.pdf_location):
-        raise not_found("document", note.pdf_location, field="pdf")
-    return Response(
-        await documents.get(note.pdf_location),
-        media_type="application/pdf",
-        headers={"Content-Disposition": f'inline; filename="{note.number}.pdf"'},
-    )
+    return await pdf_response(documents, note.pdf_location, f"{note.number}.pdf", "pdf")

@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 from api.auth import OPERATORS, READERS, TENANT_WRITERS, Caller, allow
 from api.deps import CurrentPrincipal, DocumentStoreDep, SessionDep, SettingsDep, TemporalClientDep
+from api.documents import pdf_response
 from api.errors import body_error, conflict, get_or_404, not_found
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
@@ -128,6 +129,7 @@ async def get_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoiceDeta
     dependencies=[allow(READERS)],
     response_class=Response,
     responses={
+        status.HTTP_307_TEMPORARY_REDIRECT: {"description": "DOCUMENTS_BACKEND=s3: a presigned URL of the PDF"},
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The rendered invoice"},
         status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice, or its document is missing"},
         status.HTTP_409_CONFLICT: {"description": "The PDF is not rendered yet"},
@@ -138,13 +140,7 @@ async def get_invoice_pdf(invoice_id: uuid.UUID, session: SessionDep, documents:
     bind_tenant(invoice.tenant_id)
     if invoice.pdf_location is None:
         raise conflict("pdf", f"invoice {invoice.id} has no rendered PDF yet (status {invoice.status.value})")
-    if not await documents.exists(invoice.pdf_location):
-        raise not_found("document", invoice.pdf_location, field="pdf")
-    return Response(
-        await documents.get(invoice.pdf_location),
-        media_type="application/pdf",
-        headers={"Content-Disposition": f'inline; filename="{invoice.number}.pdf"'},
-    )
+    return await pdf_response(documents, invoice.pdf_location, f"{invoice.number}.pdf", "pdf")
 
 
 # --- Collection: every action goes through the invoice's InvoiceCollection workflow ---------------
@@ -313,6 +309,7 @@ async def list_payments(invoice_id: uuid.UUID, session: SessionDep) -> list[Paym
     dependencies=[allow(READERS)],
     response_class=Response,
     responses={
+        status.HTTP_307_TEMPORARY_REDIRECT: {"description": "DOCUMENTS_BACKEND=s3: a presigned URL of the PDF"},
         status.HTTP_200_OK: {"content": {"application/pdf": {}}, "description": "The receipt"},
         status.HTTP_404_NOT_FOUND: {"description": "Unknown invoice or payment, or no receipt"},
     },
@@ -324,6 +321,6 @@ async def get_receipt(
     if attempt is None or attempt.invoice_id != invoice_id:
         raise not_found("payment attempt", attempt_id, field="attempt_id")
     bind_tenant(attempt.tenant_id)
-    if attempt.receipt_location is None or not await documents.exists(attempt.receipt_location):
+    if attempt.receipt_location is None:
         raise not_found("receipt", attempt_id, field="attempt_id")
-    return Response(await documents.get(attempt.receipt_location), media_type="application/pdf")
+    return await pdf_response(documents, attempt.receipt_location, f"receipt-{attempt_id}.pdf", "attempt_id")
