@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
 from core.settings import Settings
 
 
@@ -90,9 +94,6 @@ class S3DocumentStore(DocumentStore):
         region: str | None = None,
         url_ttl: int = 300,
     ) -> None:
-        import boto3  # noqa: PLC0415 - only a process that stores in S3 loads boto3
-        from botocore.config import Config  # noqa: PLC0415
-
         self._bucket = bucket
         self._prefix = prefix.strip("/")
         self._url_ttl = url_ttl
@@ -124,8 +125,6 @@ class S3DocumentStore(DocumentStore):
         return body
 
     def _exists(self, location: str) -> bool:
-        from botocore.exceptions import ClientError  # noqa: PLC0415
-
         try:
             self._client.head_object(Bucket=self._bucket, Key=self._key(location))
         except ClientError as error:
