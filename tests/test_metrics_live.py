@@ -257,7 +257,7 @@ async def test_a_real_prometheus_scrapes_the_api_and_the_worker(dev_server, sess
             assert prometheus.value('billing_runs_total{workflow_type="BillingRun",outcome="with_failures"}') == 1
             assert prometheus.value("billing_run_invoice_failures_total") == 1
             assert prometheus.value('temporal_workflow_failed_total{workflow_type="InvoiceCycle"}') == 1
-            assert prometheus.value('pdf_render_seconds_count{document="invoice"}') == 2
+            assert prometheus.value('pdf_render_seconds_count{document="invoice",job="worker"}') == 2
             assert prometheus.value('worker_sdk_metrics_up{job="worker"}') == 1
             assert prometheus.value('db_pool_size{job="worker",pool="primary"}') == settings.database_pool_size
             assert prometheus.value('sum(temporal_num_pollers{job="worker"})') > 0
