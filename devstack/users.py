@@ -33,6 +33,7 @@ from core.principal import Role
 from core.settings import Environment, Settings, get_settings
 from schema.db import make_engine, make_sessionmaker
 from schema.models import Tenant
+from schema.scope import OPERATOR
 from services import auth
 from services.errors import ServiceError
 
@@ -64,7 +65,7 @@ async def ensure_demo_accounts(database_url: str, settings: Settings) -> list[Lo
     """Create (or reset) the demo operator and the demo meter-gateway client."""
     engine = make_engine(database_url, pool_size=1)
     try:
-        async with make_sessionmaker(engine)() as session:
+        async with make_sessionmaker(engine, scope=OPERATOR)() as session:
             operator = _secret(settings, "operator")
             await auth.create_user(
                 session, email=DEMO_OPERATOR_EMAIL, password=operator, role=Role.operator_admin, replace=True
@@ -86,7 +87,7 @@ async def ensure_demo_tenant_admin(database_url: str, settings: Settings, tenant
     logs in with that email; None when there is no such tenant."""
     engine = make_engine(database_url, pool_size=1)
     try:
-        async with make_sessionmaker(engine)() as session:
+        async with make_sessionmaker(engine, scope=OPERATOR)() as session:
             tenant = (await session.exec(select(Tenant).where(Tenant.email == tenant_email))).first()
             if tenant is None:
                 return None
@@ -139,7 +140,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings.database_url, pool_size=1)
     tenant_id = uuid.UUID(args.tenant_id) if args.tenant_id else None
     try:
-        async with make_sessionmaker(engine)() as session:
+        async with make_sessionmaker(engine, scope=OPERATOR)() as session:
             if args.command == "create-user":
                 generated = not args.password_stdin
                 password = secrets.token_urlsafe(18) if generated else sys.stdin.readline().rstrip("\n")
