@@ -67,6 +67,7 @@ class UsageBatchResult(BaseModel):
 
 
 _EVENT = TypeAdapter(UsageEventIn)
+_EVENTS = TypeAdapter(list[UsageEventIn])
 
 _KNOWN_TENANTS = text("SELECT id FROM tenants WHERE id = ANY(CAST(:ids AS uuid[]))")
 _KNOWN_METERS = text("SELECT code, id FROM meters WHERE code = ANY(CAST(:codes AS text[]))")
@@ -149,6 +150,38 @@ def parse_row(index: int, raw: object) -> RowOutcome:
     return RowOutcome(index, event.idempotency_key, event, status=RowStatus.accepted)
 
 
+def parse_rows(raws: Sequence[object], first_index: int = 0) -> list[RowOutcome]:
+    """Validate a batch in one call; when some rows fail, their errors (the same ones
+    :func:`parse_row` names) come from that call and the other rows are validated again together.
+    Row by row only if that second call fails too."""
+    rows = list(raws)
+    try:
+        events = _EVENTS.validate_python(rows)
+    except ValidationError as exc:
+        problems: dict[int, list[FieldProblem]] = {}
+        for error in exc.errors(include_url=False):
+            position, *loc = error["loc"]
+            if not isinstance(position, int):  # not a row's error (cannot happen for a list): be safe
+                return [parse_row(first_index + i, raw) for i, raw in enumerate(rows)]
+            problems.setdefault(position, []).append(FieldProblem(tuple(loc), error["msg"], error["type"]))
+        good = [i for i in range(len(rows)) if i not in problems]
+        try:
+            valid = dict(zip(good, _EVENTS.validate_python([rows[i] for i in good]), strict=True))
+        except ValidationError:
+            return [parse_row(first_index + i, raw) for i, raw in enumerate(rows)]
+        outcomes = []
+        for i, raw in enumerate(rows):
+            if (event := valid.get(i)) is not None:
+                outcomes.append(RowOutcome(first_index + i, event.idempotency_key, event, status=RowStatus.accepted))
+            else:
+                outcomes.append(RowOutcome(first_index + i, _raw_key(raw), None, problems[i]))
+        return outcomes
+    return [
+        RowOutcome(first_index + i, event.idempotency_key, event, status=RowStatus.accepted)
+        for i, event in enumerate(events)
+    ]
+
+
 def _raw_key(raw: object) -> str | None:
     """The posted key, for the row's result, when it is text that can be echoed (not "\ud800")."""
     key = raw.get("idempotency_key") if isinstance(raw, Mapping) else None
@@ -197,7 +230,7 @@ async def ingest(
 ) -> UsageBatchResult:
     """Validate and store ``raws``; ``index`` of each result is ``first_index`` + its position.
     With ``only_tenant`` (a caller bound to one tenant) another tenant's rows are rejected."""
-    outcomes = [parse_row(first_index + i, raw) for i, raw in enumerate(raws)]
+    outcomes = parse_rows(raws, first_index)
     await store(session, outcomes, source, only_tenant=only_tenant)
     _count(source, outcomes)
     results = [o.result() for o in outcomes]
