@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 from sqlalchemy import text
 
 from adapters.signing_keys import KeyStore
@@ -67,10 +68,64 @@ class Measurement:
     name: str
     events: int
     seconds: float
+    cpu: dict[str, float]  # CPU seconds spent meanwhile, by process group
+
+    def cpu_us(self, group: str) -> float:
+        """CPU microseconds per event spent by ``group``."""
+        return self.cpu.get(group, 0.0) / self.events * 1e6
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
+
+
+def _tree_cpu(root: psutil.Process) -> float:
+    """CPU seconds of ``root``, of its children alive now and of those it has reaped."""
+    if root.pid == os.getpid():  # the clients: this process alone (the API is a child of it)
+        own = root.cpu_times()
+        return own.user + own.system
+    try:
+        own = root.cpu_times()
+        total = own.user + own.system + own.children_user + own.children_system
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    for child in children:
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def postmaster(pgdata: str) -> psutil.Process | None:
+    """The PostgreSQL server process serving ``pgdata`` (its backends are its children)."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any("postgres" in part for part in cmdline[:1]) and pgdata in cmdline:
+            return process
+    return None
+
+
+class CpuMeter:
+    """CPU time of the API (its processes), PostgreSQL (the server and its backends, ended ones
+    included) and this process (the clients), around a phase."""
+
+    def __init__(self, api_pid: int, pgdata: str | None) -> None:
+        self.roots = {"api": psutil.Process(api_pid), "client": psutil.Process()}
+        server = postmaster(pgdata) if pgdata else None
+        if server is not None:
+            self.roots["postgres"] = server
+
+    def _now(self) -> dict[str, float]:
+        return {group: _tree_cpu(root) for group, root in self.roots.items()}
+
+    async def around(self, phase: Any) -> tuple[float, dict[str, float]]:
+        before = self._now()
+        seconds = await phase
+        after = self._now()
+        return seconds, {group: after[group] - before[group] for group in after}
 
 
 def _batches(count: int, batch: int) -> list[range]:
@@ -108,36 +163,76 @@ async def staged_copy(
             await conn.close()
 
 
-async def over_http(base: str, token: str, bodies: Sequence[bytes], clients: int, expect: str, query: str) -> float:
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on one connection: the request bytes written as they
+    are, the answer read by its Content-Length. A full client (h11 in pure Python) would spend as
+    much CPU per event as the API on this 2-core machine and so measure itself."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port, self.token = host, port, token
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> RawClient:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        assert self.reader is not None and self.writer is not None
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: Bearer {self.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        status_line, *header_lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in header_lines if line)
+        lengths = [v for k, v in headers.items() if k.lower() == "content-length"]
+        if not lengths:
+            raise RuntimeError(f"{method} {path}: no Content-Length in the answer ({status_line})")
+        return int(status_line.split(" ", 2)[1]), await self.reader.readexactly(int(lengths[0]))
+
+
+async def over_http(
+    host: str, port: int, token: str, bodies: Sequence[bytes], clients: int, expect: str, query: str
+) -> float:
     """The product: ``clients`` HTTP clients posting the pre-encoded batches; every event must be ``expect``."""
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     counted = {"accepted": "accepted", "duplicate": "duplicates"}[expect]
 
-    async def work(client: httpx.AsyncClient) -> None:
+    async def work(client: RawClient) -> None:
         while not queue.empty():
             body = queue.get_nowait()
-            response = await client.post(f"/v1/usage{query}", content=body)
-            if response.status_code != 200:
-                raise RuntimeError(f"POST /v1/usage: {response.status_code} {response.text[:500]}")
-            answer = response.json()
-            size = body.count(b'"idempotency_key"')
-            if answer[counted] != size:
-                raise RuntimeError(f"not every event {expect}: { {k: v for k, v in answer.items() if k != 'results'} }")
+            status, answer = await client.request("POST", f"/v1/usage{query}", body)
+            if status != 200:
+                raise RuntimeError(f"POST /v1/usage: {status} {answer[:500]!r}")
+            counts = json.loads(answer)
+            if counts[counted] != body.count(b'"idempotency_key"'):
+                shown = {k: v for k, v in counts.items() if k != "results"}
+                raise RuntimeError(f"not every event {expect}: {shown}")
 
-    limits = httpx.Limits(max_connections=1)
-    pool = [httpx.AsyncClient(base_url=base, headers=headers, timeout=300, limits=limits) for _ in range(clients)]
+    pool = [RawClient(host, port, token) for _ in range(clients)]
+    for client in pool:
+        await client.__aenter__()
     try:
-        for client in pool:  # connect first (and check the token) so the timing holds only the posts
-            (await client.get("/healthz")).raise_for_status()
+        for client in pool:  # connected (and the token checked) before the clock starts
+            status, answer = await client.request("POST", "/v1/usage", b'{"events":[]}')
+            if status != 422:  # past the token (401/403 otherwise), refused for its size: nothing stored
+                raise RuntimeError(f"POST /v1/usage with no events: {status} {answer[:300]!r}")
         started = time.perf_counter()
         await asyncio.gather(*(work(client) for client in pool))
         return time.perf_counter() - started
     finally:
         for client in pool:
-            await client.aclose()
+            await client.__aexit__(None, None, None)
 
 
 def encode_bodies(tenant_id: uuid.UUID, rows: Sequence[Row], batch: int) -> list[bytes]:
@@ -177,15 +272,17 @@ async def wait_healthy(base: str, child: Child, max_wait: float = 60.0) -> None:
             await asyncio.sleep(0.2)
 
 
-async def run(server_url: str, args: argparse.Namespace) -> list[Measurement]:
+async def run(server_url: str, pgdata: str | None, args: argparse.Namespace) -> list[Measurement]:
     async with scratch_database(server_url, "billing_bench") as admin_url:
         await ensure_app_login(admin_url, DEMO_APP_LOGIN, DEMO_APP_PASSWORD)  # the migrations made its group
         app_url = with_login(admin_url, DEMO_APP_LOGIN, DEMO_APP_PASSWORD)
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as data_dir:
-            return await measure(admin_url, app_url, Path(data_dir), args)
+            return await measure(admin_url, app_url, Path(data_dir), pgdata, args)
 
 
-async def measure(admin_url: str, app_url: str, data_dir: Path, args: argparse.Namespace) -> list[Measurement]:
+async def measure(
+    admin_url: str, app_url: str, data_dir: Path, pgdata: str | None, args: argparse.Namespace
+) -> list[Measurement]:
     engine = make_engine(admin_url, pool_size=1)
     sessions = make_sessionmaker(engine)
     tenant = Tenant(name="Bench Tenant", email="bench@example.com", currency="USD", timezone="Europe/Berlin")
@@ -229,17 +326,19 @@ async def measure(admin_url: str, app_url: str, data_dir: Path, args: argparse.N
                 await conn.execute(text("TRUNCATE usage_events RESTART IDENTITY"))
 
         n = args.events
-        a = await staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients)
-        c = await staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients)
+        assert api.pid is not None
+        cpu = CpuMeter(api.pid, pgdata)
+        a = await cpu.around(staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients))
+        c = await cpu.around(staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients))
         await count_and_truncate(n, "staged COPY")
-        b = await over_http(base, token, bodies, args.clients, "accepted", args.query)
-        d = await over_http(base, token, bodies, args.clients, "duplicate", args.query)
+        b = await cpu.around(over_http("127.0.0.1", port, token, bodies, args.clients, "accepted", args.query))
+        d = await cpu.around(over_http("127.0.0.1", port, token, bodies, args.clients, "duplicate", args.query))
         await count_and_truncate(n, "POST /v1/usage")
         return [
-            Measurement(f"(a) limit: staged COPY + INSERT..SELECT, {args.clients} conns", n, a),
-            Measurement(f"(b) POST /v1/usage, {args.clients} clients, {args.workers} worker(s)", n, b),
-            Measurement("(c) limit, all duplicates", n, c),
-            Measurement("(d) POST /v1/usage, all duplicates", n, d),
+            Measurement(f"(a) limit: staged COPY + INSERT..SELECT, {args.clients} conns", n, *a),
+            Measurement(f"(b) POST /v1/usage, {args.clients} clients, {args.workers} worker(s)", n, *b),
+            Measurement("(c) limit, all duplicates", n, *c),
+            Measurement("(d) POST /v1/usage, all duplicates", n, *d),
         ]
     finally:
         await engine.dispose()
@@ -254,9 +353,12 @@ def _now() -> Any:
 
 def report(results: Sequence[Measurement], load_before: tuple[float, ...], load_after: tuple[float, ...]) -> None:
     width = max(len(m.name) for m in results)
-    print(f"{'variant':<{width}}  {'events':>7}  {'seconds':>8}  {'events/s':>9}")
+    groups = ("api", "postgres", "client")
+    cpu_head = "  ".join(f"{g + ' us/ev':>14}" for g in groups)
+    print(f"{'variant':<{width}}  {'events':>7}  {'seconds':>8}  {'events/s':>9}  {cpu_head}")
     for m in results:
-        print(f"{m.name:<{width}}  {m.events:>7}  {m.seconds:>8.2f}  {m.rate:>9.0f}")
+        cpu = "  ".join(f"{m.cpu_us(g):>14.1f}" if g in m.cpu else f"{'-':>14}" for g in groups)
+        print(f"{m.name:<{width}}  {m.events:>7}  {m.seconds:>8.2f}  {m.rate:>9.0f}  {cpu}")
     fresh_limit, fresh, dup_limit, dup = results
     print(f"ratio fresh (b)/(a) = {fresh.rate / fresh_limit.rate:.2f}")
     print(f"ratio duplicates (d)/(c) = {dup.rate / dup_limit.rate:.2f}")
@@ -279,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()
     if settings.database_url:
         print("PostgreSQL: DATABASE_URL")
-        results = asyncio.run(run(settings.database_url, args))
+        results = asyncio.run(run(settings.database_url, None, args))
     else:
         from devstack.embedded_pg import EmbeddedPostgres
 
@@ -287,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pg.start()
         try:
             print(f"PostgreSQL: embedded, {pg.pgdata}")
-            results = asyncio.run(run(pg.url("postgres"), args))
+            results = asyncio.run(run(pg.url("postgres"), str(pg.pgdata), args))
         finally:
             pg.stop()
     report(results, load_before, os.getloadavg())
