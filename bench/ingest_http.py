@@ -83,10 +83,10 @@ def _tree_cpu(root: psutil.Process) -> float:
     """CPU seconds of ``root``, of its children alive now and of those it has reaped."""
     if root.pid == os.getpid():  # the clients: this process alone (the API is a child of it)
         own = root.cpu_times()
-        return own.user + own.system
+        return float(own.user + own.system)
     try:
         own = root.cpu_times()
-        total = own.user + own.system + own.children_user + own.children_system
+        total = float(own.user + own.system + own.children_user + own.children_system)
         children = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return 0.0
