@@ -16,7 +16,9 @@ non-superuser role so row-level security applies as under ``make up``:
 
 ``usage_events`` is truncated before (a) and before (b); every variant's outcome is checked
 (rows stored, every event answered accepted, or duplicate). Prints events/s, the ratios
-product / limit, and the load average before and after (the machine may be shared).
+product / limit, the CPU microseconds per event of the API processes, PostgreSQL and the clients,
+and the load average before and after (the machine may be shared). Method and figures:
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Usage ingestion: validate each row on its own, resolve references, insert the batch at once.
+"""Usage ingestion: validate a batch in one call (row by row only where it fails), resolve
+references once per batch, copy the batch in and insert it at once.
 
-One bad row never costs the good ones. A batch of any size takes three statements: the
-tenant ids, the meter codes, and one ``INSERT ... SELECT FROM unnest(...)`` of every valid
-row, with ``ON CONFLICT DO NOTHING`` on (tenant, idempotency key). A row the insert does not
-return was already stored, so it is a duplicate; a key repeated inside the batch is a
-duplicate of its first valid occurrence.
+One bad row never costs the good ones. The valid rows are copied (binary ``COPY``, on the
+session's connection inside its transaction) into a temporary staging table and inserted with
+one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` on (tenant, idempotency key), which answers
+the rows it skipped: their keys were taken, and one more statement tells a duplicate (the same
+event stored) from a conflict (another one; its stored values name the differences). A key
+repeated inside the batch is a duplicate, or a conflict, of its first valid occurrence.
 """
 
 from __future__ import annotations

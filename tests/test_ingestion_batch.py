@@ -55,3 +55,16 @@ def test_an_all_bad_batch_is_rejected_row_by_row() -> None:
     batch = parse_rows([_row("a", quantity="x"), 7, None])
     assert [o.status for o in batch] == [RowStatus.rejected] * 3
     assert [[p.field for p in o.problems] for o in batch] == [["quantity"], ["event"], ["event"]]
+
+
+def test_the_api_collects_less_while_serving_and_restores_the_collector() -> None:
+    import gc
+
+    from api.main import GC_THRESHOLDS, collecting_less
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert before != GC_THRESHOLDS
+    with collecting_less():
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > frozen
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
