@@ -209,6 +209,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="API processes (uvicorn --workers); /metrics is per process"
+    )
     api_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413")
     # Browsers (docs/security.md "Browsers"): the Host names the API answers to (others get 400,
     # which defeats DNS rebinding), and the web origins allowed to call it cross-origin.

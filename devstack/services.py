@@ -250,9 +250,11 @@ def start_api(
         "--port",
         str(settings.api_port),
         "--no-access-log",  # the API logs every request itself (structlog, with request ids)
+        "--workers",
+        str(settings.api_workers),  # API_WORKERS; each process has its own /metrics (docs/operations.md)
     ]
     child = Child("api", argv, env=env, cwd=cwd).start()
-    log.info("api starting", pid=child.pid, port=settings.api_port)
+    log.info("api starting", pid=child.pid, port=settings.api_port, workers=settings.api_workers)
     return child
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import CursorResult, TextClause, event, text
@@ -88,6 +89,15 @@ async def execute_sql(
     """Run hand-written SQL on the session's connection, inside its transaction."""
     connection = await session.connection()
     return await connection.execute(statement, params or {})
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under the session's, its transaction begun and scoped: for COPY, which
+    SQLAlchemy does not speak. Statements on it run inside the session's transaction."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
 
 
 def alembic_config(url: str) -> Config:

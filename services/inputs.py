@@ -77,8 +77,24 @@ def _json_value(value: Any, depth: int = 0) -> Any:
     raise ValueError(f"{type(value).__name__} is not a JSON value")
 
 
+_FLAT = frozenset({str, int, bool, type(None)})
+
+
+def _flat_copy(value: dict[str, Any]) -> dict[str, Any] | None:
+    """The common case without the recursion: text keys and text, integer, boolean or null values
+    (nothing to convert); None for anything else."""
+    for key, item in value.items():
+        if type(key) is not str or type(item) not in _FLAT:
+            return None
+        check_pg_text(key)
+        if type(item) is str:
+            check_pg_text(item)
+    return dict(value)
+
+
 def json_object(value: dict[str, Any]) -> dict[str, Any]:
-    copy: dict[str, Any] = _json_value(value)
+    flat = _flat_copy(value)
+    copy: dict[str, Any] = flat if flat is not None else _json_value(value)
     if len(json.dumps(copy, ensure_ascii=False).encode("utf-8")) > MAX_PROPERTIES_BYTES:
         raise ValueError(f"must be at most {MAX_PROPERTIES_BYTES} bytes of JSON")
     return copy

@@ -56,7 +56,7 @@ async def test_an_unencodable_value_in_a_refused_body_is_a_422_not_a_500(api, pa
 async def test_a_rejected_row_with_a_lone_surrogate_key_does_not_hide_what_was_stored(api, sessions, tenant_id):
     raw = json.dumps({"events": [event(tenant_id, "good-1"), event(tenant_id, "__BAD__", quantity="x")]})
     raw = raw.replace('"__BAD__"', '"\\ud800"')
-    response = await api.post("/v1/usage", content=raw.encode(), headers=JSON)
+    response = await api.post("/v1/usage?results=all", content=raw.encode(), headers=JSON)
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["accepted"], body["rejected"]) == (1, 1)
@@ -168,7 +168,7 @@ async def test_a_database_outage_is_a_503_with_retry_after(settings, temporal_en
 
 async def test_same_key_other_payload_in_one_batch_is_a_conflict(api, sessions, tenant_id):
     rows = [event(tenant_id, "twice"), event(tenant_id, "twice", occurred_at="2026-01-06T10:00:00Z")]
-    body = (await api.post("/v1/usage", json={"events": rows})).json()
+    body = (await api.post("/v1/usage?results=all", json={"events": rows})).json()
     assert [r["status"] for r in body["results"]] == ["accepted", "conflict"]
     assert body["results"][1]["errors"] == [
         {

@@ -75,7 +75,7 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
         event(tenant_id, "k-13", "Infinity"),
         event(tenant_id, "   "),
     ]
-    response = await api.post("/v1/usage", json={"events": batch})
+    response = await api.post("/v1/usage?results=all", json={"events": batch})
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["accepted"], body["duplicates"], body["conflicts"], body["rejected"]) == (2, 0, 1, 12)
@@ -108,11 +108,44 @@ async def test_batch_answers_row_by_row(api, sessions, tenant_id):
     ]
     assert await stored(sessions) == expected
 
-    again = (await api.post("/v1/usage", json={"events": batch})).json()
+    again = (await api.post("/v1/usage", json={"events": batch})).json()  # compact: every row is a repeat now
     assert (again["accepted"], again["duplicates"], again["conflicts"], again["rejected"]) == (0, 2, 1, 12)
+    assert [r["index"] for r in again["results"]] == list(range(15))
     assert [r["index"] for r in again["results"] if r["status"] == "duplicate"] == [0, 9]
     assert [r["index"] for r in again["results"] if r["status"] == "conflict"] == [8]
     assert await stored(sessions) == expected
+
+
+async def test_the_compact_answer_leaves_out_only_the_accepted_rows(api, sessions, tenant_id):
+    batch = [
+        event(tenant_id, "c-0"),
+        event(tenant_id, "c-1", -1),
+        event(tenant_id, "c-2"),
+        event(tenant_id, "c-2", 7),
+        event(tenant_id, "c-4"),
+    ]
+    assert (await api.post("/v1/usage", json={"events": [event(tenant_id, "c-4")]})).json()["accepted"] == 1
+    body = (await api.post("/v1/usage", json={"events": batch})).json()
+    assert (body["accepted"], body["duplicates"], body["conflicts"], body["rejected"]) == (2, 1, 1, 1)
+    shown = [
+        (r["index"], r["status"], r["idempotency_key"], [e["field"] for e in r["errors"]]) for r in body["results"]
+    ]
+    assert shown == [
+        (1, "rejected", "c-1", ["quantity"]),
+        (3, "conflict", "c-2", ["quantity"]),
+        (4, "duplicate", "c-4", []),
+    ]
+    everything = (await api.post("/v1/usage?results=all", json={"events": batch})).json()
+    assert [r["status"] for r in everything["results"]] == [
+        "duplicate",
+        "rejected",
+        "duplicate",
+        "conflict",
+        "duplicate",
+    ]
+    refused = await api.post("/v1/usage?results=some", json={"events": batch})
+    assert refused.status_code == 422 and "results" in refused.text
+    assert len(await stored(sessions)) == 3
 
 
 async def test_json_numbers_are_exact_decimals(api, sessions, tenant_id):
@@ -321,3 +354,19 @@ async def test_every_row_gets_exactly_one_outcome(known_catalog, rows):
 async def _count(session: AsyncSession) -> int:
     count: int = (await (await session.connection()).execute(text("SELECT count(*) FROM usage_events"))).scalar_one()
     return count
+
+
+async def test_a_repeat_written_differently_is_a_duplicate_and_a_changed_one_a_conflict(api, sessions, tenant_id):
+    first = event(tenant_id, "same", "1.5", occurred_at="2026-01-05T10:00:00Z", properties={"a": 1, "b": "x"})
+    assert (await api.post("/v1/usage", json={"events": [first]})).json()["accepted"] == 1
+    rewritten = event(
+        tenant_id, "same", "1.500", occurred_at="2026-01-05T12:00:00+02:00", properties={"b": "x", "a": 1}
+    )
+    changed = event(tenant_id, "same", "1.5", occurred_at="2026-01-05T10:00:00Z", properties={"a": 2, "b": "x"})
+    body = (await api.post("/v1/usage", json={"events": [rewritten]})).json()
+    assert (body["duplicates"], body["conflicts"]) == (1, 0)
+    body = (await api.post("/v1/usage", json={"events": [changed]})).json()
+    assert (body["duplicates"], body["conflicts"]) == (0, 1)
+    assert [e["message"] for e in body["results"][0]["errors"]] == [
+        'idempotency key \'same\' is already used with properties {"a": 1, "b": "x"}'
+    ]

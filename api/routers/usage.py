@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, File, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile, status
 
 from api.auth import INGESTERS, Caller, allow
 from api.deps import SessionDep
@@ -64,13 +64,25 @@ def log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult
 
 @router.post(
     "",
+    response_model=UsageBatchResult,
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": BATCH_SCHEMA}}}},
 )
-async def ingest_batch(request: Request, session: SessionDep, caller: Ingester) -> UsageBatchResult:
-    """Store a JSON batch; every row gets its own status. Numbers are read as exact decimals. A
-    gateway bound to a tenant has other tenants' rows rejected (``tenant_id``)."""
+async def ingest_batch(
+    request: Request,
+    session: SessionDep,
+    caller: Ingester,
+    results: Annotated[
+        Literal["compact", "all"],
+        Query(description="compact: results hold the rows not accepted only; all: every row, in order"),
+    ] = "compact",
+) -> Response:
+    """Store a JSON batch; every row gets its own status (the counts), and the results name each row
+    not accepted (every row with ``?results=all``). Numbers are read as exact decimals. A gateway
+    bound to a tenant has other tenants' rows rejected (``tenant_id``)."""
     events = batch_events(await request.body())
-    return log_batch(UsageSource.api, await ingest(session, events, UsageSource.api, only_tenant=caller.tenant_id))
+    result = await ingest(session, events, UsageSource.api, only_tenant=caller.tenant_id, every_result=results == "all")
+    # Serialized here, once: the result is built from checked values, FastAPI need not validate it again.
+    return Response(log_batch(UsageSource.api, result).model_dump_json(), media_type="application/json")
 
 
 def batch_events(body: bytes) -> list[Any]:
