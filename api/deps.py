@@ -65,6 +65,21 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_report_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A session for a report route: on the read replica (DATABASE_REPLICA_URL) when there is
+    one. Only reports read there — they may trail the primary by the replica's lag; every route a
+    client may call right after a write (a POST, then a GET of what it made) reads the primary."""
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.report_sessionmaker
+    async with sessions() as session:
+        yield session
+
+
+def get_report_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    """For a report streamed after the handler returns, on the replica when there is one."""
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.report_sessionmaker
+    return sessions
+
+
 def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     """For a response streamed after the handler returns: it opens its own session."""
     sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
@@ -90,6 +105,8 @@ def get_psp(request: Request) -> Psp:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
+ReportSessionDep = Annotated[AsyncSession, Depends(get_report_session)]
+ReportSessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_report_sessionmaker)]
 TemporalClientDep = Annotated[Client, Depends(get_temporal_client)]
 DocumentStoreDep = Annotated[DocumentStore, Depends(get_document_store)]
 PspDep = Annotated[Psp, Depends(get_psp)]

@@ -106,11 +106,23 @@ def create_app(
         engine = make_engine(settings.database_url, settings.database_pool_size)
         instrument_engine(engine, provider)
         untrack_pool = metrics.POOLS.track(engine)
+        # The reports' replica (DATABASE_REPLICA_URL), else the primary (api/deps.py get_report_session).
+        replica = (
+            make_engine(settings.database_replica_url, settings.database_pool_size)
+            if settings.database_replica_url
+            else None
+        )
+        if replica is not None:
+            instrument_engine(replica, provider)
+        untrack_replica = metrics.POOLS.track(replica, "replica") if replica is not None else (lambda: None)
         instrument_http_clients(provider)
         built = StripePsp.from_settings(settings) if psp is None else None  # connects nothing yet
         try:
             app.state.engine = engine
             app.state.sessionmaker = make_sessionmaker(engine)
+            app.state.report_sessionmaker = (
+                make_sessionmaker(replica) if replica is not None else app.state.sessionmaker
+            )
             tracer = provider.get_tracer("billing.api") if provider is not None else None
             # Lazily: the API starts (and stores webhooks) while Temporal is unreachable.
             app.state.temporal_client = temporal_client or await connect(settings, tracer, lazy=True)
@@ -123,7 +135,10 @@ def create_app(
             if built is not None:
                 await built.aclose()
             untrack_pool()
+            untrack_replica()
             await engine.dispose()
+            if replica is not None:
+                await replica.dispose()
             if configured is not None:
                 configured.shutdown()
 

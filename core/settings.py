@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         description="PostgreSQL URL of the login that owns the tables and runs the migrations; unset: DATABASE_URL",
     )
     database_pool_size: int = 10
+    database_replica_url: str | None = Field(
+        default=None,
+        description="A streaming replica for the reports (ledger, reconciliation, audit); unset: the primary",
+    )
 
     temporal_address: str | None = Field(
         default=None, description="host:port of Temporal; unset means the dev server started by `make up`"

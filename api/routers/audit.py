@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sqlmodel import col, select
 
 from api.auth import OPERATORS, allow
-from api.deps import SessionDep
+from api.deps import ReportSessionDep
 from api.pagination import Page
 from api.routing import DecimalJSONRoute
 from schema.models import AuditEntry
@@ -38,7 +38,7 @@ class AuditEntryPublic(BaseModel):
 
 @router.get("", dependencies=[allow(OPERATORS)])
 async def list_audit_entries(
-    session: SessionDep,
+    session: ReportSessionDep,
     entity: Annotated[str | None, Query(max_length=100, description="A table, e.g. invoices")] = None,
     entity_id: Annotated[str | None, Query(max_length=255)] = None,
     tenant_id: uuid.UUID | None = None,

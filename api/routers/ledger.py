@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from api.auth import OPERATORS, allow
-from api.deps import SessionDep, SessionmakerDep
+from api.deps import ReportSessionDep, ReportSessionmakerDep
 from api.errors import error_responses
 from api.middleware import bind_tenant
 from api.pagination import Page, PageQuery, fetch_page
@@ -36,7 +36,7 @@ AccountCode = Annotated[
 
 @router.get("/entries", dependencies=[allow(OPERATORS)])
 async def list_entries(
-    session: SessionDep,
+    session: ReportSessionDep,
     paging: PageQuery,
     account: AccountCode = None,
     tenant_id: Annotated[uuid.UUID | None, Query(description="Entries of the tenant's postings")] = None,
@@ -74,7 +74,7 @@ async def list_entries(
 
 @router.get("/balances", dependencies=[allow(OPERATORS)])
 async def list_balances(
-    session: SessionDep,
+    session: ReportSessionDep,
     paging: PageQuery,
     account: AccountCode = None,
     tenant_id: Annotated[uuid.UUID | None, Query(description="Only the tenant's own accounts")] = None,
@@ -115,7 +115,7 @@ async def list_balances(
     },
 )
 async def export_csv(
-    sessions: SessionmakerDep,
+    sessions: ReportSessionmakerDep,
     start: Annotated[UtcDatetime, Query(alias="from", description="RFC 3339; entries posted at or after")],
     end: Annotated[UtcDatetime, Query(alias="to", description="RFC 3339; entries posted before")],
 ) -> StreamingResponse:

@@ -24,7 +24,7 @@ from sqlalchemy import tuple_
 from sqlmodel import col, select
 
 from api.auth import OPERATORS, allow
-from api.deps import SessionDep
+from api.deps import ReportSessionDep
 from api.errors import error_responses, not_found
 from api.pagination import Page, PageQuery
 from api.routing import DecimalJSONRoute
@@ -98,7 +98,7 @@ def _after(cursor: str) -> tuple[datetime, str]:
 
 @router.get("/payouts", dependencies=[allow(OPERATORS)])
 async def list_payout_reconciliations(
-    session: SessionDep,
+    session: ReportSessionDep,
     paging: PageQuery,
     currency: Annotated[str | None, Query(pattern="^[A-Z]{3}$")] = None,
     all_matched: Annotated[bool | None, Query(description="Only payouts that matched fully (or not)")] = None,
@@ -123,7 +123,7 @@ async def list_payout_reconciliations(
     )
 
 
-async def _report(session: SessionDep, payout_id: str) -> reconciliation.PayoutReport:
+async def _report(session: ReportSessionDep, payout_id: str) -> reconciliation.PayoutReport:
     try:
         return await reconciliation.get_report(session, payout_id)
     except NotFound:
@@ -131,7 +131,7 @@ async def _report(session: SessionDep, payout_id: str) -> reconciliation.PayoutR
 
 
 @router.get("/payouts/{payout_id}", dependencies=[allow(OPERATORS)], responses=error_responses(404))
-async def get_payout_reconciliation(payout_id: PayoutId, session: SessionDep) -> PayoutReconciliationDetail:
+async def get_payout_reconciliation(payout_id: PayoutId, session: ReportSessionDep) -> PayoutReconciliationDetail:
     """A payout's reconciliation: its summary and every item in report order."""
     return PayoutReconciliationDetail.model_validate(await _report(session, payout_id))
 
@@ -148,7 +148,7 @@ async def get_payout_reconciliation(payout_id: PayoutId, session: SessionDep) ->
         **error_responses(404),
     },
 )
-async def export_payout_reconciliation(payout_id: PayoutId, session: SessionDep) -> StreamingResponse:
+async def export_payout_reconciliation(payout_id: PayoutId, session: ReportSessionDep) -> StreamingResponse:
     """The payout's items as CSV (columns ``services.reconciliation.REPORT_COLUMNS``), in chunks of 500 rows."""
     report = await _report(session, payout_id)
 
