@@ -25,7 +25,7 @@ ENVIRONMENTS = ("dev", "staging", "prod")
 API_DIGEST = "sha256:" + "a1" * 32
 WORKER_DIGEST = "sha256:" + "b2" * 32
 DIGESTS = (f"image.apiDigest={API_DIGEST}", f"image.workerDigest={WORKER_DIGEST}")
-CRD_KINDS = {"ServiceMonitor", "ExternalSecret", "SealedSecret"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ExternalSecret", "SealedSecret"}
 
 
 def tool(name: str) -> Path:

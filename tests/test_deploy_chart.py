@@ -15,6 +15,7 @@ from typing import Any
 
 import hcl2
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from core.settings import PROJECT_ROOT, Settings
@@ -134,6 +135,12 @@ def test_custom_resources_have_their_required_fields(docs: dict[str, list[Doc]],
         assert monitor["spec"]["selector"]["matchLabels"]
         for endpoint in monitor["spec"]["endpoints"]:
             assert endpoint["path"] == "/metrics" and endpoint["port"] and endpoint["interval"]
+    (rules,) = of_kind(rendered, "PrometheusRule")
+    assert rules["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    source = yaml.safe_load((PROJECT_ROOT / "ops" / "prometheus" / "alerts.yml").read_text())
+    assert rules["spec"]["groups"] == source["groups"]  # every alert, as promtool tested it
+    assert sum(len(group["rules"]) for group in rules["spec"]["groups"]) >= 8
     external = of_kind(rendered, "ExternalSecret")
     sealed = of_kind(rendered, "SealedSecret")
     if env == "dev":
