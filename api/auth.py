@@ -59,11 +59,6 @@ class Caller:
         """The one tenant this caller may see; None for operators (and unbound gateways): all."""
         return None if self.is_operator else self.principal.tenant_id
 
-    @property
-    def bound(self) -> bool:
-        """Limited to one tenant's rows."""
-        return self.tenant_id is not None
-
     def tenant_filter(self, requested: uuid.UUID | None, field: str = "tenant_id") -> uuid.UUID | None:
         """The tenant a list is narrowed to: the caller's own when bound (naming another is a 404
         naming ``field``), else what was asked for (None: every tenant)."""

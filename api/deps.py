@@ -60,8 +60,7 @@ def get_settings(request: Request) -> Settings:
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request; whatever is not committed is rolled back when it closes."""
-    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with sessions() as session:
+    async with get_sessionmaker(request)() as session:
         yield session
 
 
@@ -69,8 +68,7 @@ async def get_report_session(request: Request) -> AsyncIterator[AsyncSession]:
     """A session for a report route: on the read replica (DATABASE_REPLICA_URL) when there is
     one. Only reports read there — they may trail the primary by the replica's lag; every route a
     client may call right after a write (a POST, then a GET of what it made) reads the primary."""
-    sessions: async_sessionmaker[AsyncSession] = request.app.state.report_sessionmaker
-    async with sessions() as session:
+    async with get_report_sessionmaker(request)() as session:
         yield session
 
 

@@ -41,6 +41,24 @@ def client_of(request: Request) -> tuple[str | None, str | None]:
     return (request.client.host if request.client else None), correlation_id.get()
 
 
+class _Watched:
+    """A response as it is sent: its status (500 until one starts) and the time since the request
+    began. ``send`` passes every message on."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 500
+        self._started = time.perf_counter()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+
 class RequestContextMiddleware:
     """Binds the request id (set by ``asgi_correlation_id``'s middleware, which also echoes it in
     the response) to the log context, and logs one line per request with status and duration.
@@ -59,24 +77,17 @@ class RequestContextMiddleware:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=correlation_id.get() or new_request_id())
         audit.set_actor(None)  # each request names its own actor (api/auth.py)
-        status = 500
-        started = time.perf_counter()
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+        response = _Watched(send)
 
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, response.send)
         finally:
             log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                status=response.status,
+                duration_ms=round(response.elapsed() * 1000, 1),
             )
             structlog.contextvars.clear_contextvars()
 
@@ -96,24 +107,17 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
-        started = time.perf_counter()
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+        response = _Watched(send)
 
         metrics.HTTP_IN_FLIGHT.inc()
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, response.send)
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
             method = scope["method"] if scope["method"] in self.METHODS else "other"
             route = route_template(scope)
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            metrics.HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+            metrics.HTTP_REQUESTS.labels(method, route, str(response.status)).inc()
+            metrics.HTTP_DURATION.labels(method, route).observe(response.elapsed())
 
 
 def route_template(scope: Scope) -> str:

@@ -54,10 +54,6 @@ def set_actor(actor: Actor | None) -> contextvars.Token[Actor | None]:
     return _actor.set(actor)
 
 
-def current_actor() -> Actor | None:
-    return _actor.get()
-
-
 @contextmanager
 def acting(actor: Actor) -> Iterator[None]:
     """Writes inside are audited as ``actor``'s."""

@@ -49,8 +49,9 @@ async def create(session: AsyncSession, name: str, tenant_id: uuid.UUID | None =
     return GatewayWithSecret(gateway, secret)
 
 
-async def get(session: AsyncSession, gateway_id: uuid.UUID) -> MeterGateway:
-    gateway = await session.get(MeterGateway, gateway_id)
+async def get(session: AsyncSession, gateway_id: uuid.UUID, *, lock: bool = False) -> MeterGateway:
+    """The gateway (row-locked with ``lock``, to change it); NotFound naming ``gateway_id``."""
+    gateway = await session.get(MeterGateway, gateway_id, with_for_update=lock)
     if gateway is None:
         raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
     return gateway
@@ -62,9 +63,7 @@ async def listing(session: AsyncSession) -> list[MeterGateway]:
 
 async def rotate(session: AsyncSession, gateway_id: uuid.UUID, overlap: timedelta) -> GatewayWithSecret:
     """A new secret; the old one is still accepted for ``overlap`` (time to reconfigure the gateway)."""
-    gateway = await session.get(MeterGateway, gateway_id, with_for_update=True)
-    if gateway is None:
-        raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
+    gateway = await get(session, gateway_id, lock=True)
     secret = new_signing_secret()
     gateway.previous_secret = gateway.secret
     gateway.previous_valid_until = utcnow() + overlap
@@ -75,9 +74,7 @@ async def rotate(session: AsyncSession, gateway_id: uuid.UUID, overlap: timedelt
 
 
 async def disable(session: AsyncSession, gateway_id: uuid.UUID) -> MeterGateway:
-    gateway = await session.get(MeterGateway, gateway_id, with_for_update=True)
-    if gateway is None:
-        raise NotFound("gateway_id", f"meter gateway {gateway_id} not found")
+    gateway = await get(session, gateway_id, lock=True)
     if gateway.disabled_at is None:
         gateway.disabled_at = utcnow()
         session.add(gateway)
