@@ -156,30 +156,33 @@ def billing_schedule(settings: Settings) -> Schedule:
 
 def psp_events_sweep_schedule(settings: Settings) -> Schedule:
     """Every PSP_EVENTS_SWEEP_INTERVAL seconds, start ``SweepPspEvents`` (overlap: skip)."""
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            PSP_EVENT_SWEEP_WORKFLOW,
-            id=f"{settings.psp_events_sweep_schedule_id}-run",
-            task_queue=settings.task_queue,
-            execution_timeout=timedelta(minutes=10),
-        ),
-        spec=ScheduleSpec(
-            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.psp_events_sweep_interval))]
-        ),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    return _every(
+        settings,
+        PSP_EVENT_SWEEP_WORKFLOW,
+        settings.psp_events_sweep_schedule_id,
+        settings.psp_events_sweep_interval,
+        timedelta(minutes=10),
     )
 
 
 def notices_sweep_schedule(settings: Settings) -> Schedule:
     """Every NOTICES_SWEEP_INTERVAL seconds, ``SweepNotices`` (overlap: skip)."""
+    return _every(
+        settings,
+        NOTICES_SWEEP_WORKFLOW,
+        settings.notices_sweep_schedule_id,
+        settings.notices_sweep_interval,
+        timedelta(minutes=30),
+    )
+
+
+def _every(settings: Settings, workflow: str, schedule_id: str, seconds: int, timeout: timedelta) -> Schedule:
+    """``workflow`` every ``seconds`` on the task queue, a run still going skipping the next."""
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            NOTICES_SWEEP_WORKFLOW,
-            id=f"{settings.notices_sweep_schedule_id}-run",
-            task_queue=settings.task_queue,
-            execution_timeout=timedelta(minutes=30),
+            workflow, id=f"{schedule_id}-run", task_queue=settings.task_queue, execution_timeout=timeout
         ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.notices_sweep_interval))]),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=seconds))]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
 

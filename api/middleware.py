@@ -35,10 +35,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def client_address(request: Request) -> str | None:
+    """The client's address as the server sees it (behind a proxy, the one uvicorn's
+    ``--proxy-headers``/``--forwarded-allow-ips`` trusts)."""
+    return request.client.host if request.client else None
+
+
 def client_of(request: Request) -> tuple[str | None, str | None]:
-    """Where a request comes from, for the audit log: the client's address (behind a proxy, the
-    one uvicorn's ``--forwarded-allow-ips`` trusts) and the request id."""
-    return (request.client.host if request.client else None), correlation_id.get()
+    """Where a request comes from, for the audit log: the client's address and the request id."""
+    return client_address(request), correlation_id.get()
 
 
 class _Watched:

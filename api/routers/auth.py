@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import AuthenticatedPrincipal, ClockDep, KeyStoreDep, SessionDep, SettingsDep, as_operator
 from api.errors import body_errors, error_responses
+from api.middleware import client_address
 from core.settings import Settings
 from services import auth, throttle
 from services.auth import Tokens
@@ -66,8 +67,8 @@ class Jwks(BaseModel):
 
 
 def _address(request: Request) -> str:
-    """The caller's address as the server sees it (behind a proxy: uvicorn's --proxy-headers)."""
-    return request.client.host if request.client is not None else "unknown"
+    """The caller's address, a rate-limit key (``unknown`` when the server saw none)."""
+    return client_address(request) or "unknown"
 
 
 async def _throttle(session: AsyncSession, settings: Settings, keys: list[str], now: datetime) -> None:
