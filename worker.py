@@ -1,8 +1,9 @@
 """The Temporal worker process: billing and PSP event workflows and activities on one task queue.
 
 Start-up: logging and tracing, the Temporal client, the database engine, one headless
-browser with its page pool, the PSP adapter, the daily billing Schedule and the PSP events sweep
-Schedule (created or updated idempotently), then the worker: billing runs, invoices, their
+browser with its page pool, the PSP adapter, the daily billing Schedule, the PSP events and notices
+sweep Schedules, the renewal reminders and usage partitions Schedules (created or updated
+idempotently), this month's and the next months' usage partitions, then the worker: billing runs, invoices, their
 collection, credit notes, payout reconciliation and PSP event processing. SIGINT/SIGTERM stop
 polling, let running activities finish (up to the graceful timeout), then close the browser, the
 PSP adapter and the database pool.
@@ -44,6 +45,7 @@ from activities.notices import NoticeActivities
 from activities.psp_events import PspEventActivities, listing_refunds
 from activities.reconciliation import ReconciliationActivities
 from activities.renewals import RenewalActivities
+from activities.usage_partitions import UsagePartitionActivities
 from adapters.mail import SmtpMailSender
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.psp import StripePsp
@@ -55,8 +57,8 @@ from core.observability import LogContextInterceptor, configure_logging, configu
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
-from schema.scope import OPERATOR
-from services import dunning, ingestion, psp_events
+from schema.scope import OPERATOR, operator_scope
+from services import dunning, ingestion, psp_events, usage_partitions
 from services.credit_notes import apply_charge_refunded
 from services.invoicing import InvoiceTerms
 from workflows.billing_run import BillingRunWorkflow
@@ -66,6 +68,7 @@ from workflows.contracts import (
     NOTICES_SWEEP_WORKFLOW,
     PSP_EVENT_SWEEP_WORKFLOW,
     RENEWAL_REMINDERS_WORKFLOW,
+    USAGE_PARTITIONS_WORKFLOW,
     BillingRunInput,
 )
 from workflows.credit_note import CreditNoteWorkflow
@@ -74,6 +77,7 @@ from workflows.invoice_cycle import InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.reconciliation import PayoutReconciliationWorkflow
 from workflows.renewals import RenewalRemindersWorkflow, SweepNoticesWorkflow
+from workflows.usage_partitions import MaintainUsagePartitionsWorkflow
 
 log = structlog.get_logger("worker")
 
@@ -87,6 +91,7 @@ WORKFLOWS: Sequence[type] = (
     DunningWorkflow,
     RenewalRemindersWorkflow,
     SweepNoticesWorkflow,
+    MaintainUsagePartitionsWorkflow,
 )
 GRACEFUL_SHUTDOWN = timedelta(seconds=30)
 # A workflow task waits this long on a worker's sticky queue before the server hands it to any
@@ -176,6 +181,17 @@ def notices_sweep_schedule(settings: Settings) -> Schedule:
     )
 
 
+def usage_partitions_schedule(settings: Settings) -> Schedule:
+    """Every USAGE_PARTITIONS_INTERVAL seconds (a day), ``MaintainUsagePartitions`` (overlap: skip)."""
+    return _every(
+        settings,
+        USAGE_PARTITIONS_WORKFLOW,
+        settings.usage_partitions_schedule_id,
+        settings.usage_partitions_interval,
+        timedelta(hours=1),
+    )
+
+
 def _every(settings: Settings, workflow: str, schedule_id: str, seconds: int, timeout: timedelta) -> Schedule:
     """``workflow`` every ``seconds`` on the task queue, a run still going skipping the next."""
     return Schedule(
@@ -221,6 +237,26 @@ async def ensure_renewal_reminders_schedule(client: Client, settings: Settings) 
 async def ensure_notices_sweep_schedule(client: Client, settings: Settings) -> None:
     schedule = notices_sweep_schedule(settings)
     await _ensure_schedule(client, settings.notices_sweep_schedule_id, schedule, "notices sweep")
+
+
+async def ensure_usage_partitions_schedule(client: Client, settings: Settings) -> None:
+    schedule = usage_partitions_schedule(settings)
+    await _ensure_schedule(client, settings.usage_partitions_schedule_id, schedule, "usage partitions")
+
+
+async def ensure_usage_partitions(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    """At start, before polling: this month's partition of usage_events and USAGE_PARTITIONS_AHEAD more
+    (the daily Schedule keeps them coming). A database that cannot be reached now is the Schedule's to
+    catch up: the worker starts anyway."""
+    try:
+        with operator_scope():
+            async with sessions() as session:
+                made = await usage_partitions.ensure(session, datetime.now(UTC), settings.usage_partitions_ahead)
+    except Exception as error:  # logged; the Schedule retries daily
+        log.warning("usage partitions not ensured at start", error=str(error)[:300])
+        return
+    if made:
+        log.info("usage partitions made", partitions=made)
 
 
 async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, what: str) -> None:
@@ -348,7 +384,9 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         await ensure_psp_events_sweep_schedule(client, settings)
         await ensure_notices_sweep_schedule(client, settings)
         await ensure_renewal_reminders_schedule(client, settings)
+        await ensure_usage_partitions_schedule(client, settings)
         sessions = activity_sessions(engine)
+        await ensure_usage_partitions(sessions, settings)
         store = document_store(settings)
         activities = activities_type(
             sessions,
@@ -390,6 +428,9 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
                 *events.all(),
                 *notice_sender.all(),
                 *RenewalActivities(sessions, settings.renewal_reminder_days).all(),
+                *UsagePartitionActivities(
+                    sessions, settings.usage_partitions_ahead, settings.usage_retention_months
+                ).all(),
                 *DunningActivities(
                     sessions,
                     client,

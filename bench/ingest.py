@@ -11,7 +11,8 @@ fresh database of its own, migrated to head and dropped at the end:
     the route hands them over (parsed JSON, numbers as ``Decimal``), ``--batch`` rows a call;
 (c) the same as (b) again with every row already stored (all duplicates).
 
-``usage_events`` is truncated before (a) and before (b). The three are repeated ``--repeat``
+``usage_events`` (and its keys) is truncated before (a) and before (b); the months of the rows have
+their partitions. The three are repeated ``--repeat``
 times, interleaved; the median of each is reported, as rows/s and as a ratio against (a).
 """
 
@@ -31,22 +32,64 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, get_settings
 from schema.db import libpq_url, make_engine, make_sessionmaker, scratch_database
 from schema.models import Aggregation, Meter, Tenant, UsageSource
+from schema.scope import operator_scope
+from services import usage_partitions
 from services.ingestion import RowStatus, ingest
 
 METERS = (("electricity", "Electricity", "kWh"), ("water", "Water", "m3"), ("laundry", "Laundry", "cycle"))
 START = datetime(2025, 3, 1, tzinfo=UTC)
 
+# One row: its key claimed in usage_event_keys (once per tenant across every month), its event inserted
+# into the month's partition of usage_events when the claim succeeded, as services.ingestion does.
 _NAIVE_INSERT = """
+    WITH claimed AS (
+        INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_id, occurred_at)
+        VALUES ($1, $5, nextval('usage_events_id_seq'), $4)
+        ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+        RETURNING event_id
+    )
     INSERT INTO usage_events
-        (tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
-    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, now())
-    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+        (id, tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT event_id, $1, $2, $3, $4, $5, $6::jsonb, $7, now() FROM claimed
 """
+TRUNCATE_USAGE = "TRUNCATE usage_events, usage_event_keys RESTART IDENTITY"
+
+
+def staged_insert(stage: str) -> str:
+    """The staged COPY's second half: ``stage`` (tenant_id, meter_id, quantity, occurred_at,
+    idempotency_key, properties) into usage_events, each key claimed once, as ``services.ingestion``."""
+    return f"""
+        WITH claimed AS (
+            INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_id, occurred_at)
+            SELECT s.tenant_id, s.idempotency_key, nextval('usage_events_id_seq'), s.occurred_at FROM {stage} s
+            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+            RETURNING tenant_id, idempotency_key, event_id
+        )
+        INSERT INTO usage_events
+            (id, tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT c.event_id, s.tenant_id, s.meter_id, s.quantity, s.occurred_at, s.idempotency_key, s.properties,
+               'api', now()
+        FROM {stage} s JOIN claimed c ON c.tenant_id = s.tenant_id AND c.idempotency_key = s.idempotency_key
+    """
+
+
+async def partitions_for(sessions: async_sessionmaker[AsyncSession], rows: Sequence[Row]) -> list[str]:
+    """The monthly partitions of usage_events the rows fall into (a fresh database has this month's and
+    the next few only; the others' rows would go to the default partition)."""
+    first, last = min(r.occurred_at for r in rows), max(r.occurred_at for r in rows)
+    months = (last.year - first.year) * 12 + last.month - first.month
+    with operator_scope():
+        async with sessions() as session:
+            return await usage_partitions.ensure(session, first, months)
 
 
 @dataclass(frozen=True)
@@ -135,13 +178,14 @@ async def measure(url: str, rows: int, batch: int, repeat: int) -> list[Measurem
 
         data = make_rows(rows)
         payload = as_payload(tenant.id, data)
+        await partitions_for(sessions, data)
 
         async def count_and_truncate(expected: int, label: str) -> None:
             async with engine.begin() as conn:
                 stored = (await conn.execute(text("SELECT count(*) FROM usage_events"))).scalar_one()
                 if stored != expected:
                     raise RuntimeError(f"{label}: {stored} rows stored, expected {expected}")
-                await conn.execute(text("TRUNCATE usage_events RESTART IDENTITY"))
+                await conn.execute(text(TRUNCATE_USAGE))
 
         async def real_path(expect: RowStatus) -> float:
             started = time.perf_counter()

@@ -6,16 +6,18 @@ On the embedded PostgreSQL under ``.data/bench-pg`` (or the server in ``DATABASE
 fresh database of its own (migrated to head, dropped at the end), logged in as the app's
 non-superuser role so row-level security applies as under ``make up``:
 
-(a) limit, fresh: ``COPY`` into a temporary staging table, then ``INSERT ... SELECT ... ON
-    CONFLICT DO NOTHING`` into ``usage_events``, ``--batch`` rows a transaction, over
+(a) limit, fresh: ``COPY`` into a temporary staging table, then one statement claiming the keys
+    (``INSERT ... ON CONFLICT DO NOTHING`` into ``usage_event_keys``) and inserting the events of
+    the claimed ones into ``usage_events`` (partitioned by month), ``--batch`` rows a transaction, over
     ``--clients`` asyncpg connections at once, values already typed;
 (b) the product, fresh: the API as its own process (``uvicorn api.main:app`` on a free loopback
     port, ``--workers`` processes, default the ``API_WORKERS`` setting), ``--clients`` HTTP
     clients posting ``--batch`` events a request with a real bearer token (a meter gateway's);
 (c) limit again, every row a duplicate; (d) the product again, every event a duplicate.
 
-``usage_events`` is truncated before (a) and before (b); every variant's outcome is checked
-(rows stored, every event answered accepted, or duplicate). Prints events/s, the ratios
+``usage_events`` and its keys are truncated before (a) and before (b), the months of the events
+have their partitions; every variant's outcome is checked (rows stored, every event answered
+accepted, or duplicate). Prints events/s, the ratios
 product / limit, the CPU microseconds per event of the API processes, PostgreSQL and the clients,
 and the load average before and after (the machine may be shared). Method and figures:
 docs/performance.md.
@@ -42,7 +44,7 @@ import psutil
 from sqlalchemy import text
 
 from adapters.signing_keys import KeyStore
-from bench.ingest import METERS, Row, make_rows
+from bench.ingest import METERS, TRUNCATE_USAGE, Row, make_rows, partitions_for, staged_insert
 from core.principal import Role
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from devstack.child import Child
@@ -57,12 +59,7 @@ _STAGE = """
         idempotency_key text, properties jsonb
     ) ON COMMIT DELETE ROWS
 """
-_FROM_STAGE = """
-    INSERT INTO usage_events
-        (tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
-    SELECT s.*, 'api', now() FROM bench_stage s
-    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-"""
+_FROM_STAGE = staged_insert("bench_stage")
 
 
 @dataclass(frozen=True)
@@ -297,6 +294,7 @@ async def measure(
     meter_ids = {m.code: m.id for m in meters}
 
     rows = make_rows(args.events)
+    await partitions_for(sessions, rows)
     bodies = encode_bodies(tenant_id, rows, args.batch)
     port = free_port()
     settings = Settings(database_url=app_url, data_dir=data_dir, api_port=port)
@@ -325,7 +323,7 @@ async def measure(
                 stored = (await conn.execute(text("SELECT count(*) FROM usage_events"))).scalar_one()
                 if stored != expected:
                     raise RuntimeError(f"{label}: {stored} rows stored, expected {expected}")
-                await conn.execute(text("TRUNCATE usage_events RESTART IDENTITY"))
+                await conn.execute(text(TRUNCATE_USAGE))
 
         n = args.events
         assert api.pid is not None

@@ -259,6 +259,22 @@ class Settings(BaseSettings):
         default=7 * 86400, ge=3600, description="A tenant with a usage event within this many seconds reports"
     )
 
+    # usage_events is partitioned by month (docs/usage-partitions.md): partitions made ahead by the worker
+    # at start and by a daily Schedule, and whole months dropped after USAGE_RETENTION_MONTHS (if set).
+    usage_partitions_ahead: int = Field(
+        default=3, ge=0, le=36, description="Months of usage partitions made ahead of the current one"
+    )
+    usage_retention_months: int | None = Field(
+        default=None,
+        ge=1,
+        le=1200,
+        description="Drop usage months older than this many whole months (never one not invoiced yet); unset: keep all",
+    )
+    usage_partitions_schedule_id: str = "usage-partitions-daily"
+    usage_partitions_interval: int = Field(
+        default=86400, ge=60, description="Seconds between two runs of the usage partition maintenance"
+    )
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otel_traces_exporter: TraceExporter = TraceExporter.none

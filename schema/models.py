@@ -1,7 +1,8 @@
 """SQLModel tables. Constraints that protect money live in the database, not only here.
 
 - one invoice per (subscription, period start): ``uq_invoice_subscription_period``
-- one usage event per (tenant, idempotency key): ``uq_usage_tenant_key``
+- one usage event per (tenant, idempotency key), across every monthly partition: the primary key
+  of ``usage_event_keys``, claimed in the statement that inserts the event (``services/ingestion.py``)
 - plan versions are immutable: a trigger refuses UPDATE (see the first migration)
 - a finalized invoice and its lines are immutable but for the status transitions payments make
   and attaching its PDF once: triggers (migration 0004, ``docs/invoices.md``)
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -254,25 +256,63 @@ class RoomAssignment(SQLModel, table=True):
     effective_to: datetime | None = _ts(nullable=True, default=None)
 
 
+# The monthly partitions of usage_events (``usage_events_2026_01``, ...) and its default partition: made
+# by the database functions of migration 0021 (docs/usage-partitions.md), not tables of their own here.
+USAGE_PARTITION_NAME = re.compile(r"usage_events_(\d{4}_\d{2}|default)")
+
+
 class UsageEvent(SQLModel, table=True):
+    """A metered event, stored in the partition of its month (RANGE on ``occurred_at``, UTC months).
+
+    Its (tenant, idempotency key) is claimed in :class:`UsageEventKey` by the same statement that
+    inserts it (``services.ingestion``): a partitioned table's unique indexes must contain the
+    partition key, so they could not say "once per tenant across every month".
+    """
+
     __tablename__ = "usage_events"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_usage_tenant_key"),
         CheckConstraint("quantity >= 0", name="ck_usage_quantity"),
         Index("ix_usage_tenant_meter_time", "tenant_id", "meter_id", "occurred_at"),
         # Late usage: a tenant's events numbered above an invoice's watermark (services.usage_fence).
         Index("ix_usage_tenant_seq", "tenant_id", "id"),
+        {"postgresql_partition_by": "RANGE (occurred_at)"},
     )
 
+    # One ascending identity across every partition (the late-usage watermark compares numbers).
     id: int | None = Field(default=None, sa_column_args=[Identity(always=True)], sa_type=BigInteger, primary_key=True)
     tenant_id: uuid.UUID = Field(foreign_key="tenants.id")
     meter_id: uuid.UUID = Field(foreign_key="meters.id")
     quantity: Decimal = Field(sa_type=QUANTITY)
-    occurred_at: datetime = _ts()
+    occurred_at: datetime = _ts(primary_key=True)  # the partition key: part of every unique index
     idempotency_key: str = Field(max_length=200)
     source: UsageSource = Field(sa_type=_enum(UsageSource))
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     received_at: datetime = _ts(default_factory=utcnow)
+
+
+class UsageEventKey(SQLModel, table=True):
+    """One row per (tenant, idempotency key) ever stored, in every month: the key is taken here
+    (``ON CONFLICT DO NOTHING`` on the primary key) and the event, numbered ``event_id``, is
+    inserted into ``usage_events`` by the same statement. Retention removes both together."""
+
+    __tablename__ = "usage_event_keys"
+
+    tenant_id: uuid.UUID = Field(primary_key=True)
+    idempotency_key: str = Field(max_length=200, primary_key=True)
+    event_id: int = Field(sa_type=BigInteger)
+    occurred_at: datetime = _ts()  # with event_id, the event's primary key (one partition looked at)
+
+
+class UsageRetention(SQLModel, table=True):
+    """How far back usage is kept: everything before ``kept_from`` was dropped by retention
+    (``USAGE_RETENTION_MONTHS``), and usage that old is refused. One row, or none (nothing dropped)."""
+
+    __tablename__ = "usage_retention"
+    __table_args__ = (CheckConstraint("id", name="ck_usage_retention_one_row"),)
+
+    id: bool = Field(default=True, primary_key=True)
+    kept_from: datetime = _ts()
+    updated_at: datetime = _ts(default_factory=utcnow)
 
 
 class Invoice(SQLModel, table=True):

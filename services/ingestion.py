@@ -2,11 +2,14 @@
 references once per batch, copy the batch in and insert it at once.
 
 One bad row never costs the good ones. The valid rows are copied (binary ``COPY``, on the
-session's connection inside its transaction) into a temporary staging table and inserted with
-one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` on (tenant, idempotency key), which answers
-the rows it skipped: their keys were taken, and one more statement tells a duplicate (the same
-event stored) from a conflict (another one; its stored values name the differences). A key
-repeated inside the batch is a duplicate, or a conflict, of its first valid occurrence.
+session's connection inside its transaction) into a temporary staging table and stored by one
+statement: it claims each (tenant, idempotency key) in ``usage_event_keys`` with ``ON CONFLICT DO
+NOTHING`` and inserts the events whose key it claimed into ``usage_events`` (partitioned by month:
+the key table is what makes a key once per tenant across every month), answering the rows it
+skipped: their keys were taken, and one more statement tells a duplicate (the same event stored)
+from a conflict (another one; its stored values name the differences). A key repeated inside the
+batch is a duplicate, or a conflict, of its first valid occurrence. Usage older than what
+retention keeps (``services.usage_partitions.kept_from``) is refused naming ``occurred_at``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core import metrics
 from schema.db import driver_connection, execute_sql
 from schema.models import UsageSource
-from services import audit, usage_fence
+from services import audit, usage_fence, usage_partitions
 from services.inputs import ExactDecimal, IdempotencyKey, MeterCode, Properties, UtcDatetime, check_pg_text
 
 
@@ -85,27 +88,40 @@ _STAGE = """
     ) ON COMMIT DELETE ROWS
 """
 _STAGE_COLUMNS = ("pos", "tenant_id", "meter_id", "quantity", "occurred_at", "idempotency_key", "properties")
+# One statement: the keys the batch can claim (a key taken before, in any month, is skipped), each
+# with its event's number drawn from the events' identity, then the events of the claimed keys. It
+# answers the positions of the rows it skipped.
 _INSERT = """
-    WITH stored AS (
-        INSERT INTO usage_events
-            (tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
-        SELECT s.tenant_id, s.meter_id, s.quantity, s.occurred_at, s.idempotency_key, s.properties, $1, now()
+    WITH claimed AS (
+        INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_id, occurred_at)
+        SELECT s.tenant_id, s.idempotency_key, nextval('usage_events_id_seq'), s.occurred_at
         FROM usage_stage s
         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-        RETURNING tenant_id, idempotency_key
+        RETURNING tenant_id, idempotency_key, event_id
+    ), stored AS (
+        INSERT INTO usage_events
+            (id, tenant_id, meter_id, quantity, occurred_at, idempotency_key, properties, source, received_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT c.event_id, s.tenant_id, s.meter_id, s.quantity, s.occurred_at, s.idempotency_key, s.properties,
+               $1, now()
+        FROM usage_stage s
+        JOIN claimed c ON c.tenant_id = s.tenant_id AND c.idempotency_key = s.idempotency_key
     )
     SELECT s.pos FROM usage_stage s
     WHERE NOT EXISTS (
-        SELECT 1 FROM stored WHERE stored.tenant_id = s.tenant_id AND stored.idempotency_key = s.idempotency_key
+        SELECT 1 FROM claimed c WHERE c.tenant_id = s.tenant_id AND c.idempotency_key = s.idempotency_key
     )
 """
 # The staged rows the insert skipped: their keys were taken. ``same`` when the stored event equals
-# the staged one (a duplicate); the stored values, to name the differences, only when not.
+# the staged one (a duplicate); the stored values, to name the differences, only when not. The key
+# leads to its event's partition (id and occurred_at are the event's primary key); ``kept`` is false
+# when the event is gone while its key is not (removed by hand: retention removes both).
 # (A separate statement from the insert: it sees the rows other transactions committed meanwhile.)
 _STORED = """
-    SELECT s.pos, d.meter_id, d.meter, d.quantity, d.occurred_at, d.properties
+    SELECT s.pos, u.id IS NOT NULL AS kept, d.meter_id, d.meter, d.quantity, d.occurred_at, d.properties
     FROM usage_stage s
-    JOIN usage_events u ON u.tenant_id = s.tenant_id AND u.idempotency_key = s.idempotency_key
+    JOIN usage_event_keys k ON k.tenant_id = s.tenant_id AND k.idempotency_key = s.idempotency_key
+    LEFT JOIN usage_events u ON u.id = k.event_id AND u.occurred_at = k.occurred_at
     LEFT JOIN LATERAL (
         SELECT u.meter_id, m.code AS meter, u.quantity, u.occurred_at, u.properties::text AS properties
         FROM meters m
@@ -287,6 +303,13 @@ async def store(
     known_meters = await execute_sql(session, _KNOWN_METERS, {"codes": codes})
     meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in known_meters}
 
+    # The fence and the partition-maintenance lock before the horizon is read: retention cannot move
+    # it (nor drop a month) between this check and the insert.
+    storing = {e.tenant_id for _, e in valid if e.tenant_id in known_tenants and only_tenant in (None, e.tenant_id)}
+    if storing:
+        await usage_fence.hold_for_ingestion(session, storing)
+    horizons = await usage_partitions.kept_from(session, storing) if storing else {}
+
     first_in_batch: dict[tuple[uuid.UUID, str], UsageEventIn] = {}
     batch: list[tuple[RowOutcome, UsageEventIn]] = []
     for outcome, event in valid:
@@ -298,6 +321,9 @@ async def store(
             outcome.reject(("tenant_id",), f"tenant {event.tenant_id} does not exist", "not_found")
         if event.meter not in meter_ids:
             outcome.reject(("meter",), f"meter {event.meter!r} does not exist", "not_found")
+        if (horizon := horizons.get(event.tenant_id)) is not None and event.occurred_at < horizon:
+            message = f"must not be before {_shown(horizon)}: older usage was removed by retention"
+            outcome.reject(("occurred_at",), message, "retention")
         if outcome.status is RowStatus.rejected:
             continue
         key = (event.tenant_id, event.idempotency_key)
@@ -311,7 +337,6 @@ async def store(
     if not batch:
         return
 
-    await usage_fence.hold_for_ingestion(session, (e.tenant_id for _, e in batch))
     conn = await driver_connection(session)
     await conn.execute(_STAGE)
     records = [
@@ -328,6 +353,10 @@ async def store(
         for pos in skipped:
             outcome, event = batch[pos]
             stored = earlier[pos]
+            if not stored["kept"]:
+                message = f"idempotency key {event.idempotency_key!r} is already used by an event no longer stored"
+                outcome.settle_repeat([FieldProblem(("idempotency_key",), message, "idempotency_conflict")])
+                continue
             if stored["meter_id"] is None:
                 outcome.settle_repeat([])
                 continue

@@ -11,6 +11,10 @@ first. So when an invoice is written:
 
 An event is late for an invoiced period exactly when its number is above the watermark of the
 invoice before the one being drafted: no wall clock, no grace interval.
+
+Ingestion also holds the partition-maintenance lock shared: creating a month's partition (which
+moves its rows out of the default partition) and retention (which drops months and moves the
+horizon ingestion checks) take it exclusively, in the database functions of migration 0021.
 """
 
 from __future__ import annotations
@@ -25,14 +29,19 @@ from schema.db import execute_sql
 
 # Advisory-lock namespace (the first key of the two-key form) for per-tenant usage fences.
 USAGE_LOCK_CLASS = 0x55534745  # "USGE"
+# ... and of the partition-maintenance lock (key 0); migration 0021's functions use the same number.
+PARTITIONS_LOCK_CLASS = 0x5553504D  # "USPM"
 
+_HOLD_PARTITIONS = text("SELECT pg_advisory_xact_lock_shared(CAST(:cls AS integer), 0)")
 _HOLD = text("SELECT pg_advisory_xact_lock_shared(CAST(:cls AS integer), hashtext(CAST(:tenant AS text)))")
 _SETTLE = text("SELECT pg_advisory_xact_lock(CAST(:cls AS integer), hashtext(CAST(:tenant AS text)))")
 _WATERMARK = text("SELECT coalesce(max(id), 0) FROM usage_events")
 
 
 async def hold_for_ingestion(session: AsyncSession, tenant_ids: Iterable[uuid.UUID]) -> None:
-    """Before inserting events of these tenants: no settlement of theirs runs until this transaction ends."""
+    """Before inserting events of these tenants: no settlement of theirs, and no partition maintenance,
+    runs until this transaction ends."""
+    await execute_sql(session, _HOLD_PARTITIONS, {"cls": PARTITIONS_LOCK_CLASS})
     for tenant_id in sorted(set(tenant_ids)):
         await execute_sql(session, _HOLD, {"cls": USAGE_LOCK_CLASS, "tenant": str(tenant_id)})
 

@@ -53,6 +53,7 @@ from schema.db import (
     with_login,
 )
 from schema.models import (
+    USAGE_PARTITION_NAME,
     AuthThrottle,
     DunningCampaign,
     IdempotencyRecord,
@@ -65,6 +66,7 @@ from schema.models import (
     PspEventStatus,
     ReconciliationOutcome,
     RefreshToken,
+    UsageRetention,
     UsageSource,
 )
 from schema.scope import OPERATOR, Scope, caller_scope, current_scope, operator_scope, tenant_scope, unscoped
@@ -97,6 +99,11 @@ DOCS = PROJECT_ROOT / "docs" / "security.md"
 AT = credit_note_support.AT
 PAID = credit_note_support.RENT + credit_note_support.USAGE  # the invoice of credit_note_support, paid in full
 REFUSED = "42501"  # insufficient_privilege: a WITH CHECK failure, a missing grant, the promo trigger
+# The partitions of usage_events, with their row-level security flags (read by the suite's superuser).
+PARTITIONS = (
+    "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, h.inhparent::regclass::text AS parent "
+    "FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid WHERE c.relispartition AND c.relkind = 'r' ORDER BY 1"
+)
 
 
 # --- the documented policies ------------------------------------------------------------------
@@ -267,6 +274,10 @@ async def seed(sessions: async_sessionmaker[AsyncSession]) -> Seeded:
         with tenant_scope(tenant), audit.acting(audit.Actor(f"admin-of-{tenant}", "user", ("tenant_admin",))):
             async with sessions() as s:
                 await tenants.update(s, tenant, {"name": f"Renamed {tenant}"}, AT)
+    with operator_scope():
+        async with sessions() as s:  # retention dropped nothing: the horizon lies before every event
+            s.add(UsageRetention(kept_from=AT - timedelta(days=3650)))
+            await s.commit()
     for caller, key in (("caller-of-a-test", "k1"), ("another-caller", "k2")):
         with caller_scope(caller):
             async with sessions() as s:
@@ -300,15 +311,15 @@ async def test_every_table_has_a_documented_policy_and_the_database_holds_it(eng
     docs = documented()
     modelled = set(SQLModel.metadata.tables)
     async with engine.connect() as conn:
-        in_database = {
-            r.relname: r
-            for r in await conn.execute(
-                text(
-                    "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
-                    "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')"
-                )
+        tables = await conn.execute(
+            text(
+                "SELECT relname, relrowsecurity, relforcerowsecurity, relispartition, "
+                "(SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = c.oid) AS parent "
+                "FROM pg_class c WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')"
             )
-        }
+        )
+        in_database = {r.relname: r for r in tables if not r.relispartition}
+        partitions = {r.relname: r for r in await conn.execute(text(PARTITIONS))}
         policies: dict[str, set[str]] = {}
         for table, name in await conn.execute(text("SELECT tablename, policyname FROM pg_policies")):
             policies.setdefault(table, set()).add(name)
@@ -316,7 +327,7 @@ async def test_every_table_has_a_documented_policy_and_the_database_holds_it(eng
             table: await conn.scalar(
                 text("SELECT has_table_privilege('billing_app', :t, 'SELECT, INSERT, UPDATE, DELETE')"), {"t": table}
             )
-            for table in in_database
+            for table in (*in_database, *partitions)
         }
         alembic_write = await conn.scalar(
             text("SELECT has_table_privilege('billing_app', 'alembic_version', 'INSERT')")
@@ -340,6 +351,14 @@ async def test_every_table_has_a_documented_policy_and_the_database_holds_it(eng
             assert policy.parent is not None and docs[policy.parent].kind == "tenant", table
             foreign_key(table, policy.parent)  # the child really refers to that parent
     assert alembic_write is False
+    # The partitions of usage_events (made by migration 0021's functions, not listed in the docs): only
+    # usage_events has them, and they are no table of the app's: read through usage_events, whose policy
+    # applies, never directly (no privilege; row-level security on, with no policy, refuses every row).
+    assert "usage_events_default" in partitions and len(partitions) > 1, sorted(partitions)
+    for name, partition in partitions.items():
+        assert partition.parent == "usage_events" and USAGE_PARTITION_NAME.fullmatch(name), name
+        assert partition.relrowsecurity and name not in policies, name
+        assert privileged[name] is False, f"billing_app may use the partition {name}"
 
 
 async def test_the_role_and_the_login_are_no_superusers_and_do_not_bypass_rls(app_engine: AsyncEngine):
@@ -397,6 +416,12 @@ async def test_a_tenants_scope_sees_its_own_rows_the_catalog_and_nothing_else(se
             assert seen_by_a == shared_and_a and len(everything - shared_and_a) == 1, table  # B's is hidden
         else:  # operator, caller
             assert seen_by_a == set(), table
+
+    # The partitions are not the app's: even the operator's scope reads usage through usage_events only.
+    async with sessions() as s:
+        names = [row.relname for row in await execute_sql(s, text(PARTITIONS))]
+    for name in names:
+        assert await refused(app_sessions, operator_scope(), f"SELECT count(*) FROM {name}") == REFUSED, name
 
     # A caller's scope: its own idempotency records, no tenant's rows.
     assert await rows_as(app_sessions, caller_scope("caller-of-a-test"), "SELECT key FROM idempotency_records") == [
@@ -558,7 +583,8 @@ async def test_the_migration_downgrades_to_nothing_but_the_role_and_upgrades_aga
         engine = make_engine(url, pool_size=1)
         probe = (
             "SELECT (SELECT count(*) FROM pg_policies), "
-            "(SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relrowsecurity), "
+            "(SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relrowsecurity "
+            " AND NOT relispartition), "
             "(SELECT count(*) FROM pg_proc WHERE proname LIKE 'app\\_%'), "
             "has_table_privilege('billing_app', 'invoices', 'SELECT'), "
             "(SELECT count(*) FROM pg_default_acl d JOIN pg_namespace n ON n.oid = d.defaclnamespace "

@@ -1,5 +1,5 @@
-"""The billing and PSP events sweep Schedules, created or updated idempotently at worker start, on
-the real dev server (the time-skipping test server has no Schedules)."""
+"""The billing, PSP events sweep and usage partitions Schedules, created or updated idempotently at
+worker start, on the real dev server (the time-skipping test server has no Schedules)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,18 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from tests.conftest import VENV_BIN
-from worker import billing_schedule, ensure_billing_schedule, ensure_psp_events_sweep_schedule
-from workflows.contracts import BILLING_RUN_WORKFLOW, PSP_EVENT_SWEEP_WORKFLOW, BillingRunInput
+from worker import (
+    billing_schedule,
+    ensure_billing_schedule,
+    ensure_psp_events_sweep_schedule,
+    ensure_usage_partitions_schedule,
+)
+from workflows.contracts import (
+    BILLING_RUN_WORKFLOW,
+    PSP_EVENT_SWEEP_WORKFLOW,
+    USAGE_PARTITIONS_WORKFLOW,
+    BillingRunInput,
+)
 
 
 def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
@@ -130,6 +140,23 @@ async def test_the_psp_events_sweep_schedule_runs_every_interval_and_skips_overl
     await ensure_psp_events_sweep_schedule(client, settings.model_copy(update={"psp_events_sweep_interval": 15}))
     [interval] = (await handle.describe()).schedule.spec.intervals
     assert interval.every == timedelta(seconds=15)
+
+
+async def test_the_usage_partitions_schedule_runs_daily_and_skips_overlaps(dev_server, tmp_path):
+    client = dev_server.client
+    settings = Settings(data_dir=tmp_path, task_queue="partitions-test", usage_partitions_schedule_id="partitions")
+    await ensure_usage_partitions_schedule(client, settings)
+    await ensure_usage_partitions_schedule(client, settings)  # a second worker start: the same one
+    assert [s.id async for s in await client.list_schedules()].count("partitions") == 1
+
+    described = await client.get_schedule_handle("partitions").describe()
+    [interval] = described.schedule.spec.intervals
+    assert interval.every == timedelta(days=1)  # USAGE_PARTITIONS_INTERVAL
+    assert described.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    action = described.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert (action.workflow, action.task_queue, action.args) == (USAGE_PARTITIONS_WORKFLOW, "partitions-test", [])
+    assert action.execution_timeout == timedelta(hours=1)
 
 
 async def test_nights_while_no_worker_polls_start_one_run(dev_server, tmp_path):

@@ -697,3 +697,43 @@ ACT_ENQUEUE_RENEWAL_REMINDERS = "enqueue_renewal_reminders"
 @dataclass
 class RenewalRemindersResult:
     notice_ids: list[uuid.UUID] = field(default_factory=list)
+
+
+# --- Usage partitions (services/usage_partitions.py, docs/usage-partitions.md) --------------------
+
+USAGE_PARTITIONS_WORKFLOW = "MaintainUsagePartitions"
+ACT_ENSURE_USAGE_PARTITIONS = "ensure_usage_partitions"
+ACT_RETIRE_USAGE_PARTITIONS = "retire_usage_partitions"
+
+
+@dataclass
+class EnsureUsagePartitionsInput:
+    as_of: datetime  # the month of this instant and USAGE_PARTITIONS_AHEAD more
+
+
+@dataclass
+class EnsureUsagePartitionsResult:
+    created: list[str] = field(default_factory=list)  # the partitions made now (the others existed)
+
+
+@dataclass
+class RetireUsagePartitionsInput:
+    as_of: datetime  # months older than USAGE_RETENTION_MONTHS before this instant's month may go
+
+
+@dataclass
+class RetireUsagePartitionsResult:
+    retention_months: int | None = None  # None: retention is off, nothing was looked at
+    kept_from: datetime | None = None  # usage before this is gone, and refused
+    dropped: list[str] = field(default_factory=list)
+    deleted_default_rows: int = 0
+    blocked_since: datetime | None = None  # usage not invoiced yet kept months the cutoff would drop ...
+    blocked_by: uuid.UUID | None = None  # ... of this subscription
+
+
+@dataclass
+class UsagePartitionsResult:
+    created: list[str] = field(default_factory=list)
+    as_of: datetime | None = None  # the run's now: the partitions are made from its month
+    retirement: RetireUsagePartitionsResult | None = None
+    retirement_error: str | None = None  # retiring failed (e.g. a lock not had in time): the next run retries

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import schema.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from schema.db import compared_name
 
 target_metadata = SQLModel.metadata
 
@@ -20,7 +21,9 @@ target_metadata = SQLModel.metadata
 def _run(connection: Connection) -> None:
     connection.execute(text("SELECT set_config('app.operator', 'on', false)"))  # this connection only
     connection.commit()
-    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    context.configure(
+        connection=connection, target_metadata=target_metadata, compare_type=True, include_name=compared_name
+    )
     with context.begin_transaction():
         context.run_migrations()
 
