@@ -291,8 +291,9 @@ async def store(
 ) -> None:
     """Resolve references and insert the valid rows of ``outcomes``; settles each one's status.
 
-    Valid rows arrive tentatively ``accepted`` and leave accepted, duplicate or rejected (unknown
-    tenant or meter). Commits when anything is inserted.
+    Valid rows arrive tentatively ``accepted`` and leave accepted, duplicate, conflict or rejected
+    (unknown tenant or meter, another tenant's than ``only_tenant``, or usage older than retention
+    keeps). Commits when anything is inserted.
     """
     valid = [(o, o.event) for o in outcomes if o.event is not None]
     if not valid:

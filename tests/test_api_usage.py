@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from schema.models import Meter, Tenant, UsageSource
+from schema.models import Meter, Tenant, UsageRetention, UsageSource
 from services.ingestion import RowStatus, ingest
 from tests.test_api_support import api_client, error_locs, meter, tenant
 
@@ -261,6 +261,27 @@ async def test_single_event(api, sessions, tenant_id):
     assert error_locs(await api.post("/v1/usage/events", json=naive)) == [["body", "occurred_at"]]
     assert error_locs(await api.post("/v1/usage/events", json=event(tenant_id, "m-5", False))) == [["body", "quantity"]]
     assert await stored(sessions) == [("m-1", "electricity", Decimal("0.1"), "manual", {"by": "ops"})]
+
+
+async def test_usage_older_than_retention_kept_is_refused_naming_occurred_at(api, sessions, tenant_id):
+    """Once retention dropped the months before 2026-01-01 (docs/usage-partitions.md), older usage would
+    be billed against periods whose other events are gone: a 422 naming occurred_at, never stored."""
+    async with sessions() as s:
+        s.add(UsageRetention(kept_from=datetime(2026, 1, 1, tzinfo=UTC)))
+        await s.commit()
+    old = await api.post("/v1/usage/events", json=event(tenant_id, "r-1", occurred_at="2025-12-31T23:59:59Z"))
+    assert old.status_code == 422 and error_locs(old) == [["body", "occurred_at"]]
+    assert old.json()["errors"][0]["message"] == (
+        "must not be before 2026-01-01T00:00:00Z: older usage was removed by retention"
+    )
+    assert (await api.post("/v1/usage/events", json=event(tenant_id, "r-2"))).status_code == 201
+    too_old = event(tenant_id, "r-3", occurred_at="2025-06-01T00:00:00Z")
+    batch = await api.post("/v1/usage", json={"events": [too_old, event(tenant_id, "r-4")]})
+    assert batch.status_code == 200
+    assert (batch.json()["accepted"], batch.json()["rejected"]) == (1, 1)
+    [refused] = batch.json()["results"]
+    assert (refused["index"], refused["errors"][0]["field"]) == (0, "occurred_at")
+    assert [row[0] for row in await stored(sessions)] == ["r-2", "r-4"]
 
 
 # The ingest service without HTTP, on arbitrary rows.

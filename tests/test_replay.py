@@ -39,6 +39,7 @@ from workflows.credit_note import CreditNoteWorkflow
 from workflows.dunning import DunningWorkflow
 from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
+from workflows.usage_partitions import MaintainUsagePartitionsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -67,6 +68,7 @@ def test_histories_are_committed():
         "dunning_suspended_resumed",
         "invoice_collection_dunning",
         "invoice_collection_overdue",
+        "usage_partitions",
     }
 
 
@@ -80,6 +82,7 @@ async def test_committed_history_replays(path: Path):
         CreditNoteWorkflow,
         ProcessPspEventWorkflow,
         SweepPspEventsWorkflow,
+        MaintainUsagePartitionsWorkflow,
     )
     result = await replayer(*workflows).replay_workflow(load(path))
     assert result.replay_failure is None
