@@ -28,7 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.worker import Worker
 
+import worker
 from activities.usage_partitions import UsagePartitionActivities
+from core.settings import Settings
 from schema.db import (
     alembic_config,
     drop_database,
@@ -553,3 +555,22 @@ async def test_the_daily_workflow_makes_the_months_ahead_then_applies_retention(
     assert set(ahead_of(second)) <= set(partitions)
     assert "usage_events_2020_01" in second.retirement.dropped
     assert min(partitions) >= f"usage_events_{kept_from.strftime('%Y_%m')}"
+
+
+async def test_the_worker_makes_the_months_ahead_at_start_and_starts_without_a_database(db, tmp_path):
+    await ensure_app_login(db.url, LOGIN, PASSWORD)
+    engine = make_engine(with_login(db.url, LOGIN, PASSWORD), pool_size=1)
+    try:
+        settings = Settings(data_dir=tmp_path, usage_partitions_ahead=8)
+        await worker.ensure_usage_partitions(worker.activity_sessions(engine), settings)
+    finally:
+        await engine.dispose()
+    month = usage_partitions.month_start(datetime.now(UTC))
+    ahead = {f"usage_events_{(month + relativedelta(months=i)).strftime('%Y_%m')}" for i in range(9)}
+    assert ahead <= set(await monthly(db.sessions))
+
+    nowhere = make_engine("postgresql://nobody@127.0.0.1:9/none", pool_size=1)
+    try:  # logged, not raised: the daily Schedule makes them once the database answers
+        await worker.ensure_usage_partitions(worker.activity_sessions(nowhere), settings)
+    finally:
+        await nowhere.dispose()
