@@ -38,7 +38,7 @@ from core.metrics import SdkMetrics, WorkerMetrics, free_loopback_address, tempo
 from core.settings import PROJECT_ROOT
 from tests.conftest import VENV_BIN
 from tests.promql import DASHBOARDS, dashboard_targets, exported_names, metric_names, promql_names, unknown_metrics
-from tests.test_workflow_branches import JAN, StandIns, due, run_billing
+from tests.test_workflow_branches import JAN, StandIns, due, run_billing, start_invoice
 from workflows.contracts import ERR_PRICING, CreateInvoiceInput
 
 SCHEMA_TOOLS = PROJECT_ROOT / "ops" / "grafana" / "schema"
@@ -193,8 +193,9 @@ def test_a_query_prometheus_cannot_parse_is_refused(tmp_path: Path):
 
 async def worker_exposition() -> str:
     """What the worker's ``/metrics`` serves (this process's registry, ``worker_sdk_metrics_up`` and the Temporal
-    SDK's metrics, read from the runtime the worker builds) after a billing run with a failed invoice and a
-    retried activity, on a time-skipping server of its own (a runtime is bound when its client connects)."""
+    SDK's metrics, read from the runtime the worker builds) after a billing run with a subscription left behind,
+    an invoice workflow with a retried activity and one that failed, on a time-skipping server of its own (a
+    runtime is bound when its client connects)."""
     address = free_loopback_address()
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(VENV_BIN / "temporal-test-server"),
@@ -211,9 +212,15 @@ async def worker_exposition() -> str:
             return None
 
         stand_ins.fail_create = refuse_broken
-        stand_ins.fail_render_attempts = 1
         progress, _ = await run_billing(env, stand_ins)
         assert progress.invoices_created == 1 and progress.failed == 1, progress
+        stand_ins.fail_create = lambda data, attempt: None
+        stand_ins.fail_render_attempts = 1
+        rendered, _ = await start_invoice(env, stand_ins)  # a final invoice on its own, its render retried once
+        assert rendered is not None
+        stand_ins.fail_create = lambda data, attempt: ApplicationError("gone", type=ERR_PRICING, non_retryable=True)
+        _, failed = await start_invoice(env, stand_ins)
+        assert failed is not None
         served = generate_latest(WorkerMetrics(SdkMetrics(f"http://{address}/metrics"))).decode()
         assert "worker_sdk_metrics_up 1.0" in served
         return served
