@@ -11,7 +11,7 @@ UV_VERSION := 0.13.8
 CHROMIUM_PATH ?= /usr/lib/chromium/chromium-headless-shell
 export CHROMIUM_PATH
 
-.PHONY: up test lint typecheck test-db test-deploy venv tools chromium prometheus lock clean
+.PHONY: up test lint typecheck test-db test-deploy venv tools chromium prometheus grafana-schema lock clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,26 @@ prometheus:
 		exit 1; \
 	fi
 
+# Grafana's dashboard schema (@grafana/schema) and ts-json-schema-generator, pinned in
+# ops/grafana/schema/package-lock.json: tests/test_dashboards.py validates ops/grafana/*.json against it.
+# Needs Node.js and npm (installed with apt-get when missing and we are root).
+GRAFANA_SCHEMA := ops/grafana/schema
+
+grafana-schema: $(GRAFANA_SCHEMA)/node_modules/.installed
+
+$(GRAFANA_SCHEMA)/node_modules/.installed: $(GRAFANA_SCHEMA)/package-lock.json
+	@if ! command -v npm >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing nodejs and npm with apt-get"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+		else \
+			echo "npm is missing. Install Node.js and npm (sudo apt-get install nodejs npm)" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	cd $(GRAFANA_SCHEMA) && npm ci --silent
+	@touch $@
+
 lock:
 	$(BIN)/uv pip compile requirements.in -o requirements.lock -p $(BIN)/python --no-header -q
 	$(BIN)/uv pip compile requirements-runtime.in -c requirements.lock -o requirements-runtime.lock -p $(BIN)/python --no-header -q
@@ -67,7 +87,7 @@ typecheck: venv
 
 # The whole suite: lint, types, then pytest against embedded PostgreSQL (or DATABASE_URL),
 # the time-skipping Temporal test server and real headless Chromium, and the deployment checks.
-test: venv tools chromium prometheus lint typecheck
+test: venv tools chromium prometheus grafana-schema lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Only the database tests, e.g. against an external server: DATABASE_URL=... make test-db
@@ -82,4 +102,4 @@ up: venv chromium
 	$(BIN)/python -m devstack.up
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .data
+	rm -rf $(VENV) $(TOOLS_VENV) .data $(GRAFANA_SCHEMA)/node_modules

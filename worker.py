@@ -69,7 +69,7 @@ from workflows.contracts import (
     PSP_EVENT_SWEEP_WORKFLOW,
     RENEWAL_REMINDERS_WORKFLOW,
     USAGE_PARTITIONS_WORKFLOW,
-    BillingRunInput,
+    billing_run_input,
 )
 from workflows.credit_note import CreditNoteWorkflow
 from workflows.dunning import DunningWorkflow
@@ -141,11 +141,7 @@ def billing_schedule(settings: Settings) -> Schedule:
     return Schedule(
         action=ScheduleActionStartWorkflow(
             BILLING_RUN_WORKFLOW,
-            BillingRunInput(
-                page_size=settings.billing_run_page_size,
-                max_concurrency=settings.billing_run_concurrency,
-                invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
-            ),
+            billing_run_input(settings),
             id=f"{settings.billing_schedule_id}-run",
             task_queue=settings.task_queue,
             execution_timeout=timedelta(seconds=settings.billing_run_timeout),
@@ -354,8 +350,8 @@ async def refresh_gauges_forever(
         await asyncio.sleep(settings.metrics_refresh_interval)
 
 
-async def run(settings: Settings, activities_type: type[BillingActivities] = BillingActivities) -> None:
-    """The worker process until SIGINT/SIGTERM; ``activities_type`` lets crash tests run a variant."""
+async def run(settings: Settings) -> None:
+    """The worker process until SIGINT/SIGTERM."""
     configure_logging(settings)
     flags.configure(settings.feature_flags_file)
     provider = configure_tracing(settings, "worker")
@@ -388,7 +384,7 @@ async def run(settings: Settings, activities_type: type[BillingActivities] = Bil
         sessions = activity_sessions(engine)
         await ensure_usage_partitions(sessions, settings)
         store = document_store(settings)
-        activities = activities_type(
+        activities = BillingActivities(
             sessions,
             renderer,
             store,

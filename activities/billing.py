@@ -13,6 +13,7 @@ that died is retried elsewhere within seconds.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -21,23 +22,24 @@ import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.pricing import PricingError
-from core import metrics
 from core.settings import get_settings
-from services import invoicing
-from services.documents import render_invoice_html
-from services.errors import ServiceError
+from services import billing_runs, invoicing
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,
     ACT_FINALIZE_INVOICE,
+    ACT_INVOICE_BATCH,
     ACT_ISSUE_INVOICE,
     ACT_LIST_DUE_PERIODS,
     ACT_RENDER_INVOICE_PDF,
+    COLLECTION_WORKFLOW,
     ERR_EARLIER_INVOICE_MISSING,
     ERR_EARLIER_INVOICE_PENDING,
     ERR_INVOICE_NOT_FINALIZED,
@@ -45,16 +47,21 @@ from workflows.contracts import (
     ERR_PRICING,
     ERR_SUBSCRIPTION_NOT_FOUND,
     AttachInvoicePdfInput,
+    CollectionInput,
     CreateInvoiceInput,
     CreateInvoiceResult,
     DuePeriod,
     FinalizeInvoiceInput,
+    InvoiceBatchInput,
+    InvoiceBatchResult,
     IssueInvoiceInput,
     IssueInvoiceResult,
     ListDuePeriodsInput,
     ListDuePeriodsResult,
     RenderInvoicePdfInput,
     RenderInvoicePdfResult,
+    RunFailure,
+    collection_workflow_id,
 )
 
 log = structlog.get_logger(__name__)
@@ -87,6 +94,41 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _error_type(err: Exception, not_found_type: str = ERR_SUBSCRIPTION_NOT_FOUND) -> str:
+    """The ``ApplicationError`` type a business refusal is reported as: not found (of the kind the
+    activity looks up), the engine refusing the data, a draft where a number is needed, an earlier
+    boundary without its invoice, or the service error's own name (e.g. a posting that does not balance)."""
+    if isinstance(err, invoicing.NotFoundError):
+        return not_found_type
+    if isinstance(err, PricingError):
+        return ERR_PRICING
+    if isinstance(err, invoicing.DraftInvoiceError):
+        return ERR_INVOICE_NOT_FINALIZED
+    if isinstance(err, invoicing.OutOfOrderError):
+        return ERR_EARLIER_INVOICE_PENDING
+    return type(err).__name__
+
+
+class _CollectingPorts:
+    """The batch's renderer and store, and collection started as the invoice workflow starts it."""
+
+    def __init__(self, renderer: PdfRenderer, store: DocumentStore, client: Client, task_queue: str) -> None:
+        self.renderer = renderer
+        self.store = store
+        self._client = client
+        self._task_queue = task_queue
+
+    async def collect(self, invoice_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
+        with suppress(WorkflowAlreadyStartedError):  # started before (a repeated batch), or done
+            await self._client.start_workflow(
+                COLLECTION_WORKFLOW,
+                CollectionInput(invoice_id, tenant_id=tenant_id),
+                id=collection_workflow_id(invoice_id),
+                task_queue=self._task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            )
+
+
 class BillingActivities:
     def __init__(
         self,
@@ -108,6 +150,7 @@ class BillingActivities:
     def all(self) -> list[Callable[..., object]]:
         return [
             self.list_due_periods,
+            self.invoice_batch,
             self.create_invoice,
             self.issue_invoice,
             self.render_invoice_pdf,
@@ -120,14 +163,10 @@ class BillingActivities:
         async with self._sessions() as session:
             try:
                 yield session
-            except invoicing.NotFoundError as err:
-                raise ApplicationError(str(err), type=not_found_type, non_retryable=True) from err
-            except PricingError as err:  # data the engine refuses: an operator must fix it, retrying won't
-                raise ApplicationError(str(err), type=ERR_PRICING, non_retryable=True) from err
-            except invoicing.DraftInvoiceError as err:  # a workflow out of order: retrying cannot help
-                raise ApplicationError(str(err), type=ERR_INVOICE_NOT_FINALIZED, non_retryable=True) from err
-            except ServiceError as err:  # refused by a rule (e.g. a posting that does not balance): retrying won't help
-                raise ApplicationError(str(err), type=type(err).__name__, non_retryable=True) from err
+            except billing_runs.BUSINESS_FAILURES as err:
+                if isinstance(err, invoicing.OutOfOrderError):  # create_invoice decides (wait, then give up)
+                    raise
+                raise ApplicationError(str(err), type=_error_type(err, not_found_type), non_retryable=True) from err
 
     @activity.defn(name=ACT_LIST_DUE_PERIODS)
     async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:
@@ -148,6 +187,38 @@ class BillingActivities:
             ],
             next_cursor=result.next_cursor,
         )
+
+    @activity.defn(name=ACT_INVOICE_BATCH)
+    async def invoice_batch(self, data: InvoiceBatchInput) -> InvoiceBatchResult:
+        """A billing run's batch (``services.billing_runs.invoice_batch``); each finalized invoice is
+        handed to its ``InvoiceCollection`` workflow, started by id on this task queue."""
+        periods = [
+            invoicing.DuePeriod(p.subscription_id, p.period_index, p.period_start, p.period_end, p.tenant_id)
+            for p in data.periods
+        ]
+        async with heartbeating():
+            outcome = await billing_runs.invoice_batch(
+                self._sessions,
+                periods,
+                run_id=data.run_id,
+                terms=self._terms,
+                clock=self._clock,
+                ports=_CollectingPorts(self._renderer, self._store, activity.client(), activity.info().task_queue),
+                concurrency=data.concurrency,
+            )
+        failures = [
+            RunFailure(
+                subscription_id=left.due.subscription_id,
+                boundary_index=left.due.period_index,
+                period_start=left.due.period_start,
+                error_type=_error_type(left.error),
+                message=str(left.error),
+                boundaries_left=left.boundaries_left,
+            )
+            for left in outcome.left_behind
+        ]
+        log.info("invoice batch done", created=outcome.created, existing=outcome.existing, failed=len(failures))
+        return InvoiceBatchResult(created=outcome.created, existing=outcome.existing, failures=failures)
 
     @activity.defn(name=ACT_CREATE_INVOICE)
     async def create_invoice(self, data: CreateInvoiceInput) -> CreateInvoiceResult:
@@ -176,22 +247,15 @@ class BillingActivities:
 
     @activity.defn(name=ACT_RENDER_INVOICE_PDF)
     async def render_invoice_pdf(self, data: RenderInvoicePdfInput) -> RenderInvoicePdfResult:
-        async with heartbeating():
-            async with self._session(ERR_INVOICE_NOT_FOUND) as session:
-                try:
-                    invoice, document = await invoicing.invoice_document(session, data.invoice_id)
-                except invoicing.DraftInvoiceError:  # a workflow that renders before it finalizes (the old order)
-                    await invoicing.finalize_invoice(session, data.invoice_id, self._terms, self._clock())
-                    invoice, document = await invoicing.invoice_document(session, data.invoice_id)
-            structlog.contextvars.bind_contextvars(tenant_id=str(invoice.tenant_id))
-            if invoice.pdf_location is not None:  # attached earlier: the stored PDF is the invoice
-                return RenderInvoicePdfResult(location=invoice.pdf_location, number=invoice.number)
-            html = render_invoice_html(document)
-            with metrics.PDF_RENDER.labels("invoice").time():
-                pdf = await self._renderer.render(html)
-            location = await self._store.put(invoicing.pdf_key(invoice), pdf)
-        log.info("invoice pdf stored", invoice=invoice.number, location=location, size=len(pdf))
-        return RenderInvoicePdfResult(location=location, number=invoice.number)
+        async with heartbeating(), self._session(ERR_INVOICE_NOT_FOUND) as session:
+            try:
+                stored = await invoicing.store_pdf(session, data.invoice_id, self._renderer, self._store)
+            except invoicing.DraftInvoiceError:  # a workflow that renders before it finalizes (the old order)
+                await invoicing.finalize_invoice(session, data.invoice_id, self._terms, self._clock())
+                stored = await invoicing.store_pdf(session, data.invoice_id, self._renderer, self._store)
+        if stored.size:
+            log.info("invoice pdf stored", invoice=stored.invoice.number, location=stored.location, size=stored.size)
+        return RenderInvoicePdfResult(location=stored.location, number=stored.invoice.number)
 
     @activity.defn(name=ACT_ATTACH_INVOICE_PDF)
     async def attach_invoice_pdf(self, data: AttachInvoicePdfInput) -> None:

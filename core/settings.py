@@ -96,7 +96,11 @@ class Settings(BaseSettings):
         default=86400, ge=10, description="Seconds a missed billing run may still be caught up (once)"
     )
     billing_run_page_size: int = Field(default=100, ge=1, le=1000)
-    billing_run_concurrency: int = Field(default=10, ge=1, le=200)
+    billing_run_concurrency: int = Field(
+        default=10, ge=1, le=200, description="Subscriptions a billing run invoices at once (split between its batches)"
+    )
+    billing_run_batch_size: int = Field(default=20, ge=1, le=500, description="Subscriptions per batch activity")
+    billing_run_batches_in_flight: int = Field(default=2, ge=1, le=50, description="Batch activities a run has running")
     billing_run_clock_skew: int = Field(
         default=300, ge=0, description="Seconds a requested as_of may lie ahead of now (clocks disagree a little)"
     )

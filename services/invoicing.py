@@ -17,6 +17,8 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from adapters.pdf import PdfRenderer
+from adapters.storage import DocumentStore
 from billing.periods import Interval, period
 from billing.pricing import FieldError, LineKind
 from core import metrics
@@ -32,7 +34,7 @@ from schema.models import (
     Tenant,
 )
 from services import drafting, ledger, usage_fence
-from services.documents import InvoiceDocument, InvoiceDocumentLine
+from services.documents import InvoiceDocument, InvoiceDocumentLine, render_invoice_html
 from services.drafting import NotFoundError, upcoming_invoice
 
 
@@ -74,6 +76,7 @@ class WrittenInvoice:
     currency: str
     created: bool  # False: it existed already (a repeated call)
     status: str
+    workflow_id: str = ""  # who wrote it: the invoice workflow's or the billing run's id
 
 
 __all__ = [
@@ -155,7 +158,13 @@ async def _existing_invoice(session: AsyncSession, subscription_id: uuid.UUID, s
 
 def _existing_result(invoice: Invoice) -> WrittenInvoice:
     return WrittenInvoice(
-        invoice.id, invoice.number, invoice.total, invoice.currency, created=False, status=invoice.status
+        invoice.id,
+        invoice.number,
+        invoice.total,
+        invoice.currency,
+        created=False,
+        status=invoice.status,
+        workflow_id=invoice.workflow_id,
     )
 
 
@@ -235,7 +244,9 @@ async def create_invoice(session: AsyncSession, data: BoundaryToInvoice) -> Writ
     session.add(sub)
     metrics.on_commit(session, lambda: _count_created(draft.currency, draft.total))
     await session.commit()
-    return WrittenInvoice(invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status)
+    return WrittenInvoice(
+        invoice.id, invoice.number, invoice.total, invoice.currency, True, invoice.status, invoice.workflow_id
+    )
 
 
 def _count_created(currency: str, total: int) -> None:
@@ -305,6 +316,27 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID) -> tupl
 
 def pdf_key(invoice: Invoice) -> str:
     return f"invoices/{invoice.tenant_id}/{invoice.number}.pdf"
+
+
+@dataclass(frozen=True)
+class StoredPdf:
+    invoice: Invoice
+    location: str
+    size: int  # bytes rendered now; 0: the PDF was attached before and is the invoice's
+
+
+async def store_pdf(
+    session: AsyncSession, invoice_id: uuid.UUID, renderer: PdfRenderer, store: DocumentStore
+) -> StoredPdf:
+    """Render the finalized invoice's document and store it under its number (the same key every
+    time, so a repeated call replaces the same object); an invoice with a PDF attached keeps it."""
+    invoice, document = await invoice_document(session, invoice_id)
+    if invoice.pdf_location is not None:
+        return StoredPdf(invoice, invoice.pdf_location, 0)
+    html = render_invoice_html(document)
+    with metrics.PDF_RENDER.labels("invoice").time():
+        pdf = await renderer.render(html)
+    return StoredPdf(invoice, await store.put(pdf_key(invoice), pdf), len(pdf))
 
 
 @dataclass(frozen=True)

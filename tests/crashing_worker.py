@@ -1,8 +1,9 @@
 """A worker process for the crash tests (python -m tests.crashing_worker [psp]): the real worker, except
 
-- by default ``create_invoice`` commits through the real service, then writes the marker file
-  ``DATA_DIR/create_invoice.committed`` and never completes, so the test can SIGKILL the process
-  between the commit and the activity's completion;
+- by default the service's ``create_invoice`` commits, then writes the marker file
+  ``DATA_DIR/create_invoice.committed`` and never returns (in a billing run's batch or an invoice
+  workflow's activity alike), so the test can SIGKILL the process between the commit and the
+  activity's completion;
 - with ``psp``, the PSP's answer to a payment is received (the charge is made), then the marker
   ``DATA_DIR/psp.charged`` is written and the call never returns, so the test can SIGKILL the
   process between the PSP call and our commit of its answer."""
@@ -13,27 +14,27 @@ import asyncio
 import sys
 from typing import Any
 
-from temporalio import activity
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from activities.billing import BillingActivities
 from adapters.psp import PaymentIntent, StripePsp
 from core.settings import Settings, get_settings
+from services import invoicing
 from worker import run
-from workflows.contracts import ACT_CREATE_INVOICE, CreateInvoiceInput, CreateInvoiceResult
 
 MARKER = "create_invoice.committed"
 PSP_MARKER = "psp.charged"
 
 
-class HangAfterCommit(BillingActivities):
-    settings: Settings
+def hang_after_invoice_commit(settings: Settings) -> None:
+    create = invoicing.create_invoice
 
-    @activity.defn(name=ACT_CREATE_INVOICE)
-    async def create_invoice(self, data: CreateInvoiceInput) -> CreateInvoiceResult:
-        result = await super().create_invoice(data)  # committed: the invoice, promo count and credit
-        (self.settings.data_dir / MARKER).write_text(f"{result.invoice_id} {result.created}\n")
+    async def committed_then_hang(session: AsyncSession, data: invoicing.BoundaryToInvoice) -> invoicing.WrittenInvoice:
+        result = await create(session, data)  # committed: the invoice, promo count and credit
+        (settings.data_dir / MARKER).write_text(f"{result.invoice_id} {result.created}\n")
         await asyncio.Event().wait()  # until the test kills the process
         raise AssertionError("unreachable")
+
+    invoicing.create_invoice = committed_then_hang
 
 
 def hang_after_psp_answer(settings: Settings) -> None:
@@ -49,9 +50,9 @@ def hang_after_psp_answer(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
-    HangAfterCommit.settings = get_settings()
+    settings = get_settings()
     if sys.argv[1:] == ["psp"]:
-        hang_after_psp_answer(HangAfterCommit.settings)
-        asyncio.run(run(HangAfterCommit.settings))
+        hang_after_psp_answer(settings)
     else:
-        asyncio.run(run(HangAfterCommit.settings, HangAfterCommit))
+        hang_after_invoice_commit(settings)
+    asyncio.run(run(settings))

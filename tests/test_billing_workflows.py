@@ -29,12 +29,13 @@ from tests.conftest import VENV_BIN
 from worker import build_worker
 from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
+    COLLECTION_WORKFLOW,
     ERR_EARLIER_INVOICE_MISSING,
-    ERR_OWNED_BY_ANOTHER_RUN,
     INVOICE_WORKFLOW,
     BillingRunInput,
     BillingRunProgress,
     InvoiceCycleInput,
+    collection_workflow_id,
     invoice_workflow_id,
 )
 
@@ -81,14 +82,20 @@ async def test_billing_run_turns_usage_into_an_invoice_pdf(
     async with build_worker(temporal_env.client, settings, activities):
         handle = await start_run(temporal_env, settings)
         progress = await handle.result()
-        # New names since the patches billing-run-always-ends and invoice-cycle-heartbeats: the
-        # histories recorded before them (billing_run, invoice_cycle) stay and keep replaying.
-        await record_history(handle, "billing_run_current")
-        child = temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10))
-        await record_history(child, "invoice_cycle_current")
+        # A new name since the patch billing-run-batches: the histories recorded before it
+        # (billing_run, billing_run_current, invoice_cycle_current, ...) stay and keep replaying.
+        await record_history(handle, "billing_run_batches")
 
     assert progress.done and progress.periods_found == 2 and progress.invoices_created == 2 and progress.failed == 0
+    # Batches: no invoice workflow; each invoice was handed to its collection workflow.
+    with pytest.raises(RPCError) as missing:
+        await temporal_env.client.get_workflow_handle(invoice_workflow_id(sub.id, FEB_10)).describe()
+    assert missing.value.status is RPCStatusCode.NOT_FOUND
     first, second = await invoices(sessions)
+    for invoice in (first, second):
+        assert invoice.workflow_id == handle.id  # written by the run
+        collecting = await temporal_env.client.get_workflow_handle(collection_workflow_id(invoice.id)).describe()
+        assert collecting.workflow_type == COLLECTION_WORKFLOW
     assert first.status == second.status == InvoiceStatus.open
     assert (first.number, second.number) == ("INV-000001", "INV-000002")  # finalized in boundary order
     assert (first.period_start, first.period_end, first.settled_start) == (ANCHOR, FEB_10, None)
@@ -176,7 +183,8 @@ async def test_worker_stopped_mid_run_and_restarted_leaves_no_duplicate_and_no_g
     # workflow task of the restarted worker is also a full replay of the history so far.
     worker = build_worker(temporal_env.client, settings, activities, max_cached_workflows=0)
     run = asyncio.create_task(worker.run())
-    handle = await start_run(temporal_env, settings, max_concurrency=2)
+    # One subscription a batch, one batch at a time: a stop lets the batch running finish, no more.
+    handle = await start_run(temporal_env, settings, max_concurrency=1, batch_size=1, batches_in_flight=1)
     for _ in range(600):
         if len(await invoices(sessions)) >= 2:
             break
@@ -259,44 +267,28 @@ def failure_rows(progress: BillingRunProgress) -> set[tuple[object, ...]]:
     }
 
 
-async def test_a_boundary_owned_by_another_run_whose_invoice_fails_does_not_hang_the_run(
-    temporal_env, sessions, activities, settings, record_history
+async def test_a_broken_plan_fails_its_subscription_alone_and_the_run_ends(
+    temporal_env, sessions, activities, settings
 ):
     cat = await factories.catalog(sessions)
-    owned = await factories.subscriber(sessions, cat, START, name="Owned elsewhere")
     fine = await factories.subscriber(sessions, cat, START, name="Fine")
     broken = await broken_plan_subscriber(sessions, cat, "Broken")
-    # Another run holds the id of `owned`'s first invoice (Jan 10) and is still working on it.
-    other = await temporal_env.client.start_workflow(
-        OtherRunsInvoice.run, id=invoice_workflow_id(owned.id, ANCHOR), task_queue=settings.task_queue
-    )
-    async with build_worker(temporal_env.client, settings, activities, extra_workflows=[OtherRunsInvoice]):
-        handle = await start_run(temporal_env, settings, invoice_timeout=timedelta(hours=1))
+    also_fine = await factories.subscriber(sessions, cat, START, name="Also fine")
+    async with build_worker(temporal_env.client, settings, activities):
+        handle = await start_run(temporal_env, settings)
         async with asyncio.timeout(60):
             progress = await handle.result()
-        await record_history(handle, "billing_run_owned_and_failed_current")
-        await other.signal(OtherRunsInvoice.fail)  # the other run's invoice now fails; this run is long done
-        with pytest.raises(WorkflowFailureError):
-            await other.result()
 
     assert progress.done and progress.periods_found == 6
-    assert progress.invoices_created == 2  # Fine's two boundaries
-    assert progress.failed == 1 and progress.owned_by_other_runs == 2
-    assert failure_rows(progress) == {
-        (owned.id, 0, ANCHOR, ERR_OWNED_BY_ANOTHER_RUN, 1),  # and Feb 10 left to that run
-        (broken.id, 0, ANCHOR, "PricingError", 1),
+    assert progress.invoices_created == 4 and progress.invoices_existing == 0
+    assert progress.failed == 1 and progress.owned_by_other_runs == 0
+    assert failure_rows(progress) == {(broken.id, 0, ANCHOR, "PricingError", 1)}  # and its Feb 10 not tried
+    assert "tiers: at least one tier is required" in progress.failures[0].message
+    written = await invoices(sessions)
+    assert {(i.subscription_id, i.boundary_index) for i in written} == {
+        (sub.id, index) for sub in (fine, also_fine) for index in (0, 1)
     }
-    assert "tiers: at least one tier is required" in next(
-        f.message for f in progress.failures if f.subscription_id == broken.id
-    )
-    assert {(i.subscription_id, i.boundary_index) for i in await invoices(sessions)} == {(fine.id, 0), (fine.id, 1)}
-    # This run never started Owned's Feb 10 invoice, which would wait for Jan 10's for ever.
-    with pytest.raises(RPCError) as missing:
-        await temporal_env.client.get_workflow_handle(invoice_workflow_id(owned.id, FEB_10)).describe()
-    assert missing.value.status is RPCStatusCode.NOT_FOUND
-    # The invoice workflows it did start carry the execution timeout it was given.
-    child = await temporal_env.client.get_workflow_handle(invoice_workflow_id(fine.id, FEB_10)).describe()
-    assert child.raw_description.execution_config.workflow_execution_timeout.ToSeconds() == 3600
+    assert all(i.status == InvoiceStatus.open and i.pdf_location and i.workflow_id == handle.id for i in written)
 
 
 async def test_an_invoice_waiting_for_a_missing_earlier_one_gives_up_with_a_typed_error(sessions, settings, renderer):

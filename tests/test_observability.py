@@ -65,12 +65,12 @@ async def test_activity_logs_carry_tenant_workflow_and_trace_ids(
     assert len(written) == 2  # boundaries Jan 10 and Feb 10
     line = written[-1]
     assert line["tenant_id"] == str(sub.tenant_id)
-    assert line["workflow_id"].startswith(f"invoice:{sub.id}:")
-    assert line["activity"] == "create_invoice"
+    assert line["workflow_id"] == "billing-run-traced" and line["subscription_id"] == str(sub.id)
+    assert line["activity"] == "invoice_batch"
     assert len(line["trace_id"]) == 32
 
     names = {span.name for span in spans.get_finished_spans()}
-    assert {"StartWorkflow:BillingRun", "RunWorkflow:InvoiceCycle", "RunActivity:create_invoice"} <= names
+    assert {"StartWorkflow:BillingRun", "RunWorkflow:BillingRun", "RunActivity:invoice_batch"} <= names
     trace_ids = {span.context.trace_id for span in spans.get_finished_spans()}
     assert len(trace_ids) == 1  # one trace from the operator's request down to every activity
     assert format(trace_ids.pop(), "032x") == line["trace_id"]
@@ -80,7 +80,7 @@ async def test_a_real_request_is_one_trace_from_http_through_the_workflow_to_sql
     temporal_env, sessions, activities, settings, engine
 ):
     """No hand-made root span: the FastAPI instrumentation starts the trace, Temporal's interceptor
-    carries it into the run, its invoice workflows and activities, and SQLAlchemy's adds the SQL."""
+    carries it into the run and its activities, and SQLAlchemy's adds the SQL."""
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -110,6 +110,6 @@ async def test_a_real_request_is_one_trace_from_http_through_the_workflow_to_sql
     assert server.parent is None  # the request itself is the root
     in_trace = [s for s in finished if s.context.trace_id == server.context.trace_id]
     names = {s.name for s in in_trace}
-    assert {"StartWorkflow:BillingRun", "RunWorkflow:InvoiceCycle", "RunActivity:create_invoice"} <= names
+    assert {"StartWorkflow:BillingRun", "RunWorkflow:BillingRun", "RunActivity:invoice_batch"} <= names
     sql = [s for s in in_trace if s.attributes and s.attributes.get("db.system") == "postgresql"]
     assert any("usage_events" in str((s.attributes or {}).get("db.statement", "")) for s in sql)

@@ -68,6 +68,8 @@ def test_histories_are_committed():
         "dunning_suspended_resumed",
         "invoice_collection_dunning",
         "invoice_collection_overdue",
+        "billing_run_batches",
+        "billing_run_batches_continued_as_new",
         "usage_partitions",
     }
 

@@ -20,6 +20,7 @@ from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,
+    ACT_INVOICE_BATCH,
     ACT_ISSUE_INVOICE,
     ACT_LIST_DUE_PERIODS,
     ACT_RENDER_INVOICE_PDF,
@@ -34,6 +35,8 @@ from workflows.contracts import (
     CreateInvoiceInput,
     CreateInvoiceResult,
     DuePeriod,
+    InvoiceBatchInput,
+    InvoiceBatchResult,
     InvoiceCycleInput,
     InvoiceCycleResult,
     IssueInvoiceInput,
@@ -42,6 +45,7 @@ from workflows.contracts import (
     ListDuePeriodsResult,
     RenderInvoicePdfInput,
     RenderInvoicePdfResult,
+    RunFailure,
 )
 from workflows.invoice_cycle import InvoiceCycleWorkflow
 
@@ -58,9 +62,60 @@ class StandIns:
         self.created: list[tuple[uuid.UUID, int]] = []
         self.fail_create: Callable[[CreateInvoiceInput, int], ApplicationError | None] = lambda data, attempt: None
         self.fail_render_attempts = 0
+        self.batches: list[InvoiceBatchInput] = []
+        self.in_flight = self.peak = 0
+        self.batch_pause = 0.0
 
     def all(self) -> list[Callable[..., object]]:
-        return [self.list_due_periods, self.create_invoice, self.issue_invoice, self.render, self.attach]
+        return [
+            self.list_due_periods,
+            self.invoice_batch,
+            self.create_invoice,
+            self.issue_invoice,
+            self.render,
+            self.attach,
+        ]
+
+    @activity.defn(name=ACT_INVOICE_BATCH)
+    async def invoice_batch(self, data: InvoiceBatchInput) -> InvoiceBatchResult:
+        """Each subscription's boundaries in order; a non-retryable refusal of ``fail_create`` stops
+        that subscription (listed), a retryable one fails the whole batch (retried by the run)."""
+        self.calls[ACT_INVOICE_BATCH] += 1
+        self.batches.append(data)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.batch_pause)
+            result = InvoiceBatchResult(created=0, existing=0)
+            by_sub: dict[uuid.UUID, list[DuePeriod]] = {}
+            for d in data.periods:
+                by_sub.setdefault(d.subscription_id, []).append(d)
+            for dues in by_sub.values():
+                for position, d in enumerate(dues):
+                    failure = self.fail_create(
+                        CreateInvoiceInput(d.subscription_id, d.period_index, d.period_start, data.run_id),
+                        activity.info().attempt,
+                    )
+                    if failure is not None and not failure.non_retryable:
+                        raise failure
+                    if failure is not None:
+                        result.failures.append(
+                            RunFailure(
+                                d.subscription_id,
+                                d.period_index,
+                                d.period_start,
+                                failure.type or "",
+                                failure.message,
+                                len(dues) - position - 1,
+                            )
+                        )
+                        break
+                    if (d.subscription_id, d.period_index) not in self.created:
+                        self.created.append((d.subscription_id, d.period_index))
+                    result.created += 1
+            return result
+        finally:
+            self.in_flight -= 1
 
     @activity.defn(name=ACT_LIST_DUE_PERIODS)
     async def list_due_periods(self, data: ListDuePeriodsInput) -> ListDuePeriodsResult:
@@ -130,7 +185,7 @@ async def test_continue_as_new_carries_cursor_progress_and_failures(temporal_env
         else None
     )
     progress, handle = await run_billing(temporal_env, stand_ins, page_size=1, pages_per_run=1)
-    await record_history(handle, "billing_run_continued_as_new")
+    await record_history(handle, "billing_run_batches_continued_as_new")  # billing_run_continued_as_new: before batches
     assert progress.done and progress.pages == 3 and progress.continued_as_new == 2
     assert progress.periods_found == 3 and progress.invoices_created == 2 and progress.failed == 1
     [failure] = progress.failures  # recorded in the second run, carried into the third
@@ -138,7 +193,7 @@ async def test_continue_as_new_carries_cursor_progress_and_failures(temporal_env
     assert stand_ins.calls[ACT_LIST_DUE_PERIODS] == 3
 
 
-async def test_a_failed_child_stops_that_subscriptions_later_boundaries_only(temporal_env, record_history):
+async def test_a_refused_boundary_stops_that_subscriptions_later_boundaries_only(temporal_env):
     broken, fine = uuid.uuid4(), uuid.uuid4()
     stand_ins = StandIns([[due(broken, 0, JAN), due(broken, 1, FEB), due(fine, 0, JAN), due(fine, 1, FEB)]])
     stand_ins.fail_create = lambda data, attempt: (
@@ -146,13 +201,24 @@ async def test_a_failed_child_stops_that_subscriptions_later_boundaries_only(tem
         if data.subscription_id == broken
         else None
     )
-    progress, handle = await run_billing(temporal_env, stand_ins)
-    await record_history(handle, "billing_run_failed_child")
+    progress, _ = await run_billing(temporal_env, stand_ins)
     assert progress.done and progress.failed == 1 and progress.invoices_created == 2
     assert sorted(stand_ins.created, key=lambda c: c[1]) == [(fine, 0), (fine, 1)]
     [failure] = progress.failures
     assert (failure.subscription_id, failure.boundary_index, failure.boundaries_left) == (broken, 0, 1)
     assert failure.error_type == ERR_SUBSCRIPTION_NOT_FOUND
+    assert stand_ins.calls[ACT_CREATE_INVOICE] == 0  # no invoice workflow: batches only
+
+
+async def test_a_batch_that_fails_is_retried_until_it_works(temporal_env):
+    subs = [uuid.uuid4() for _ in range(3)]
+    stand_ins = StandIns([[due(s, 0, JAN) for s in subs]])
+    stand_ins.fail_create = lambda data, attempt: (
+        ApplicationError("connection lost", type="ConnectionError") if attempt < 3 else None
+    )
+    progress, _ = await run_billing(temporal_env, stand_ins, batch_size=10)
+    assert progress.done and progress.failed == 0 and progress.invoices_created == 3
+    assert stand_ins.calls[ACT_INVOICE_BATCH] == 3  # one batch, three attempts
 
 
 async def start_invoice(env, stand_ins: StandIns) -> tuple[object, object]:
@@ -200,24 +266,14 @@ async def test_retryable_errors_are_retried_and_each_step_completes_once(tempora
     assert stand_ins.calls[ACT_ISSUE_INVOICE] == stand_ins.calls[ACT_ATTACH_INVOICE_PDF] == 1
 
 
-async def test_concurrency_is_bounded(temporal_env):
-    """At most ``max_concurrency`` subscriptions are invoiced at once (a stand-in counts them)."""
-    subs = [uuid.uuid4() for _ in range(6)]
-    stand_ins = StandIns([[due(s, 0, JAN) for s in subs]])
-    in_flight = peak = 0
-    original = stand_ins.create_invoice
-
-    @activity.defn(name=ACT_CREATE_INVOICE)
-    async def counting(data: CreateInvoiceInput) -> CreateInvoiceResult:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        try:
-            await asyncio.sleep(0.05)
-            return await original(data)
-        finally:
-            in_flight -= 1
-
-    stand_ins.create_invoice = counting  # type: ignore[method-assign]
-    progress, _ = await run_billing(temporal_env, stand_ins, max_concurrency=2)
-    assert progress.invoices_created == 6 and 1 <= peak <= 2
+async def test_batches_are_bounded_and_never_split_a_subscription(temporal_env):
+    """``batch_size`` subscriptions a batch, ``batches_in_flight`` at once, ``max_concurrency`` split between them."""
+    subs = [uuid.uuid4() for _ in range(7)]
+    stand_ins = StandIns([[d for s in subs for d in (due(s, 0, JAN), due(s, 1, FEB))]])
+    stand_ins.batch_pause = 0.05
+    progress, _ = await run_billing(temporal_env, stand_ins, batch_size=3, batches_in_flight=2, max_concurrency=6)
+    assert progress.invoices_created == 14 and progress.failed == 0
+    assert [len({d.subscription_id for d in b.periods}) for b in stand_ins.batches] == [3, 3, 1]
+    assert [len(b.periods) for b in stand_ins.batches] == [6, 6, 2]  # both boundaries of each, in one batch
+    assert all(b.concurrency == 3 for b in stand_ins.batches)
+    assert stand_ins.peak == 2

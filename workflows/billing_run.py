@@ -13,6 +13,13 @@
   boundaries, which would otherwise wait for an invoice that may never come; each invoice
   workflow has an execution timeout; every subscription that failed or was left to another run
   is listed in ``progress.failures`` with the boundary and the reason.
+- Batches (patch ``billing-run-batches``): runs that record it start no invoice workflow. Each page
+  is cut into batches of ``batch_size`` subscriptions (a subscription's boundaries stay together)
+  and each batch is one activity (``services.billing_runs.invoice_batch``: invoice, finalize, PDF,
+  collection, per subscription oldest first), ``batches_in_flight`` at once. Two runs over the same
+  subscriptions meet in the database (one invoice per boundary, the subscription row locked), not
+  in Temporal; a batch retried after its worker died finds its own invoices and counts them as
+  this run's. The run's history grows by one activity per batch, not by a workflow per invoice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import (
+    ActivityError,
     ApplicationError,
     ChildWorkflowError,
     FailureError,
@@ -32,6 +40,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from workflows.contracts import (
+        ACT_INVOICE_BATCH,
         ACT_LIST_DUE_PERIODS,
         BILLING_RUN_PROGRESS_QUERY,
         BILLING_RUN_WORKFLOW,
@@ -40,6 +49,8 @@ with workflow.unsafe.imports_passed_through():
         BillingRunInput,
         BillingRunProgress,
         DuePeriod,
+        InvoiceBatchInput,
+        InvoiceBatchResult,
         InvoiceCycleInput,
         InvoiceCycleResult,
         ListDuePeriodsInput,
@@ -51,6 +62,12 @@ with workflow.unsafe.imports_passed_through():
 # Runs that record this marker skip boundaries owned elsewhere, bound their invoice workflows'
 # time and heartbeat their activity; histories without it replay the earlier commands.
 PATCH_ALWAYS_ENDS = "billing-run-always-ends"
+PATCH_BATCHES = "billing-run-batches"
+# A batch heartbeats while it works: a dead worker's batch is retried elsewhere within seconds. The
+# start-to-close bound is generous (a batch of 20 takes seconds; a browser relaunch, a lock wait).
+BATCH_TIMEOUT = timedelta(minutes=10)
+BATCH_HEARTBEAT = timedelta(seconds=5)
+BATCH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # The page query is one indexed SELECT; a dead worker's attempt is retried after the heartbeat timeout.
 LIST_TIMEOUT = timedelta(seconds=30)
 LIST_HEARTBEAT = timedelta(seconds=5)
@@ -68,6 +85,8 @@ class BillingRunWorkflow:
         self._in_flight = 0
         self._always_ends = False
         self._invoice_timeout: timedelta | None = None
+        self._batches = False
+        self._batches_running = 0
 
     @workflow.query(name=BILLING_RUN_PROGRESS_QUERY)
     def progress(self) -> BillingRunProgress:
@@ -76,6 +95,7 @@ class BillingRunWorkflow:
 
     @workflow.run
     async def run(self, data: BillingRunInput) -> BillingRunProgress:
+        self._batches = workflow.patched(PATCH_BATCHES)
         self._always_ends = workflow.patched(PATCH_ALWAYS_ENDS)
         self._invoice_timeout = data.invoice_timeout if self._always_ends else None
         if data.progress is not None:
@@ -99,10 +119,13 @@ class BillingRunWorkflow:
             self._progress.pages += 1
             self._progress.periods_found += len(page.periods)
             pages_this_run += 1
-            for dues in _by_subscription(page.periods):
-                await workflow.wait_condition(lambda: self._in_flight < data.max_concurrency)
-                self._in_flight += 1
-                asyncio.create_task(self._invoice_in_order(dues))  # noqa: RUF006  (tracked by _in_flight)
+            if self._batches:
+                await self._start_batches(page.periods, data)
+            else:
+                for dues in _by_subscription(page.periods):
+                    await workflow.wait_condition(lambda: self._in_flight < data.max_concurrency)
+                    self._in_flight += 1
+                    asyncio.create_task(self._invoice_in_order(dues))  # noqa: RUF006  (tracked by _in_flight)
             cursor = page.next_cursor
             if cursor is None:
                 break
@@ -121,6 +144,8 @@ class BillingRunWorkflow:
                         tenant_id=data.tenant_id,
                         subscription_id=data.subscription_id,
                         invoice_timeout=data.invoice_timeout,
+                        batch_size=data.batch_size,
+                        batches_in_flight=data.batches_in_flight,
                     )
                 )
         await workflow.wait_condition(lambda: self._in_flight == 0)
@@ -162,6 +187,59 @@ class BillingRunWorkflow:
                 retry_policy=LIST_RETRY,
             )
         return page
+
+    async def _start_batches(self, periods: list[DuePeriod], data: BillingRunInput) -> None:
+        """Start the page's batches, at most ``batches_in_flight`` running; ``in_flight`` counts subscriptions."""
+        in_flight = max(1, data.batches_in_flight)
+        concurrency = max(1, data.max_concurrency // in_flight)
+        for batch in _in_batches(_by_subscription(periods), max(1, data.batch_size)):
+            await workflow.wait_condition(lambda: self._batches_running < in_flight)
+            self._batches_running += 1
+            subscriptions = len({due.subscription_id for due in batch})
+            self._in_flight += subscriptions
+            asyncio.create_task(self._invoice_batch(batch, subscriptions, concurrency))  # noqa: RUF006  (tracked)
+
+    async def _invoice_batch(self, batch: list[DuePeriod], subscriptions: int, concurrency: int) -> None:
+        """One batch; a batch that fails for good (it is retried until it works, unless refused as a
+        whole, e.g. its input no longer decodes) lists each of its subscriptions at its first boundary."""
+        try:
+            try:
+                result = await self._execute_batch(batch, concurrency)
+            except ActivityError as err:
+                error_type, message = _reason(err)
+                result = InvoiceBatchResult(
+                    created=0,
+                    existing=0,
+                    failures=[
+                        RunFailure(
+                            d[0].subscription_id, d[0].period_index, d[0].period_start, error_type, message, len(d) - 1
+                        )
+                        for d in _by_subscription(batch)
+                    ],
+                )
+                workflow.logger.warning("invoice batch failed: %s: %s", error_type, message)
+            self._progress.invoices_created += result.created
+            self._progress.invoices_existing += result.existing
+            self._progress.failed += len(result.failures)
+            self._progress.failures.extend(result.failures)
+            if result.failures:
+                workflow.metric_meter().create_counter(
+                    "billing_run_invoice_failures", "Invoice workflows of billing runs that failed"
+                ).add(len(result.failures))
+        finally:
+            self._batches_running -= 1
+            self._in_flight -= subscriptions
+
+    async def _execute_batch(self, batch: list[DuePeriod], concurrency: int) -> InvoiceBatchResult:
+        result: InvoiceBatchResult = await workflow.execute_activity(
+            ACT_INVOICE_BATCH,
+            InvoiceBatchInput(periods=batch, run_id=workflow.info().workflow_id, concurrency=concurrency),
+            result_type=InvoiceBatchResult,
+            start_to_close_timeout=BATCH_TIMEOUT,
+            heartbeat_timeout=BATCH_HEARTBEAT,
+            retry_policy=BATCH_RETRY,
+        )
+        return result
 
     async def _invoice_in_order(self, dues: list[DuePeriod]) -> None:
         """One subscription's boundaries, oldest first: each invoice carries credit and promo counts on.
@@ -233,7 +311,7 @@ class BillingRunWorkflow:
         )
 
 
-def _reason(err: ChildWorkflowError) -> tuple[str, str]:
+def _reason(err: ChildWorkflowError | ActivityError) -> tuple[str, str]:
     """Type and message of the first typed failure under a child's failure (activity error -> application
     error, or a timeout); the causes below an ``ApplicationError`` are the Python exceptions it wraps."""
     cause: BaseException = err
@@ -246,6 +324,11 @@ def _reason(err: ChildWorkflowError) -> tuple[str, str]:
     if isinstance(cause, TimeoutError):
         return f"Timeout:{cause.type.name if cause.type else 'UNKNOWN'}", cause.message or str(err)
     return type(cause).__name__, str(cause)
+
+
+def _in_batches(groups: list[list[DuePeriod]], size: int) -> list[list[DuePeriod]]:
+    """Consecutive groups of ``size`` subscriptions, flattened: a subscription is never split."""
+    return [[due for dues in groups[i : i + size] for due in dues] for i in range(0, len(groups), size)]
 
 
 def _by_subscription(periods: list[DuePeriod]) -> list[list[DuePeriod]]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio.common import SearchAttributeKey
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 # Custom search attributes, registered on the namespace by `python -m devstack.search_attributes`
 # (`make up` runs it; so will the Helm chart's setup Job) so operators filter workflows in the Web UI,
@@ -82,6 +85,30 @@ class BillingRunInput:
     tenant_id: uuid.UUID | None = None
     subscription_id: uuid.UUID | None = None
     invoice_timeout: timedelta | None = None  # execution timeout of each invoice workflow; None: none
+    # Runs that record the ``billing-run-batches`` marker invoice ``batch_size`` subscriptions per
+    # activity, ``batches_in_flight`` activities at once (``max_concurrency`` split between them).
+    batch_size: int = 20
+    batches_in_flight: int = 2
+
+
+def billing_run_input(
+    settings: Settings,
+    as_of: datetime | None = None,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    subscription_id: uuid.UUID | None = None,
+) -> BillingRunInput:
+    """A run as the settings shape it (the nightly Schedule's and the operator's alike)."""
+    return BillingRunInput(
+        as_of=as_of,
+        page_size=settings.billing_run_page_size,
+        max_concurrency=settings.billing_run_concurrency,
+        tenant_id=tenant_id,
+        subscription_id=subscription_id,
+        invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
+        batch_size=settings.billing_run_batch_size,
+        batches_in_flight=settings.billing_run_batches_in_flight,
+    )
 
 
 @dataclass
@@ -222,8 +249,26 @@ class AttachInvoicePdfInput:
     tenant_id: uuid.UUID | None = None  # for log context
 
 
+@dataclass
+class InvoiceBatchInput:
+    """Bring a batch of subscriptions up to date: each one's due boundaries, oldest first (invoice,
+    finalize, PDF, collection), at most ``concurrency`` subscriptions at once."""
+
+    periods: list[DuePeriod]
+    run_id: str  # the billing run's workflow id, written on every invoice the batch creates
+    concurrency: int = 5
+
+
+@dataclass
+class InvoiceBatchResult:
+    created: int  # invoices this run wrote (an earlier attempt of the batch included)
+    existing: int  # invoices found written by someone else (another run, a final-invoice workflow)
+    failures: list[RunFailure] = field(default_factory=list)  # one per subscription left behind
+
+
 # Activity names: workflows refer to activities by these names only.
 ACT_LIST_DUE_PERIODS = "list_due_periods"
+ACT_INVOICE_BATCH = "invoice_batch"
 ACT_CREATE_INVOICE = "create_invoice"
 ACT_RENDER_INVOICE_PDF = "render_invoice_pdf"
 # The last step of workflows started before numbers were given at finalization (create -> render -> finalize).

@@ -21,8 +21,8 @@ from services import billing_runs
 from workflows.contracts import (
     BILLING_RUN_PROGRESS_QUERY,
     BILLING_RUN_WORKFLOW,
-    BillingRunInput,
     BillingRunProgress,
+    billing_run_input,
     billing_run_workflow_id,
 )
 
@@ -62,14 +62,7 @@ async def start_billing_run(
     workflow_id = billing_run_workflow_id(as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id)
     handle = await client.start_workflow(
         BILLING_RUN_WORKFLOW,
-        BillingRunInput(
-            as_of=as_of,
-            page_size=settings.billing_run_page_size,
-            max_concurrency=settings.billing_run_concurrency,
-            tenant_id=body.tenant_id,
-            subscription_id=body.subscription_id,
-            invoice_timeout=timedelta(seconds=settings.invoice_workflow_timeout),
-        ),
+        billing_run_input(settings, as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id),
         id=workflow_id,
         task_queue=settings.task_queue,
         execution_timeout=timedelta(seconds=settings.billing_run_timeout),
