@@ -1,0 +1,244 @@
+"""The web foundation and the portal's pages without a browser (the browser tests are
+tests/test_portal_browser.py): the web route matrix generated from tests/web_policy.py, sign-in,
+transparent refresh, sign-out revoking the session, CSRF, hostile input, formatting."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi.routing import APIRoute, iter_route_contexts
+from sqlmodel import select
+
+from api.main import create_app
+from core.principal import Role
+from core.settings import Settings
+from core.temporal import connect
+from devstack.services import free_port
+from schema.models import Meter, RefreshToken, Subscription, Tenant
+from tests import factories
+from tests.route_policy import PUBLIC
+from tests.test_route_matrix import Tenant as World
+from tests.test_route_matrix import _tenant
+from tests.web_policy import WEB_POLICY
+from tests.web_support import csrf_of, sign_in, user
+from web.format import Formatter
+from web.session import area_of
+
+pytestmark = pytest.mark.db
+
+ROLES = (Role.operator_admin, Role.operator, Role.tenant_admin, Role.tenant_member)
+
+
+def web_routes() -> list[str]:
+    app = create_app(Settings(database_url=None))
+    found = []
+    for context in iter_route_contexts(app.router.routes):
+        path = str(context.path)
+        if isinstance(context.original_route, APIRoute) and area_of(path) is not None:
+            found += [f"{method} {path}" for method in sorted(context.methods or ())]
+    return found
+
+
+def test_every_page_has_a_policy_and_no_page_is_in_the_openapi_schema():
+    routes = set(web_routes())
+    assert sorted(routes - WEB_POLICY.keys()) == [], "pages without a decision in tests/web_policy.py"
+    assert sorted(WEB_POLICY.keys() - routes) == [], "policy entries for pages that do not exist"
+    schema = create_app(Settings(database_url=None)).openapi()
+    assert not [p for p in schema["paths"] if area_of(p) is not None]
+
+
+@pytest_asyncio.fixture
+async def world(sessions, settings):
+    cat = await factories.catalog(sessions)
+    mine, theirs = await _tenant(sessions, cat), await _tenant(sessions, cat)
+    emails = {role: await user(sessions, role, mine.tenant_id) for role in ROLES}
+    unreachable = await connect(settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"}), lazy=True)
+    app = create_app(settings, temporal_client=unreachable)
+    async with app.router.lifespan_context(app):
+        yield app, mine, theirs, emails
+
+
+def browser(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30)
+
+
+def _path(template: str, target: World) -> str:
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return str(getattr(target, name)) if hasattr(target, name) else str(uuid.uuid4())
+
+    return re.sub(r"\{(\w+)\}", value, template)
+
+
+async def test_the_web_route_matrix(world):
+    """anonymous -> redirect to the area's sign-in; another role -> 403; another tenant's row -> 404
+    naming the path parameter; an allowed role -> neither (and never a 5xx but Temporal's 503)."""
+    app, mine, theirs, emails = world
+    problems: list[str] = []
+    checked = 0
+    clients: dict[str, httpx.AsyncClient | None] = {"anonymous": None}
+    for role, email in emails.items():
+        client = browser(app)
+        signed = await sign_in(client, "portal", email)
+        assert signed.status_code == 303, signed.text
+        clients[role.value] = client
+    for operation, allowed in WEB_POLICY.items():
+        if allowed == PUBLIC:
+            continue
+        assert isinstance(allowed, frozenset)
+        method, template = operation.split(" ", 1)
+        area = area_of(template)
+        owned = [n for n in ("invoice_id", "credit_note_id") if "{" + n + "}" in template]
+        for caller, signed_in in clients.items():
+            cases = [("own", mine)] + ([("other", theirs)] if owned and caller.startswith("tenant") else [])
+            for case, target in cases:
+                client = signed_in or browser(app)
+                data: dict[str, str] = {}
+                if method == "POST" and signed_in is not None:
+                    page = await client.get("/portal/account")
+                    data = {"csrf_token": csrf_of(page.text)} if page.status_code == 200 else {}
+                    if not data:  # an operator: the form of the sign-in page is the kind it gets
+                        data = {"csrf_token": "x"}
+                response = await client.request(method, _path(template, target), data=data or None)
+                checked += 1
+                status, location = response.status_code, response.headers.get("location", "")
+                if caller == "anonymous":
+                    ok, expected = status == 303 and location.startswith(f"/{area}/login?next="), "303 to login"
+                elif caller not in allowed:
+                    ok, expected = status == 403, "403"
+                elif case == "other":
+                    fields = re.findall(r'data-field="([^"]*)"', response.text)
+                    ok, expected = status == 404 and bool(set(fields) & set(owned)), f"404 naming {owned}"
+                else:
+                    ok = status not in (401, 403) and not location.startswith(f"/{area}/login") and status != 500
+                    expected = "allowed"
+                if not ok:
+                    problems.append(f"{operation} as {caller} ({case}): {status} {location}, expected {expected}")
+                if signed_in is None:
+                    await client.aclose()
+    for open_client in clients.values():
+        if open_client is not None:
+            await open_client.aclose()
+    assert problems == [], "\n".join(problems)
+    assert checked > 40
+
+
+async def test_a_tenant_sees_only_their_invoices_and_amounts_in_their_locale(world, sessions):
+    app, mine, theirs, emails = world
+    async with sessions() as s:
+        tenant = await s.get(Tenant, uuid.UUID(mine.tenant_id))
+        assert tenant is not None
+        tenant.locale, tenant.timezone = "de_DE", "Europe/Berlin"
+        s.add(tenant)
+        await s.commit()
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_member])
+        page = await client.get("/portal/invoices")
+        assert page.status_code == 200
+        assert mine.invoice_id in page.text and theirs.invoice_id not in page.text
+        assert 'name="viewport"' in page.text
+        detail = await client.get(f"/portal/invoices/{mine.invoice_id}")
+        # the hand-made invoice (tests/credit_note_support.py): 64 000 minor units of USD, in German
+        assert "640,00\xa0$" in detail.text and "1,00\xa0$" in detail.text  # and its credit note
+        assert 'id="pay-button"' not in detail.text  # a member reads only
+
+
+async def test_an_expired_access_token_is_refreshed_and_sign_out_revokes(world, sessions):
+    app, _, _, emails = world
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_admin])
+        old_refresh = client.cookies.get("roomly_refresh")
+        client.cookies.set("roomly_access", "expired.or.garbage", domain="localhost.local", path="/portal")
+        client.cookies.delete("roomly_access")
+        page = await client.get("/portal/account")
+        assert page.status_code == 200, page.text
+        assert client.cookies.get("roomly_refresh") not in (None, old_refresh)  # rotated
+        account = await client.get("/portal/account")
+        out = await client.post("/portal/logout", data={"csrf_token": csrf_of(account.text)})
+        assert out.status_code == 303 and out.headers["location"] == "/portal/login"
+    async with sessions() as s:
+        rows = (await s.exec(select(RefreshToken))).all()
+        assert rows and all(r.revoked_at is not None for r in rows if r.used_at is None)
+    async with browser(app) as replay:  # the stolen refresh cookie is worthless after sign-out
+        replay.cookies.set("roomly_refresh", str(client.cookies.get("roomly_refresh") or old_refresh))
+        again = await replay.get("/portal/account")
+        assert again.status_code == 303 and again.headers["location"].startswith("/portal/login")
+
+
+async def test_forms_without_the_sessions_csrf_token_are_refused(world):
+    app, mine, _, emails = world
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_admin])
+        for data in ({}, {"csrf_token": "0" * 64}):
+            refused = await client.post(f"/portal/invoices/{mine.invoice_id}/pay", data=data)
+            assert refused.status_code == 403 and 'data-field="csrf_token"' in refused.text
+        async with browser(app) as other:  # a token of another session is worthless here
+            await sign_in(other, "portal", emails[Role.tenant_member])
+            foreign = csrf_of((await other.get("/portal/account")).text)
+        refused = await client.post(f"/portal/invoices/{mine.invoice_id}/pay", data={"csrf_token": foreign})
+        assert refused.status_code == 403
+        # the sign-in form itself: a post without the login token is refused
+        async with browser(app) as fresh:
+            login = await fresh.post("/portal/login", data={"username": emails[Role.tenant_admin], "password": "x"})
+            assert login.status_code == 403 and 'data-field="csrf_token"' in login.text
+        cross = await client.post(
+            "/portal/logout", data={"csrf_token": "x"}, headers={"Origin": "https://evil.example"}
+        )
+        assert cross.status_code == 403
+
+
+async def test_hostile_input_is_a_4xx_page_naming_the_field(world):
+    app, mine, _, emails = world
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_member])
+        cases = {
+            "/portal/invoices/not-a-uuid": "invoice_id",
+            "/portal/invoices?status=bogus": "status",
+            f"/portal/invoices/{mine.invoice_id}?paid=%00": "paid",
+            f"/portal/invoices/{mine.invoice_id}/payments/{uuid.uuid4()}/receipt": "attempt_id",
+            f"/portal/invoices/{uuid.uuid4()}": "invoice_id",
+        }
+        for path, field in cases.items():
+            page = await client.get(path)
+            assert 400 <= page.status_code < 500, (path, page.status_code)
+            assert page.headers["content-type"].startswith("text/html")
+            assert f'data-field="{field}"' in page.text, (path, page.text)
+        async with browser(app) as anonymous:
+            form = await anonymous.get("/portal/login?next=https://evil.example/")
+            assert 'name="next" value="/portal"' in form.text
+            bad = await anonymous.post("/portal/login", data={"username": "", "password": "", "csrf_token": "x"})
+            assert bad.status_code == 422 and 'data-field="username"' in bad.text
+            wrong = await sign_in(anonymous, "portal", emails[Role.tenant_member], password="not it")
+            assert wrong.status_code == 401 and "Sign in" in wrong.text
+
+
+async def test_usage_page_draws_a_chart_and_the_upcoming_invoice(world, sessions):
+    app, mine, _, emails = world
+    async with sessions() as s:
+        sub = await s.get(Subscription, uuid.UUID(mine.subscription_id))
+        meter = (await s.exec(select(Meter).where(Meter.code == "water"))).one()
+    assert sub is not None
+    await factories.usage(sessions, sub, meter, ["3.5", "4"], sub.current_period_start + timedelta(hours=1))
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_member])
+        page = await client.get("/portal/usage")
+        assert page.status_code == 200, page.text
+        chart = page.text.split('data-meter="water"', 1)[1].split("</svg>", 1)[0]
+        assert "<svg" in chart and 'class="bar current"' in chart and "7.5" in chart
+        assert 'id="upcoming"' in page.text and "Total so far" in page.text
+
+
+def test_money_and_dates_follow_the_locale_and_time_zone():
+    berlin = Formatter("de_DE", "Europe/Berlin")
+    assert berlin.money(123456, "EUR") == "1.234,56\xa0€"
+    assert Formatter("en_US").money(123456, "JPY") == "¥123,456"
+    assert Formatter("en_US").money(5, "KWD") == "KWD0.005"  # three minor digits
+    midnight_utc = datetime(2026, 1, 31, 23, 30, tzinfo=UTC)
+    assert berlin.date(midnight_utc) == "01.02.2026"
+    assert Formatter("en_US", "America/New_York").date(midnight_utc) == "Jan 31, 2026"

@@ -1,0 +1,74 @@
+"""Rendering a page: one Jinja2 environment (autoescaped) over ``web/templates``.
+
+A page handler returns ``render(request, "portal/invoices.html", caller=caller, fmt=fmt, **context)``.
+Every template extends ``base.html`` and gets ``request``, ``area`` (``portal`` / ``console``),
+``principal`` (or None), ``csrf_field`` (the hidden input every POST form must contain), ``fmt``
+(a :class:`web.format.Formatter`) and ``static(name)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
+
+from api.auth import Caller
+from core.principal import Principal
+from web.format import Formatter
+from web.session import CSRF_FIELD, area_of, csrf_key_of, csrf_token
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+STATIC_PREFIX = "/web-static"
+
+environment = Environment(
+    loader=FileSystemLoader(TEMPLATES),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,  # a misspelt name fails the page's test, not silently blank
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+NO_STORE = {"Cache-Control": "no-store"}  # pages show a tenant's money: never kept by shared caches
+
+
+def static(name: str) -> str:
+    return f"{STATIC_PREFIX}/{name}"
+
+
+def csrf_field(request: Request, principal: Principal | None) -> Markup:
+    """The hidden input of a POST form for this browser's session (empty without a CSRF cookie)."""
+    key = csrf_key_of(request)
+    value = csrf_token(key, principal.session_id if principal else None) if key else ""
+    return Markup(f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(value)}">')  # noqa: S704 (escaped)
+
+
+def render(
+    request: Request,
+    template: str,
+    *,
+    caller: Caller | None = None,
+    principal: Principal | None = None,
+    fmt: Formatter | None = None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    who = caller.principal if caller is not None else principal
+    context.setdefault("title", "")
+    context.setdefault("message", None)  # a line shown above the content (base.html's messages block)
+    page = environment.get_template(template).render(
+        request=request,
+        area=area_of(request.url.path) or "portal",
+        principal=who,
+        csrf_field=csrf_field(request, who),
+        fmt=fmt or Formatter(),
+        static=static,
+        **context,
+    )
+    return HTMLResponse(page, status_code=status_code, headers={**NO_STORE, **(headers or {})})
