@@ -225,11 +225,11 @@ async def test_a_tenant_signs_in_downloads_a_pdf_pays_and_cannot_see_another_ten
     for i, qty in enumerate(["120", "95.5", "143", "61"]):
         start = period(sub.anchor_at, "UTC", Interval.month, i).start
         await factories.usage(sessions, sub, cat.kwh, [qty], start + timedelta(days=2))
-    paid_id = await _invoice(sessions, sub, 1, [("base_fee", "Rent, Room 12", 65000), ("usage", "Electricity", 3420)])
+    first_id = await _invoice(sessions, sub, 1, [("base_fee", "Rent, Room 12", 65000), ("usage", "Electricity", 3420)])
     second = await _invoice(sessions, sub, 2, [("base_fee", "Rent, Room 12", 65000), ("usage", "Electricity", 2722)])
     open_id = await _invoice(sessions, sub, 3, [("base_fee", "Rent, Room 12", 65000), ("usage", "Electricity", 4076)])
     theirs = await _invoice(sessions, other, 1, [("base_fee", "Rent", 65000)])
-    for invoice_id in (paid_id, second, open_id, theirs):
+    for invoice_id in (first_id, second, open_id, theirs):
         await _with_pdf(sessions, renderer, stack, invoice_id)
     email = await user(sessions, Role.tenant_admin, sub.tenant_id, "grace@example.com")
 
@@ -253,11 +253,7 @@ async def test_a_tenant_signs_in_downloads_a_pdf_pays_and_cannot_see_another_ten
                 page = await browser.newPage()
                 await page.setViewport({"width": 1100, "height": 800})
                 web = Watched(page, shots)
-                await journey(web, url, email, sub, paid_id, open_id, theirs)
-                await page.setViewport({"width": 390, "height": 844, "isMobile": True, "deviceScaleFactor": 1})
-                await page.goto(f"{url}/portal/invoices")
-                assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
-                await web.shot("portal-invoices-phone")
+                await journey(web, url, email, sub, first_id, open_id, theirs)
                 assert web.problems == [], web.problems
         finally:
             await browser.close()
@@ -268,7 +264,7 @@ async def test_a_tenant_signs_in_downloads_a_pdf_pays_and_cannot_see_another_ten
 
 
 async def journey(
-    web: Watched, url: str, email: str, sub: Subscription, paid_id: uuid.UUID, open_id: uuid.UUID, theirs: uuid.UUID
+    web: Watched, url: str, email: str, sub: Subscription, first_id: uuid.UUID, open_id: uuid.UUID, theirs: uuid.UUID
 ) -> None:
     page = web.page
     # Anonymous: any page leads to the sign-in form, and back to the page after it.
@@ -282,7 +278,7 @@ async def journey(
 
     # Only her invoices: three, newest first, in her locale (en_US) with their amounts due.
     rows = await page.querySelectorAllEval("#invoices tbody tr", "rows => rows.map(r => r.dataset.invoice)")
-    assert rows == [str(open_id), rows[1], str(paid_id)] and str(theirs) not in rows
+    assert rows == [str(open_id), rows[1], str(first_id)] and str(theirs) not in rows
     assert "$690.76" in await web.text("#invoices")  # 65 000 + 4 076 minor units
     await web.shot("portal-invoices")
 
@@ -323,6 +319,17 @@ async def journey(
     assert "grace@example.com" in await web.text("#contact")
     assert "pm_" in await web.text("#payment-methods")
     await web.shot("portal-account")
+
+    # On a phone: no sideways scrolling, the tables stacked.
+    await page.setViewport({"width": 390, "height": 844, "isMobile": True, "deviceScaleFactor": 1})
+    for name, path in (
+        ("portal-invoices-phone", "/portal/invoices"),
+        ("portal-invoice-phone", f"/portal/invoices/{open_id}"),
+    ):
+        await page.goto(f"{url}{path}")
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), path
+        await web.shot(name)
+    await page.setViewport({"width": 1100, "height": 800})
 
     # Sign out: back to the form; the pages are closed again.
     await asyncio.gather(page.waitForNavigation(), page.click(".signout button"))
