@@ -25,6 +25,7 @@ from devstack.users import Login
 from schema.models import Meter, RefreshToken, Subscription, Tenant
 from tests import factories
 from tests.route_policy import PUBLIC
+from tests.test_api_support import api_client
 from tests.test_route_matrix import Tenant as World
 from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
@@ -257,3 +258,22 @@ def test_make_up_prints_the_portal_and_the_tenant_admins_login():
     assert "http://127.0.0.1:8000/portal/login" in text
     assert "sign in as tenant admin (Lena Hoffmann): lena@example.com   password lena-secret" in text
     assert "ops@roomly.local   password" not in text.split("Tenant portal (README")[1]
+
+
+async def test_a_tenants_locale_is_set_through_the_api_and_checked(sessions, settings, temporal_env):
+    async with api_client(settings, temporal_env.client) as api:
+        created = await api.post(
+            "/v1/tenants",
+            json={"name": "Lena", "email": "lena@example.de", "currency": "EUR", "timezone": "Europe/Berlin",
+                  "locale": "de-DE"},
+        )  # fmt: skip
+        assert created.status_code == 201 and created.json()["locale"] == "de_DE"
+        tenant_id = created.json()["id"]
+        bad = await api.patch(f"/v1/tenants/{tenant_id}", json={"locale": "xx_YY_bogus"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "locale"
+        changed = await api.patch(f"/v1/tenants/{tenant_id}", json={"locale": "fr_FR"})
+        assert changed.status_code == 200 and changed.json()["locale"] == "fr_FR"
+        default = await api.post(
+            "/v1/tenants", json={"name": "Ada", "email": "ada@example.com", "currency": "USD", "timezone": "UTC"}
+        )
+        assert default.json()["locale"] == "en_US"
