@@ -272,3 +272,35 @@ async def test_a_tenants_locale_is_set_through_the_api_and_checked(sessions, set
             "/v1/tenants", json={"name": "Ada", "email": "ada@example.com", "currency": "USD", "timezone": "UTC"}
         )
         assert default.json()["locale"] == "en_US"
+
+
+async def test_an_admin_changes_the_details_and_bad_input_names_the_field(world, sessions):
+    app, mine, _, emails = world
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_admin])
+        form = {
+            "csrf_token": csrf_for(client), "name": "Grace Hopper", "email": "grace@example.com", "locale": "de-DE",
+            "line1": "Hafenstraße 1", "postal_code": "20457", "city": "Hamburg", "country": "DE",
+        }  # fmt: skip
+        saved = await client.post("/portal/account", data=form)
+        assert saved.status_code == 303 and saved.headers["location"] == "/portal/account?saved=details"
+        page = await client.get(saved.headers["location"])
+        assert "Your details are saved." in page.text and "Hafenstraße 1" in page.text
+        for field, value, named in (
+            ("country", "germany", "address.country"),
+            ("email", "not-an-email", "email"),
+            ("locale", "xx_bogus", "locale"),
+            ("name", "a\x00b", "name"),
+        ):
+            refused = await client.post("/portal/account", data={**form, field: value})
+            assert refused.status_code == 422 and f'data-field="{named}"' in refused.text, (field, refused.text)
+        card = await client.post("/portal/account/payment-method", data={"csrf_token": csrf_for(client)})
+        assert card.status_code == 422 and 'data-field="payment_method"' in card.text
+        upload = await client.post(
+            "/portal/account/payment-method", data={"csrf_token": csrf_for(client)}, files={"payment_method": b"x"}
+        )
+        assert upload.status_code == 422 and 'data-field="payment_method"' in upload.text
+    async with sessions() as s:
+        tenant = await s.get(Tenant, uuid.UUID(mine.tenant_id))
+        assert tenant is not None
+        assert (tenant.name, tenant.locale, tenant.address_city) == ("Grace Hopper", "de_DE", "Hamburg")

@@ -28,4 +28,6 @@ WEB_POLICY: dict[str, object] = {
     "GET /portal/credit-notes/{credit_note_id}/pdf": TENANT_READERS,
     "GET /portal/usage": TENANT_READERS,
     "GET /portal/account": TENANT_READERS,
+    "POST /portal/account": TENANT_ADMINS,
+    "POST /portal/account/payment-method": TENANT_ADMINS,
 }
