@@ -304,3 +304,15 @@ async def test_an_admin_changes_the_details_and_bad_input_names_the_field(world,
         tenant = await s.get(Tenant, uuid.UUID(mine.tenant_id))
         assert tenant is not None
         assert (tenant.name, tenant.locale, tenant.address_city) == ("Grace Hopper", "de_DE", "Hamburg")
+
+
+async def test_pages_are_not_cached_and_allow_only_this_sites_resources(world):
+    app, _, _, emails = world
+    async with browser(app) as client:
+        login = await client.get("/portal/login")
+        await sign_in(client, "portal", emails[Role.tenant_member])
+        for page in (login, await client.get("/portal/invoices"), await client.get("/portal/nope")):
+            assert page.headers["cache-control"] == "no-store"
+            policy = page.headers["content-security-policy"]
+            assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert "<script>" not in page.text and " on" + "click=" not in page.text
