@@ -215,6 +215,18 @@ async def test_hostile_input_is_a_4xx_page_naming_the_field(world):
             assert 'name="next" value="/portal"' in form.text
             bad = await anonymous.post("/portal/login", data={"username": "", "password": "", "csrf_token": "x"})
             assert bad.status_code == 422 and 'data-field="username"' in bad.text
+            token = csrf_of((await anonymous.get("/portal/login")).text)
+            for field, value in (
+                ("username", "a\x00b@example.com"),
+                ("username", "x" * 400),
+                ("password", "p\x00"),
+                ("password", ""),
+                ("next", "/portal/" + "x" * 3000),
+                ("next", "/portal/\x00"),
+            ):
+                fields = {"username": "ada@example.com", "password": "pw", "next": "/portal", field: value}
+                hostile = await anonymous.post("/portal/login", data={**fields, "csrf_token": token})
+                assert hostile.status_code == 422 and f'data-field="{field}"' in hostile.text, (field, hostile.text)
             wrong = await sign_in(anonymous, "portal", emails[Role.tenant_member], password="not it")
             assert wrong.status_code == 401 and "Sign in" in wrong.text
 
