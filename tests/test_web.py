@@ -24,7 +24,7 @@ from devstack.up import Stack, banner, login_lines
 from devstack.users import Login
 from schema.models import Meter, RefreshToken, Subscription, Tenant
 from tests import factories
-from tests.route_policy import PUBLIC
+from tests.route_policy import OWNED_PARAMS, PUBLIC
 from tests.test_api_support import api_client
 from tests.test_route_matrix import Tenant as World
 from tests.test_route_matrix import _tenant
@@ -99,7 +99,7 @@ async def test_the_web_route_matrix(world):
         method, template = operation.split(" ", 1)
         page_area = area_of(template)
         assert page_area is not None
-        owned = [n for n in ("invoice_id", "credit_note_id") if "{" + n + "}" in template]
+        owned = [n for n in OWNED_PARAMS if "{" + n + "}" in template]
         for caller, signed_in in clients.items():
             cases = [("own", mine)] + ([("other", theirs)] if owned and caller.startswith("tenant") else [])
             for case, target in cases:
