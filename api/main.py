@@ -53,6 +53,7 @@ from core.temporal import connect
 from schema.db import make_engine, make_sessionmaker
 from services.auth import RevocationCache
 from services.errors import ServiceError
+from web import install as install_web
 
 log = structlog.stdlib.get_logger("api")
 
@@ -159,6 +160,7 @@ def create_app(
     for refusal in DATABASE_REFUSALS:  # 403 when row-level security refused the statement
         app.add_exception_handler(refusal, database_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    install_web(app)  # pages: HTML errors on web paths, the session middleware (innermost), routes
     app.add_middleware(IdempotencyMiddleware)  # the innermost: sees the body after the size check
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(CrossOriginGuard, allowed=settings.cors_origins)

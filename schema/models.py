@@ -100,6 +100,8 @@ class Tenant(SQLModel, table=True):
     email: str = Field(max_length=320)
     currency: str = Field(max_length=3)
     timezone: str = Field(max_length=64)
+    # How pages format its amounts and dates (a CLDR locale, e.g. en_US, de_DE; migration 0022).
+    locale: str = Field(default="en_US", max_length=35, sa_column_kwargs={"server_default": "en_US"})
     created_at: datetime = _ts(default_factory=utcnow)
     # Billing address (Stripe's address fields); all optional.
     address_line1: str | None = Field(default=None, max_length=200)

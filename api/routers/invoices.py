@@ -223,8 +223,16 @@ async def pay_invoice(
     """Charge the tenant's saved payment method for what is due. 202 with the attempt: ``processing``
     (the PSP's confirmation follows by webhook) or ``failed`` with its ``decline_code``. 409 when the
     invoice is paid or void, a payment is already in progress, or there is no saved method."""
+    return await pay(client, settings, session, invoice_id, principal.subject)
+
+
+async def pay(
+    client: Client, settings: Settings, session: AsyncSession, invoice_id: uuid.UUID, actor: str
+) -> PaymentAttemptPublic:
+    """Pay with the saved method: the collection workflow's ``pay`` Update (started if need be).
+    The one path of ``POST /v1/invoices/{id}/pay`` and the portal's pay button."""
     handle = await _collection(client, settings, session, invoice_id)
-    attempt = await _update(handle, COLLECTION_PAY_UPDATE, PayRequest(actor=principal.subject), AttemptView)
+    attempt = await _update(handle, COLLECTION_PAY_UPDATE, PayRequest(actor=actor), AttemptView)
     return await _attempt_row(session, attempt)
 
 
