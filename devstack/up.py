@@ -233,6 +233,8 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         update["dunning_retry_delays"] = DEMO_DUNNING_DELAYS
     if "worker_metrics_host" not in settings.model_fields_set:  # this machine's Prometheus, if any, is local
         update["worker_metrics_host"] = "127.0.0.1"
+    if temporal_ui is not None and settings.temporal_ui_url is None:  # the console links workflows there
+        update["temporal_ui_url"] = temporal_ui
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     client = await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)

@@ -1,0 +1,214 @@
+"""The operator console without a browser (the browser tests are tests/test_console_browser.py):
+its route matrix (signed in at ``/console``: anonymous -> sign-in, tenant roles -> 403, operators
+allowed), manual readings and CSV uploads through the ingestion service with their errors next to
+the fields and rows, the lists, the reports' downloads, and the progress arithmetic."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from sqlmodel import col, select
+
+from api.main import create_app
+from core.principal import Role
+from core.temporal import connect
+from devstack.services import free_port
+from schema.models import UsageEvent
+from tests import factories
+from tests.route_policy import PUBLIC
+from tests.test_route_matrix import _tenant
+from tests.web_policy import WEB_POLICY
+from tests.web_support import csrf_of, sign_in, user
+from web.console import percent
+from web.session import csrf_token
+from workflows.contracts import BillingRunProgress
+
+pytestmark = pytest.mark.db
+
+ROLES = (Role.operator_admin, Role.operator, Role.tenant_admin, Role.tenant_member)
+CONSOLE = {op: allowed for op, allowed in WEB_POLICY.items() if op.split(" ", 1)[1].startswith("/console")}
+
+
+@pytest_asyncio.fixture
+async def world(sessions, settings):
+    cat = await factories.catalog(sessions)
+    mine = await _tenant(sessions, cat)
+    emails = {role: await user(sessions, role, mine.tenant_id) for role in ROLES}
+    unreachable = await connect(settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"}), lazy=True)
+    app = create_app(settings, temporal_client=unreachable)
+    async with app.router.lifespan_context(app):
+        yield app, mine, emails
+
+
+def browser(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30)
+
+
+def session_csrf(client: httpx.AsyncClient) -> str:
+    """The form token of this browser's console session (the HMAC a page's form would carry), made
+    from its cookies: a tenant's user gets no console page to read it from."""
+    access = str(client.cookies.get("roomly_access"))
+    claims = json.loads(base64.urlsafe_b64decode(access.split(".")[1] + "=="))
+    return csrf_token(str(client.cookies.get("roomly_csrf")), uuid.UUID(claims["sid"]))
+
+
+def _path(template: str, mine: Any) -> str:
+    values = {"tenant_id": mine.tenant_id, "invoice_id": mine.invoice_id, "subscription_id": mine.subscription_id,
+              "workflow_id": "billing-run:none", "action": "pause", "payout_id": "po_none"}  # fmt: skip
+    return re.sub(r"\{(\w+)\}", lambda m: str(values.get(m.group(1), uuid.uuid4())), template)
+
+
+async def test_the_console_route_matrix(world):
+    app, mine, emails = world
+    assert len(CONSOLE) > 20
+    clients: dict[str, httpx.AsyncClient | None] = {"anonymous": None}
+    for role, email in emails.items():
+        client = browser(app)
+        signed = await sign_in(client, "console", email)
+        assert signed.status_code == 303, signed.text
+        clients[role.value] = client
+    problems = []
+    for operation, allowed in CONSOLE.items():
+        if allowed == PUBLIC:
+            continue
+        assert isinstance(allowed, frozenset)
+        method, template = operation.split(" ", 1)
+        for caller, signed_in in clients.items():
+            client = signed_in or browser(app)
+            data = {"csrf_token": session_csrf(client)} if method == "POST" and signed_in is not None else None
+            response = await client.request(method, _path(template, mine), data=data)
+            code, location = response.status_code, response.headers.get("location", "")
+            if caller == "anonymous":
+                ok, expected = code == 303 and location.startswith("/console/login?next="), "303 to login"
+            elif caller not in allowed:
+                # the role check, not the CSRF check: the page names the Authorization header
+                ok, expected = code == 403 and 'data-field="Authorization"' in response.text, "403 (role)"
+            else:
+                ok = code not in (401, 403, 500) and not location.startswith("/console/login")
+                expected = "allowed"
+            if not ok:
+                problems.append(f"{operation} as {caller}: {code} {location}, expected {expected}")
+            if signed_in is None:
+                await client.aclose()
+    for open_client in clients.values():
+        if open_client is not None:
+            await open_client.aclose()
+    assert problems == [], "\n".join(problems)
+
+
+@asynccontextmanager
+async def _operator(app: Any, emails: dict[Role, str]) -> AsyncIterator[httpx.AsyncClient]:
+    async with browser(app) as client:
+        assert (await sign_in(client, "console", emails[Role.operator])).status_code == 303
+        yield client
+
+
+async def test_a_reading_with_a_bad_quantity_shows_the_error_next_to_the_field(world, sessions):
+    app, mine, emails = world
+    async with _operator(app, emails) as client:
+        form = await client.get("/console/usage")
+        assert form.status_code == 200 and mine.tenant_id in form.text
+        reading = {
+            "csrf_token": csrf_of(form.text), "tenant_id": mine.tenant_id, "meter": "electricity", "quantity": "-3",
+            "occurred_at": "2026-02-01T08:00:00Z", "idempotency_key": "by-hand-1",
+        }  # fmt: skip
+        refused = await client.post("/console/usage/reading", data=reading)
+        assert refused.status_code == 422
+        quantity = refused.text.split('name="quantity"', 1)[1].split("</label>", 1)[0]
+        assert 'data-field="quantity"' in quantity and "greater than or equal to 0" in quantity
+        assert 'value="by-hand-1"' in refused.text  # what was typed is kept
+        stored = await client.post("/console/usage/reading", data={**reading, "quantity": "12.5"})
+        assert stored.status_code == 303, stored.text
+        page = await client.get(stored.headers["location"])
+        assert "Reading by-hand-1 stored." in page.text
+        again = await client.post("/console/usage/reading", data={**reading, "quantity": "12.5"})
+        assert "already stored" in (await client.get(again.headers["location"])).text
+    async with sessions() as s:
+        rows = (await s.exec(select(UsageEvent).where(col(UsageEvent.idempotency_key) == "by-hand-1"))).all()
+    assert [(r.quantity, r.source.value) for r in rows] == [(Decimal("12.5"), "manual")]
+
+
+async def test_a_csv_with_a_bad_row_keeps_the_good_rows_and_shows_the_errors_next_to_the_row(world, sessions):
+    app, mine, emails = world
+    body = (
+        "tenant_id,meter,quantity,occurred_at,idempotency_key\n"
+        f"{mine.tenant_id},electricity,10,2026-02-01T08:00:00Z,csv-1\n"
+        f"{mine.tenant_id},electricity,lots,2026-02-01T09:00:00Z,csv-2\n"
+        f"{mine.tenant_id},electricity,2.5,2026-02-01T10:00:00Z,csv-3\n"
+    )
+    async with _operator(app, emails) as client:
+        form = await client.get("/console/usage")
+        answer = await client.post(
+            "/console/usage/csv",
+            data={"csrf_token": csrf_of(form.text)},
+            files={"file": ("readings.csv", body.encode(), "text/csv")},
+        )
+        assert answer.status_code == 200, answer.text
+        rows = dict(re.findall(r'<tr data-row="(\d+)" data-status="(\w+)"', answer.text))
+        assert rows == {"1": "accepted", "2": "rejected", "3": "accepted"}
+        bad = answer.text.split('data-row="2"', 1)[1].split("</tr>", 1)[0]
+        assert 'data-field="quantity"' in bad
+        broken = await client.post(
+            "/console/usage/csv",
+            data={"csrf_token": csrf_of(form.text)},
+            files={"file": ("x.csv", b"tenant_id,meter\n1,2\n", "text/csv")},
+        )
+        assert broken.status_code == 422 and 'data-field="file.quantity"' in broken.text
+    async with sessions() as s:
+        keys = (await s.exec(select(UsageEvent.idempotency_key).order_by(col(UsageEvent.idempotency_key)))).all()
+    assert list(keys) == ["csv-1", "csv-3"]
+
+
+async def test_lists_and_downloads(world):
+    app, mine, emails = world
+    async with _operator(app, emails) as client:
+        for page, marker in (("tenants", mine.tenant_id), ("subscriptions", mine.subscription_id),
+                             ("rooms", 'id="rooms"'), ("plans", 'id="plans"'), ("dunning", "No tenant is in dunning"),
+                             ("reports", 'id="ledger-form"'), ("billing-runs", 'id="run-form"')):  # fmt: skip
+            answer = await client.get(f"/console/{page}")
+            assert answer.status_code == 200 and marker in answer.text, page
+        now = datetime.now(UTC)
+        span = {"from": (now - timedelta(days=400)).isoformat(), "to": (now + timedelta(days=1)).isoformat()}
+        csv_file = await client.get("/console/reports/ledger.csv", params=span)
+        assert csv_file.status_code == 200 and csv_file.headers["content-type"].startswith("text/csv")
+        assert "attachment" in csv_file.headers["content-disposition"]
+        assert len(csv_file.text.splitlines()) > 2  # the header and the hand-made invoice's postings
+        missing = await client.get("/console/reports/reconciliation/po_none.csv")
+        assert missing.status_code == 404 and 'data-field="payout_id"' in missing.text
+        bad = await client.get("/console/reports/ledger.csv", params={"from": "yesterday", "to": "now"})
+        assert bad.status_code == 422 and 'data-field="from"' in bad.text
+
+
+async def test_a_subscription_form_refusal_is_shown_on_the_page(world):
+    app, mine, emails = world
+    async with _operator(app, emails) as client:
+        page = await client.get("/console/subscriptions")
+        refused = await client.post(
+            f"/console/subscriptions/{mine.subscription_id}/move-room",
+            data={
+                "csrf_token": csrf_of(page.text),
+                "room_id": str(uuid.uuid4()),
+                "effective_at": "2026-03-01T00:00:00Z",
+            },
+        )
+        assert refused.status_code in (404, 422), refused.text
+        assert 'id="refused"' in refused.text and 'data-field="room_id"' in refused.text
+
+
+def test_progress_is_handled_over_found_and_done_is_100():
+    assert percent(None) == 0
+    assert percent(BillingRunProgress(periods_found=0)) == 0
+    assert percent(BillingRunProgress(periods_found=8, invoices_created=3, invoices_existing=1, failed=2)) == 75
+    assert percent(BillingRunProgress(periods_found=4, invoices_created=4)) == 99  # not done until the run says so
+    assert percent(BillingRunProgress(periods_found=4, invoices_created=1, done=True)) == 100
