@@ -53,7 +53,7 @@ from devstack.services import (
     wait_for_temporal,
     worker_metrics_url,
 )
-from devstack.users import Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
+from devstack.users import DEMO_OPERATOR_EMAIL, Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
 
 DEMO_DUNNING_DELAYS = "60,120,180"  # make up's default campaign: retries 1, 2 and 3 minutes after a failure
 log = structlog.get_logger("devstack")
@@ -356,6 +356,15 @@ def login_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
     return lines
 
 
+def console_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
+    """The operator console's address and the demo operator's sign-in (the first login)."""
+    lines = [f"Operator console: {stack.api_url}/console"]
+    operator = next((login for login in logins if login.name == DEMO_OPERATOR_EMAIL), None)
+    if operator is not None:
+        lines.append(f"  sign in as {operator.name}   password {operator.secret}")
+    return lines
+
+
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
@@ -404,6 +413,7 @@ async def run(settings: Settings, *, seed_data: bool = True, project_root: Path 
             except Exception:
                 log.exception("demo data / billing run failed; the stack keeps running")
                 notes.append("Demo data or billing run FAILED: see the log above.")
+        notes += console_lines(stack, logins)
         notes += login_lines(stack, logins)
         emit(banner(stack, notes))
         stopped = await sup.watch()
