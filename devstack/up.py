@@ -353,6 +353,12 @@ def login_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
             f" --data-urlencode username={first.name} --data-urlencode password={first.secret} | {_PICK_ACCESS})",
             f'  curl -s {stack.api_url}/v1/auth/me -H "Authorization: Bearer $TOKEN"',
         ]
+    tenants = [login for login in logins if login.grant == "password" and login.what.startswith("tenant")]
+    for login in tenants:
+        lines += [
+            f'Tenant portal (README "Tenant portal"): {stack.api_url}/portal/login',
+            f"  sign in as {login.what}: {login.name}   password {login.secret}",
+        ]
     return lines
 
 
@@ -368,6 +374,7 @@ def console_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
+        ("Tenant portal", f"{stack.api_url}/portal   (a tenant's users sign in; logins below)"),
         ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
         ("API metrics", f"{stack.api_url}/metrics"),
     ]

@@ -12,7 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {"activities", "adapters", "api", "billing", "core", "devstack", "schema", "services", "workflows", "worker"}
+OURS = {
+    "activities",
+    "adapters",
+    "api",
+    "billing",
+    "core",
+    "devstack",
+    "schema",
+    "services",
+    "web",
+    "workflows",
+    "worker",
+}
 
 # Per package: the packages (or modules) of ours it may import.
 ALLOWED: dict[str, set[str]] = {
@@ -25,7 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     # campaign's escalation rule (billing.dunning).
     "workflows": {"workflows.contracts", "billing"},
     "activities": {"activities", "services", "adapters", "schema", "billing", "core", "workflows.contracts"},
-    "api": {"api", "services", "adapters", "schema", "billing", "core", "workflows.contracts"},
+    # api.main mounts the web pages (web.install): the one import of web from api.
+    "api": {"api", "services", "adapters", "schema", "billing", "core", "workflows.contracts", "web"},
+    # Pages authorize with api.auth and call the service layer, as the API's routers do.
+    "web": {"web", "api", "services", "adapters", "schema", "billing", "core", "workflows.contracts"},
 }
 
 
@@ -42,6 +57,15 @@ def _imports(path: Path) -> list[str]:
 
 def _allowed(name: str, rules: set[str]) -> bool:
     return any(name == rule or name.startswith(rule + ".") for rule in rules)
+
+
+def test_only_the_app_factory_imports_the_web_pages() -> None:
+    importers = [
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in sorted((ROOT / "api").rglob("*.py"))
+        if any(name.split(".")[0] == "web" for name in _imports(path))
+    ]
+    assert importers == ["api.main"]
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))

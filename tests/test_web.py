@@ -20,6 +20,8 @@ from core.principal import Role
 from core.settings import Settings
 from core.temporal import connect
 from devstack.services import free_port
+from devstack.up import Stack, banner, login_lines
+from devstack.users import Login
 from schema.models import Meter, RefreshToken, Subscription, Tenant
 from tests import factories
 from tests.route_policy import PUBLIC
@@ -244,3 +246,16 @@ def test_money_and_dates_follow_the_locale_and_time_zone():
     midnight_utc = datetime(2026, 1, 31, 23, 30, tzinfo=UTC)
     assert berlin.date(midnight_utc) == "01.02.2026"
     assert Formatter("en_US", "America/New_York").date(midnight_utc) == "Jan 31, 2026"
+
+
+def test_make_up_prints_the_portal_and_the_tenant_admins_login():
+    stack = Stack(Settings(database_url=None), "postgresql://x", "127.0.0.1:7233", None, "http://127.0.0.1:8000", None)
+    logins = [
+        Login("operator", "ops@roomly.local", "op-secret", "password"),
+        Login("tenant admin (Lena Hoffmann)", "lena@example.com", "lena-secret", "password"),
+    ]
+    text = banner(stack, login_lines(stack, logins))
+    assert "Tenant portal  http://127.0.0.1:8000/portal" in text
+    assert "http://127.0.0.1:8000/portal/login" in text
+    assert "sign in as tenant admin (Lena Hoffmann): lena@example.com   password lena-secret" in text
+    assert "ops@roomly.local   password" not in text.split("Tenant portal (README")[1]

@@ -117,11 +117,13 @@ async def invoice_page(
     due = amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited)
     payable = invoice.status in (InvoiceStatus.open, InvoiceStatus.uncollectible) and due > 0
     in_flight = any(a.status in ("initiated", "processing", "unknown") for a in attempts)
+    # The page reloads itself while a payment or its receipt is on its way (web/static/refresh.js).
+    waiting = in_flight or any(a.status == "succeeded" and a.receipt_location is None for a in attempts)
     just = next((a for a in attempts if a.id == paid), None)
     title = f"Invoice {invoice.number or '(draft)'}"
     return _page(
         request, "portal/invoice.html", caller, tenant, "invoices", title=title, invoice=invoice, lines=lines,
-        attempts=attempts, notes=notes, due=due, payable=payable, in_flight=in_flight, just=just,
+        attempts=attempts, notes=notes, due=due, payable=payable, in_flight=in_flight, waiting=waiting, just=just,
         overdue=payments.is_overdue(InvoiceStatus(invoice.status), invoice.due_at, utcnow()),
     )  # fmt: skip
 
