@@ -364,17 +364,20 @@ def login_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
 
 def console_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
     """The operator console's address and the demo operator's sign-in (the first login)."""
-    lines = [f"Operator console: {stack.api_url}/console"]
     operator = next((login for login in logins if login.name == DEMO_OPERATOR_EMAIL), None)
-    if operator is not None:
-        lines.append(f"  sign in as {operator.name}   password {operator.secret}")
-    return lines
+    if operator is None:
+        return []
+    return [
+        f'Operator console (README "Operator console"): {stack.api_url}/console/login',
+        f"  sign in as {operator.what}: {operator.name}   password {operator.secret}",
+    ]
 
 
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
         ("Tenant portal", f"{stack.api_url}/portal   (a tenant's users sign in; logins below)"),
+        ("Operator console", f"{stack.api_url}/console   (operators sign in; login below)"),
         ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
         ("API metrics", f"{stack.api_url}/metrics"),
     ]
@@ -420,8 +423,8 @@ async def run(settings: Settings, *, seed_data: bool = True, project_root: Path 
             except Exception:
                 log.exception("demo data / billing run failed; the stack keeps running")
                 notes.append("Demo data or billing run FAILED: see the log above.")
-        notes += console_lines(stack, logins)
         notes += login_lines(stack, logins)
+        notes += console_lines(stack, logins)
         emit(banner(stack, notes))
         stopped = await sup.watch()
         code = stopped.code

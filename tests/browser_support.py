@@ -67,6 +67,19 @@ class Watched:
         value: str = await self.page.querySelectorEval(selector, "e => e.textContent.trim()")
         return value
 
+    async def fetch(self, path: str) -> dict[str, Any]:
+        """GET ``path`` from inside the page (its cookies, its origin): status, type, body base64."""
+        answer: dict[str, Any] = await self.page.evaluate(
+            """async (path) => {
+                const r = await fetch(path, {credentials: 'same-origin'});
+                const bytes = new Uint8Array(await r.arrayBuffer());
+                let s = ''; for (const b of bytes) s += String.fromCharCode(b);
+                return {status: r.status, type: r.headers.get('content-type'), body: btoa(s)};
+            }""",
+            path,
+        )
+        return answer
+
 
 def keep_screenshots(shots: Path) -> None:
     """Copy a test's screenshots to ``.data/screenshots`` (test artifacts kept after the run)."""

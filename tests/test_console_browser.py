@@ -28,6 +28,7 @@ from core.principal import Role
 from core.settings import Settings
 from devstack.services import serving
 from schema.models import Invoice, UsageEvent
+from services import dunning
 from tests import factories
 from tests.browser_support import Watched, chromium, keep_screenshots
 from tests.conftest import VENV_BIN
@@ -158,9 +159,12 @@ async def test_an_operator_enters_readings_uploads_a_csv_and_watches_a_billing_r
             invoices = (await s.exec(select(Invoice))).all()
         assert len(invoices) == 6
 
-        # Every other page: it answers, and its picture.
+        # Every other page: it answers, and its picture (one tenant in dunning, as its workflow records it).
+        async with sessions() as s:
+            await dunning.record_event(s, subs[1].tenant_id, "browser:stage", "stage", stage="warning")
+            await s.commit()
         for name, marker in (
-            ("dunning", "#no-dunning"),
+            ("dunning", f'#dunning tr[data-tenant="{subs[1].tenant_id}"] form[data-action="retry-now"]'),
             ("tenants", "#tenants"),
             ("rooms", "#rooms"),
             ("plans", "#plans"),

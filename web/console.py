@@ -188,8 +188,10 @@ async def _usage_page(
     status_code: int = status.HTTP_200_OK,
 ) -> Response:
     results = {r.index: r for r in csv_result.results} if csv_result is not None else {}
+    choices = await _choices(session)
+    names = {str(t.id): t.name for t in choices["tenants"]}
     return _page(
-        request, "usage.html", caller, "usage", title="Meter readings", **await _choices(session),
+        request, "usage.html", caller, "usage", title="Meter readings", **choices, names=names,
         reading=reading or _blank_reading(), reading_errors=reading_errors or {}, csv_errors=csv_errors,
         csv_result=csv_result, csv_rows=list(enumerate(csv_rows, start=1)), results=results,
         max_csv_bytes=MAX_CSV_BYTES, message=message, status_code=status_code,
