@@ -377,7 +377,7 @@ def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
         ("Tenant portal", f"{stack.api_url}/portal   (a tenant's users sign in; logins below)"),
-        ("Operator console", f"{stack.api_url}/console   (operators sign in; login below)"),
+        ("Console", f"{stack.api_url}/console   (operators sign in; login below)"),
         ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
         ("API metrics", f"{stack.api_url}/metrics"),
     ]

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -21,18 +22,22 @@ import pytest_asyncio
 from sqlmodel import col, select
 
 from api.main import create_app
+from api.schemas import BillingRunStatus
 from core.principal import Role
+from core.settings import Settings
 from core.temporal import connect
 from devstack.services import free_port
+from devstack.up import Stack, banner, console_lines, login_lines
+from devstack.users import DEMO_OPERATOR_EMAIL, Login
 from schema.models import UsageEvent
 from tests import factories
 from tests.route_policy import PUBLIC
 from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
 from tests.web_support import csrf_of, sign_in, user
-from web.console import percent
+from web.console import percent, progress_json
 from web.session import csrf_token
-from workflows.contracts import BillingRunProgress
+from workflows.contracts import ERR_OWNED_BY_ANOTHER_RUN, BillingRunProgress, RunFailure, invoice_workflow_id
 
 pytestmark = pytest.mark.db
 
@@ -212,3 +217,42 @@ def test_progress_is_handled_over_found_and_done_is_100():
     assert percent(BillingRunProgress(periods_found=8, invoices_created=3, invoices_existing=1, failed=2)) == 75
     assert percent(BillingRunProgress(periods_found=4, invoices_created=4)) == 99  # not done until the run says so
     assert percent(BillingRunProgress(periods_found=4, invoices_created=1, done=True)) == 100
+
+
+def test_make_up_prints_the_console_and_the_demo_operators_login():
+    stack = Stack(Settings(database_url=None), "postgresql://x", "127.0.0.1:7233", None, "http://127.0.0.1:8000", None)
+    logins = [
+        Login("operator (operator_admin)", DEMO_OPERATOR_EMAIL, "op-secret", "password"),
+        Login("tenant admin (Lena Hoffmann)", "lena@example.com", "lena-secret", "password"),
+    ]
+    text = banner(stack, [*login_lines(stack, logins), *console_lines(stack, logins)])
+    assert "Console        http://127.0.0.1:8000/console" in text
+    after = text.split('Operator console (README "Operator console"): http://127.0.0.1:8000/console/login', 1)[1]
+    assert f"sign in as operator (operator_admin): {DEMO_OPERATOR_EMAIL}   password op-secret" in after
+    assert "lena" not in after.split("Ctrl-C")[0]
+    assert console_lines(stack, logins[1:]) == []  # no demo operator, nothing to print
+
+
+def test_run_failures_link_to_the_workflow_in_the_temporal_ui():
+    sub = uuid.uuid4()
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    progress = BillingRunProgress(
+        periods_found=3, invoices_created=1, failed=1, owned_by_other_runs=1,
+        failures=[
+            RunFailure(sub, 1, at, "PricingError", "no price for water"),
+            RunFailure(sub, 2, at, ERR_OWNED_BY_ANOTHER_RUN, "owned by invoice:..."),
+        ],
+    )  # fmt: skip
+    run_id = "billing-run:2026-02-01T00:00:00Z"
+    run = BillingRunStatus(workflow_id=run_id, run_id="r", status="RUNNING", progress=progress)
+    ui = Settings(database_url=None, temporal_ui_url="http://ui.example:8233/", temporal_namespace="billing")
+    shown = progress_json(ui, run)
+    assert (shown["percent"], shown["done"], shown["failed"]) == (66, False, 1)
+    [batch, owned] = shown["failures"]
+    assert batch["link"] == "http://ui.example:8233/namespaces/billing/workflows/billing-run%3A2026-02-01T00%3A00%3A00Z"
+    assert owned["workflow_id"] == invoice_workflow_id(sub, at) and owned["link"].endswith(
+        quote(invoice_workflow_id(sub, at), safe="")
+    )
+    assert progress_json(Settings(database_url=None), run)["failures"][0]["link"] is None  # no UI configured
+    finished = run.model_copy(update={"status": "COMPLETED", "progress": None})
+    assert (progress_json(ui, finished)["percent"], progress_json(ui, finished)["done"]) == (100, True)

@@ -305,7 +305,7 @@ def _failures(settings: Settings, run: BillingRunStatus) -> list[dict[str, Any]]
     return failures
 
 
-def _progress_json(settings: Settings, run: BillingRunStatus) -> dict[str, Any]:
+def progress_json(settings: Settings, run: BillingRunStatus) -> dict[str, Any]:
     p = run.progress
     return {
         "workflow_id": run.workflow_id,
@@ -381,7 +381,7 @@ async def billing_run_page(
     run = await run_routes.run_status(client, workflow_id)
     return _page(
         request, "billing_run.html", caller, "billing-runs", title="Billing run", run=run,
-        progress=_progress_json(settings, run), link=workflow_link(settings, workflow_id),
+        progress=progress_json(settings, run), link=workflow_link(settings, workflow_id),
     )  # fmt: skip
 
 
@@ -391,7 +391,7 @@ async def billing_run_progress(
 ) -> Response:
     """The run's status and progress query as JSON, polled by the progress page's script."""
     run = await run_routes.run_status(client, workflow_id)
-    return JSONResponse(_progress_json(settings, run), headers={"Cache-Control": "no-store"})
+    return JSONResponse(progress_json(settings, run), headers={"Cache-Control": "no-store"})
 
 
 # --- Dunning --------------------------------------------------------------------------------------
