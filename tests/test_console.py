@@ -256,3 +256,42 @@ def test_run_failures_link_to_the_workflow_in_the_temporal_ui():
     assert progress_json(Settings(database_url=None), run)["failures"][0]["link"] is None  # no UI configured
     finished = run.model_copy(update={"status": "COMPLETED", "progress": None})
     assert (progress_json(ui, finished)["percent"], progress_json(ui, finished)["done"]) == (100, True)
+
+
+async def test_hostile_input_on_the_console_is_a_4xx_naming_the_field(sessions, settings, temporal_env):
+    cat = await factories.catalog(sessions)
+    mine = await _tenant(sessions, cat)
+    email = await user(sessions, Role.operator, None)
+    app = create_app(settings, temporal_client=temporal_env.client)
+    async with app.router.lifespan_context(app), browser(app) as client:
+        assert (await sign_in(client, "console", email)).status_code == 303
+        token = csrf_of((await client.get("/console/billing-runs")).text)
+        future = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+        for form, field in (
+            ({"as_of": "next tuesday"}, "as_of"),
+            ({"as_of": future}, "as_of"),
+            ({"tenant_id": "robert'); DROP TABLE tenants;--"}, "tenant_id"),
+            ({"tenant_id": str(uuid.uuid4())}, "tenant_id"),
+        ):
+            answer = await client.post("/console/billing-runs", data={"csrf_token": token, **form})
+            assert answer.status_code == 422, (form, answer.status_code)
+            assert f'class="error field-error" data-field="{field}"' in answer.text, form
+        for path in ("/console/billing-runs/billing-run:nothing", "/console/billing-runs/%00/progress"):
+            missing = await client.get(path)
+            assert 400 <= missing.status_code < 500 and "data-field=" in missing.text, (path, missing.status_code)
+        opened = await client.get("/console/billing-runs/open")
+        assert opened.status_code == 422 and 'data-field="workflow_id"' in opened.text
+        action = await client.post(f"/console/dunning/{mine.tenant_id}/fly", data={"csrf_token": token})
+        assert action.status_code == 422 and 'data-field="action"' in action.text
+        nobody = await client.post(f"/console/dunning/{uuid.uuid4()}/pause", data={"csrf_token": token})
+        assert nobody.status_code == 404 and 'data-field="id"' in nobody.text
+        cancel = await client.post(
+            f"/console/subscriptions/{mine.subscription_id}/cancel", data={"csrf_token": token, "at": "yesterday"}
+        )
+        assert cancel.status_code == 422 and 'data-field="at"' in cancel.text
+        big = await client.post(
+            "/console/usage/csv",
+            data={"csrf_token": token},
+            files={"file": ("big.csv", b"x" * (9 * 1024 * 1024), "text/csv")},
+        )
+        assert big.status_code in (413, 422), big.status_code

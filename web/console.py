@@ -49,7 +49,7 @@ from schema.models import (
     utcnow,
 )
 from services import dunning, subscriptions
-from services.errors import ServiceError
+from services.errors import Conflict, NotFound, ServiceError, Unavailable
 from services.ingestion import RowStatus, UsageBatchResult, ingest
 from services.inputs import UtcDatetime
 from web.deps import csrf_protected
@@ -101,8 +101,13 @@ def refusal(exc: Exception) -> tuple[int, list[ErrorItem]]:
         return exc.status_code, [exc.item]
     assert isinstance(exc, ServiceError)
     item = ErrorItem(type=exc.kind, message=exc.message, field=exc.field)
-    code = {"not_found": 404, "conflict": 409}.get(exc.kind, status.HTTP_422_UNPROCESSABLE_CONTENT)
-    return code, [item]
+    if isinstance(exc, NotFound):
+        return status.HTTP_404_NOT_FOUND, [item]
+    if isinstance(exc, Conflict):
+        return status.HTTP_409_CONFLICT, [item]
+    if isinstance(exc, Unavailable):
+        return status.HTTP_503_SERVICE_UNAVAILABLE, [item]
+    return status.HTTP_422_UNPROCESSABLE_CONTENT, [item]
 
 
 def by_field(errors: Sequence[ErrorItem]) -> dict[str, str]:
