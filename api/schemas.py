@@ -36,6 +36,7 @@ from services.inputs import (
     Currency,
     DecimalOut,
     Email,
+    Locale,
     MeterCode,
     MinorUnits,
     Name,
@@ -76,6 +77,7 @@ class TenantCreate(BaseModel):
     email: Email
     currency: Currency = Field(description="ISO 4217 code the product bills in, e.g. USD")
     timezone: Timezone = Field(description="IANA time zone, e.g. Europe/Berlin")
+    locale: Locale = Field(default="en_US", description="How its pages format amounts and dates, e.g. de_DE")
     address: Address | None = None
 
 
@@ -89,6 +91,7 @@ class TenantUpdate(BaseModel):
     email: Email | None = None
     address: Address | None = Field(default=None, description="Replaces the whole address; null clears it")
     timezone: Timezone | None = None
+    locale: Locale | None = Field(default=None, description="A CLDR locale, e.g. de_DE")
     currency: str | None = Field(default=None, description="Refused: a tenant's currency never changes")
 
 
@@ -98,6 +101,7 @@ class TenantPublic(Public):
     email: str
     currency: str
     timezone: str = Field(description="The tenant's IANA zone (new subscriptions are anchored in it)")
+    locale: str = Field(description="The CLDR locale its pages format amounts and dates in")
     address: Address | None
     timezone_effective_at: datetime | None = Field(
         description="When the last time-zone change took effect, or takes effect, for billing: the next "

@@ -65,6 +65,7 @@ class DemoTenant:
     days_ago: int  # the subscription starts this many days (at a whole hour) before `now`
     promo_code: str | None = None  # redeemed when the subscription is created
     card: str = "pm_card_visa"  # the saved card (a PSP test token), POST /v1/tenants/{id}/payment-method
+    locale: str = "en_US"  # how the tenant portal formats its amounts and dates
 
 
 METERS = (
@@ -114,7 +115,7 @@ ROOMS = (
 )
 DECLINING_CARD = "pm_card_chargeCustomerFail"
 TENANTS = (
-    DemoTenant("Lena Hoffmann", "lena.hoffmann@example.de", "Europe/Berlin", "R101", 40),
+    DemoTenant("Lena Hoffmann", "lena.hoffmann@example.de", "Europe/Berlin", "R101", 40, locale="de_DE"),
     # The demo's purposely declining card: it attaches, then every charge declines (generic_decline).
     DemoTenant("Marcus Reed", "marcus.reed@example.com", "America/New_York", "R102", 41, card=DECLINING_CARD),
     DemoTenant("Aisha Okafor", "aisha.okafor@example.org", "UTC", "R103", 39),
@@ -349,7 +350,10 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
     for spec in TENANTS:
         tenant = tenants.get(spec.email)
         if tenant is None:
-            body = {"name": spec.name, "email": spec.email, "currency": "USD", "timezone": spec.timezone}
+            body = {
+                "name": spec.name, "email": spec.email, "currency": "USD", "timezone": spec.timezone,
+                "locale": spec.locale,
+            }  # fmt: skip
             tenant = _check(await client.post("/v1/tenants", json=body), 201)
         _bump(summary, "tenants", spec.email not in tenants)
         summary.tenant_names[tenant["id"]] = tenant["name"]

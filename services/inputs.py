@@ -13,6 +13,8 @@ from decimal import Decimal
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from babel import Locale as BabelLocale
+from babel import UnknownLocaleError
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, PlainSerializer, StringConstraints
 
 from billing.money import check_currency
@@ -38,6 +40,20 @@ def check_timezone(name: str) -> str:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown IANA time zone {name!r}") from None
     return name
+
+
+LOCALE_MAX_LENGTH = 35
+
+
+def check_locale(tag: str) -> str:
+    """A CLDR locale Babel knows (``de_DE``, ``de-DE``, ``fr``), in Babel's spelling (``de_DE``)."""
+    try:
+        canonical = str(BabelLocale.parse(tag.replace("-", "_")))
+    except (UnknownLocaleError, ValueError, TypeError):
+        raise ValueError(f"unknown locale {tag!r} (a CLDR locale such as en_US or de_DE)") from None
+    if len(canonical) > LOCALE_MAX_LENGTH:  # the column's width (migration 0022)
+        raise ValueError(f"locale {canonical!r} is longer than {LOCALE_MAX_LENGTH} characters")
+    return canonical
 
 
 def to_utc(value: datetime) -> datetime:
@@ -138,6 +154,7 @@ MeterCode = Annotated[str, stripped(64, pattern=r"^[a-z0-9_-]{1,64}$")]
 Email = Annotated[str, stripped(320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), PgText]
 Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(check_currency)]
 Timezone = Annotated[str, stripped(64), PgText, AfterValidator(check_timezone)]
+Locale = Annotated[str, stripped(LOCALE_MAX_LENGTH), PgText, AfterValidator(check_locale)]
 UtcDatetime = Annotated[AwareDatetime, BeforeValidator(strict_datetime), AfterValidator(to_utc)]
 MinorUnits = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
 # Numeric(24, 9): at most 15 digits before the point and 9 after; refused rather than rounded.

@@ -41,9 +41,10 @@ async def create(
     email: str,
     currency: str,
     timezone: str,
+    locale: str = "en_US",
     address: Mapping[str, str | None] | None = None,
 ) -> Tenant:
-    tenant = Tenant(name=name, email=email, currency=currency, timezone=timezone)
+    tenant = Tenant(name=name, email=email, currency=currency, timezone=timezone, locale=locale)
     _set_address(tenant, address)
     session.add(tenant)
     await session.commit()
@@ -85,14 +86,14 @@ async def _change_timezone(session: AsyncSession, tenant: Tenant, new: str, now:
 
 
 async def update(session: AsyncSession, tenant_id: uuid.UUID, sent: Mapping[str, Any], now: datetime) -> Tenant:
-    """Change the fields in ``sent`` (name, email, address replaced whole, timezone); currency never changes."""
+    """Change the fields in ``sent`` (name, email, address replaced whole, timezone, locale); currency never changes."""
     bind_tenant(tenant_id)
     tenant = await session.get(Tenant, tenant_id, with_for_update=True)
     if tenant is None:
         raise NotFound("id", f"tenant {tenant_id} not found")
     if "currency" in sent:
         raise InvalidInput("currency", "a tenant's currency cannot change: its plans and invoices are in it")
-    for field in ("name", "email", "timezone"):
+    for field in ("name", "email", "timezone", "locale"):
         if field in sent and sent[field] is None:
             raise InvalidInput(field, "must not be null")
     if "name" in sent:
@@ -101,6 +102,8 @@ async def update(session: AsyncSession, tenant_id: uuid.UUID, sent: Mapping[str,
         tenant.email = sent["email"]
     if "address" in sent:
         _set_address(tenant, sent["address"])
+    if "locale" in sent:
+        tenant.locale = sent["locale"]
     new_zone = sent.get("timezone")
     if new_zone is not None and new_zone != tenant.timezone:
         tenant.timezone_effective_at = await _change_timezone(session, tenant, new_zone, now)

@@ -7,12 +7,14 @@ import re
 import uuid
 
 import httpx
+import jwt
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.principal import Role
 from schema.scope import operator_scope
 from services import auth
+from web.session import csrf_token
 
 PASSWORD = "correct horse battery staple"
 
@@ -27,6 +29,13 @@ async def user(
         async with sessions() as session:
             await auth.create_user(session, email=address, password=PASSWORD, role=role, tenant_id=bound)
     return address
+
+
+def csrf_for(client: httpx.AsyncClient) -> str:
+    """The CSRF field of the client's signed-in session, computed from its cookies as the pages do
+    (for a caller who may open no page of the area: an operator on the portal)."""
+    claims = jwt.decode(client.cookies["roomly_access"], options={"verify_signature": False})
+    return csrf_token(client.cookies["roomly_csrf"], uuid.UUID(claims["sid"]))
 
 
 def csrf_of(html: str) -> str:

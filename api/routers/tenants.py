@@ -39,6 +39,7 @@ def public(tenant: Tenant) -> TenantPublic:
         email=tenant.email,
         currency=tenant.currency,
         timezone=tenant.timezone,
+        locale=tenant.locale,
         address=Address(**address) if (address := tenants.address_of(tenant)) is not None else None,
         timezone_effective_at=tenant.timezone_effective_at,
         created_at=tenant.created_at,
