@@ -5,8 +5,6 @@ the fields and rows, the lists, the reports' downloads, and the progress arithme
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -34,9 +32,8 @@ from tests import factories
 from tests.route_policy import PUBLIC
 from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
-from tests.web_support import csrf_of, sign_in, user
+from tests.web_support import csrf_for, csrf_of, sign_in, user
 from web.console import percent, progress_json
-from web.session import csrf_token
 from workflows.contracts import ERR_OWNED_BY_ANOTHER_RUN, BillingRunProgress, RunFailure, invoice_workflow_id
 
 pytestmark = pytest.mark.db
@@ -58,14 +55,6 @@ async def world(sessions, settings):
 
 def browser(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30)
-
-
-def session_csrf(client: httpx.AsyncClient) -> str:
-    """The form token of this browser's console session (the HMAC a page's form would carry), made
-    from its cookies: a tenant's user gets no console page to read it from."""
-    access = str(client.cookies.get("roomly_access"))
-    claims = json.loads(base64.urlsafe_b64decode(access.split(".")[1] + "=="))
-    return csrf_token(str(client.cookies.get("roomly_csrf")), uuid.UUID(claims["sid"]))
 
 
 def _path(template: str, mine: Any) -> str:
@@ -91,7 +80,7 @@ async def test_the_console_route_matrix(world):
         method, template = operation.split(" ", 1)
         for caller, signed_in in clients.items():
             client = signed_in or browser(app)
-            data = {"csrf_token": session_csrf(client)} if method == "POST" and signed_in is not None else None
+            data = {"csrf_token": csrf_for(client)} if method == "POST" and signed_in is not None else None
             response = await client.request(method, _path(template, mine), data=data)
             code, location = response.status_code, response.headers.get("location", "")
             if caller == "anonymous":
