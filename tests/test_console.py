@@ -5,7 +5,9 @@ the fields and rows, the lists, the reports' downloads, and the progress arithme
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,8 @@ import httpx
 import pytest
 import pytest_asyncio
 from sqlmodel import col, select
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from api.schemas import BillingRunStatus
@@ -29,12 +33,21 @@ from devstack.up import Stack, banner, console_lines, login_lines
 from devstack.users import DEMO_OPERATOR_EMAIL, Login
 from schema.models import UsageEvent
 from tests import factories
+from tests.conftest import VENV_BIN
 from tests.route_policy import PUBLIC
 from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
 from tests.web_support import csrf_for, csrf_of, sign_in, user
-from web.console import percent, progress_json
-from workflows.contracts import ERR_OWNED_BY_ANOTHER_RUN, BillingRunProgress, RunFailure, invoice_workflow_id
+from web.console import percent, progress_json, recent_runs
+from workflows.contracts import (
+    BILLING_RUN_WORKFLOW,
+    ERR_OWNED_BY_ANOTHER_RUN,
+    BillingRunProgress,
+    RunFailure,
+    billing_run_input,
+    billing_run_workflow_id,
+    invoice_workflow_id,
+)
 
 pytestmark = pytest.mark.db
 
@@ -284,3 +297,26 @@ async def test_hostile_input_on_the_console_is_a_4xx_naming_the_field(sessions, 
             files={"file": ("big.csv", b"x" * (9 * 1024 * 1024), "text/csv")},
         )
         assert big.status_code in (413, 422), big.status_code
+
+
+async def test_recent_runs_are_listed_from_the_dev_servers_visibility(settings):
+    """The dev server lists workflows (the time-skipping server cannot: the page then offers the form alone)."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+    )
+    try:
+        as_of = datetime(2026, 3, 1, tzinfo=UTC)
+        started = await env.client.start_workflow(
+            BILLING_RUN_WORKFLOW, billing_run_input(settings, as_of), id=billing_run_workflow_id(as_of),
+            task_queue=f"nobody-{uuid.uuid4().hex[:6]}",
+        )  # fmt: skip
+        await env.client.start_workflow(  # another type: not a billing run
+            "InvoiceCycle", id=f"other-{uuid.uuid4().hex[:6]}", task_queue=f"nobody-{uuid.uuid4().hex[:6]}"
+        )
+        deadline = time.monotonic() + 10
+        while not (runs := await recent_runs(env.client)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert runs is not None and [r.id for r in runs] == [started.id]
+        await started.terminate("test over")
+    finally:
+        await env.shutdown()

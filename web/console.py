@@ -17,12 +17,15 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import structlog
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client, WorkflowExecution
+from temporalio.service import RPCError
 
 from api.auth import OPERATORS, Caller, allow
 from api.deps import ReportSessionDep, ReportSessionmakerDep, SessionDep, SettingsDep, TemporalClientDep
@@ -55,6 +58,7 @@ from services.inputs import UtcDatetime
 from web.deps import csrf_protected
 from web.render import render
 from workflows.contracts import (
+    BILLING_RUN_WORKFLOW,
     COLLECTION_MARK_UNCOLLECTIBLE_UPDATE,
     ERR_OWNED_BY_ANOTHER_RUN,
     BillingRunProgress,
@@ -63,6 +67,7 @@ from workflows.contracts import (
     invoice_workflow_id,
 )
 
+log = structlog.stdlib.get_logger("web")
 router = APIRouter(prefix="/console", include_in_schema=False, dependencies=[Depends(csrf_protected)])
 
 Operator = Annotated[Caller, allow(OPERATORS)]
@@ -327,10 +332,31 @@ def progress_json(settings: Settings, run: BillingRunStatus) -> dict[str, Any]:
     }
 
 
+RECENT_RUNS = 20
+LIST_TIMEOUT = timedelta(seconds=5)
+
+
+async def recent_runs(client: Client) -> list[WorkflowExecution] | None:
+    """The latest billing runs from Temporal's visibility (newest first); None when the server
+    cannot list (the time-skipping test server), cannot be reached or does not answer in time:
+    the page still offers the form."""
+    runs: list[WorkflowExecution] = []
+    try:
+        async for execution in client.list_workflows(
+            f'WorkflowType = "{BILLING_RUN_WORKFLOW}"', limit=RECENT_RUNS, rpc_timeout=LIST_TIMEOUT
+        ):
+            runs.append(execution)
+    except (RPCError, RuntimeError) as exc:  # RuntimeError: a lazy client that cannot connect
+        log.info("billing runs not listed", error=str(exc))
+        return None
+    return runs
+
+
 async def _runs_page(
     request: Request,
     session: AsyncSession,
     caller: Caller,
+    client: Client,
     form: Mapping[str, str] | None = None,
     errors: Mapping[str, str] | None = None,
     status_code: int = status.HTTP_200_OK,
@@ -338,13 +364,16 @@ async def _runs_page(
     tenants = (await session.exec(select(Tenant).order_by(col(Tenant.name)).limit(LIST_LIMIT))).all()
     return _page(
         request, "billing_runs.html", caller, "billing-runs", title="Billing runs", tenants=tenants,
+        runs=await recent_runs(client),
         form=form or {"as_of": "", "tenant_id": ""}, errors=errors or {}, status_code=status_code,
     )  # fmt: skip
 
 
 @router.get("/billing-runs")
-async def billing_runs_page(request: Request, session: SessionDep, caller: Operator) -> Response:
-    return await _runs_page(request, session, caller)
+async def billing_runs_page(
+    request: Request, session: SessionDep, client: TemporalClientDep, caller: Operator
+) -> Response:
+    return await _runs_page(request, session, caller, client)
 
 
 @router.post("/billing-runs")
@@ -367,7 +396,7 @@ async def start_billing_run(
     except REFUSALS as exc:
         code, items = refusal(exc)
         await session.rollback()
-        return await _runs_page(request, session, caller, form, by_field(items), code)
+        return await _runs_page(request, session, caller, client, form, by_field(items), code)
     return _see(f"/console/billing-runs/{quote(started.workflow_id, safe=':')}")
 
 
