@@ -1,7 +1,8 @@
-"""The operator console without a browser (the browser tests are tests/test_console_browser.py):
-its route matrix (signed in at ``/console``: anonymous -> sign-in, tenant roles -> 403, operators
-allowed), manual readings and CSV uploads through the ingestion service with their errors next to
-the fields and rows, the lists, the reports' downloads, and the progress arithmetic."""
+"""The operator console without a browser (the browser tests are tests/test_console_browser.py; its
+pages are in the web route matrix, tests/test_web.py, signed in at ``/console``): manual readings
+and CSV uploads through the ingestion service with their errors next to the fields and rows,
+refusals and hostile input, the lists, the reports' downloads, the progress arithmetic and the
+failures' links, the recent runs, and what make up prints."""
 
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ from devstack.users import DEMO_OPERATOR_EMAIL, Login
 from schema.models import UsageEvent
 from tests import factories
 from tests.conftest import VENV_BIN
-from tests.route_policy import PUBLIC
 from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
-from tests.web_support import csrf_for, csrf_of, sign_in, user
+from tests.web_support import csrf_of, sign_in, user
 from web.console import percent, progress_json, recent_runs
 from workflows.contracts import (
     BILLING_RUN_WORKFLOW,
@@ -74,44 +74,6 @@ def _path(template: str, mine: Any) -> str:
     values = {"tenant_id": mine.tenant_id, "invoice_id": mine.invoice_id, "subscription_id": mine.subscription_id,
               "workflow_id": "billing-run:none", "action": "pause", "payout_id": "po_none"}  # fmt: skip
     return re.sub(r"\{(\w+)\}", lambda m: str(values.get(m.group(1), uuid.uuid4())), template)
-
-
-async def test_the_console_route_matrix(world):
-    app, mine, emails = world
-    assert len(CONSOLE) > 20
-    clients: dict[str, httpx.AsyncClient | None] = {"anonymous": None}
-    for role, email in emails.items():
-        client = browser(app)
-        signed = await sign_in(client, "console", email)
-        assert signed.status_code == 303, signed.text
-        clients[role.value] = client
-    problems = []
-    for operation, allowed in CONSOLE.items():
-        if allowed == PUBLIC:
-            continue
-        assert isinstance(allowed, frozenset)
-        method, template = operation.split(" ", 1)
-        for caller, signed_in in clients.items():
-            client = signed_in or browser(app)
-            data = {"csrf_token": csrf_for(client)} if method == "POST" and signed_in is not None else None
-            response = await client.request(method, _path(template, mine), data=data)
-            code, location = response.status_code, response.headers.get("location", "")
-            if caller == "anonymous":
-                ok, expected = code == 303 and location.startswith("/console/login?next="), "303 to login"
-            elif caller not in allowed:
-                # the role check, not the CSRF check: the page names the Authorization header
-                ok, expected = code == 403 and 'data-field="Authorization"' in response.text, "403 (role)"
-            else:
-                ok = code not in (401, 403, 500) and not location.startswith("/console/login")
-                expected = "allowed"
-            if not ok:
-                problems.append(f"{operation} as {caller}: {code} {location}, expected {expected}")
-            if signed_in is None:
-                await client.aclose()
-    for open_client in clients.values():
-        if open_client is not None:
-            await open_client.aclose()
-    assert problems == [], "\n".join(problems)
 
 
 @asynccontextmanager

@@ -31,7 +31,7 @@ from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
 from tests.web_support import csrf_for, csrf_of, sign_in, user
 from web.format import Formatter
-from web.session import area_of
+from web.session import AREAS, area_of
 
 pytestmark = pytest.mark.db
 
@@ -85,20 +85,23 @@ async def test_the_web_route_matrix(world):
     app, mine, theirs, emails = world
     problems: list[str] = []
     checked = 0
-    clients: dict[str, httpx.AsyncClient | None] = {"anonymous": None}
-    for role, email in emails.items():
-        client = browser(app)
-        signed = await sign_in(client, "portal", email)
-        assert signed.status_code == 303, signed.text
-        clients[role.value] = client
+    # Each user signed in at each area (the cookies of an area are scoped to its path).
+    signed_in_at: dict[str, dict[str, httpx.AsyncClient | None]] = {}
+    for place in AREAS:
+        signed_in_at[place] = {"anonymous": None}
+        for role, email in emails.items():
+            client = browser(app)
+            signed = await sign_in(client, place, email)
+            assert signed.status_code == 303, signed.text
+            signed_in_at[place][role.value] = client
     for operation, allowed in WEB_POLICY.items():
         if allowed == PUBLIC:
             continue
         assert isinstance(allowed, frozenset)
         method, template = operation.split(" ", 1)
         area = area_of(template)
-        if area == "console":
-            continue  # signed in at the console: tests/test_console.py's matrix
+        assert area is not None
+        clients = signed_in_at[area]
         owned = [n for n in ("invoice_id", "credit_note_id") if "{" + n + "}" in template]
         for caller, signed_in in clients.items():
             cases = [("own", mine)] + ([("other", theirs)] if owned and caller.startswith("tenant") else [])
@@ -122,9 +125,10 @@ async def test_the_web_route_matrix(world):
                     problems.append(f"{operation} as {caller} ({case}): {status} {location}, expected {expected}")
                 if signed_in is None:
                     await client.aclose()
-    for open_client in clients.values():
-        if open_client is not None:
-            await open_client.aclose()
+    for clients in signed_in_at.values():
+        for open_client in clients.values():
+            if open_client is not None:
+                await open_client.aclose()
     assert problems == [], "\n".join(problems)
     assert checked > 40
 
