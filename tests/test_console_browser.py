@@ -180,6 +180,8 @@ async def test_an_operator_enters_readings_uploads_a_csv_and_watches_a_billing_r
         # Readable on a phone: nothing wider than the screen but the tables' own scrolling.
         await page.setViewport({"width": 390, "height": 844, "isMobile": True, "deviceScaleFactor": 1})
         await page.goto(f"{url}/console/usage")
+        # (a page wider than the phone would make Chromium zoom out: innerWidth would then exceed 390)
+        assert await page.evaluate("window.innerWidth") == 390
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
         await web.shot("console-usage-phone")
         assert web.problems == [], web.problems
