@@ -41,14 +41,13 @@ from billing.periods import Interval, period
 from core.principal import Role
 from core.settings import PROJECT_ROOT, Settings
 from devstack.services import serving
-from schema.models import Invoice, InvoiceLine, Subscription, Tenant
-from services import invoicing
+from schema.models import Invoice, InvoiceLine, NoticeKind, Subscription, Tenant
+from services import invoicing, notices
 from tests import factories
 from tests.browser_support import Watched
 from tests.conftest import VENV_BIN
 from tests.credit_note_support import TERMS
 from tests.psp_support import RunningEmulator, running_emulator
-from tests.test_collection import save_card
 from tests.web_support import PASSWORD, user
 from worker import build_worker
 
@@ -184,11 +183,21 @@ async def test_a_tenant_signs_in_downloads_a_pdf_pays_and_cannot_see_another_ten
     for invoice_id in (first_id, second, open_id, theirs):
         await _with_pdf(sessions, renderer, stack, invoice_id)
     email = await user(sessions, Role.tenant_admin, sub.tenant_id, "grace@example.com")
+    async with sessions() as s:
+        context = {"currency": "USD", "amount": 65000, "renews_on": "2026-12-27", "plan_name": "Standard room"}
+        key = f"renewal:{sub.id}:4"
+        await notices.enqueue(
+            s,
+            tenant_id=sub.tenant_id,
+            kind=NoticeKind.renewal_reminder,
+            key=key,
+            context={**context, "room_name": "12"},
+        )
+        await s.commit()
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
     async with StripePsp("sk_test_portal", api_base=emulator.url) as psp:
-        await save_card(sessions, psp, sub.tenant_id)
         store = LocalDocumentStore(stack.documents_root)
         events = PspEventActivities(sessions, temporal_env.client, task_queue=stack.task_queue)
         worker = build_worker(
@@ -243,6 +252,14 @@ async def journey(
     number = (await web.text("h1")).split()[1]
     assert number in text and "690.76" in text
 
+    # No card yet: she saves one on her account page (the PSP emulator attaches it).
+    assert "No saved payment method" in await web.text("main")
+    await page.goto(f"{url}/portal/account")
+    await page.type("input[name=payment_method]", "pm_card_visa")
+    await asyncio.gather(page.waitForNavigation(), page.click("#card-form button"))
+    assert "The card is saved" in await web.text(".notice")
+    await page.goto(f"{url}/portal/invoices/{open_id}")
+
     # Pay with the saved card: the collection workflow's pay Update, the emulator, its webhook.
     await asyncio.gather(page.waitForNavigation(), page.click("#pay-button"))
     assert "paid=" in page.url
@@ -269,6 +286,7 @@ async def journey(
     await page.goto(f"{url}/portal/account")
     assert "grace@example.com" in await web.text("#contact")
     assert "pm_" in await web.text("#payment-methods")
+    assert "renewal reminder" in await web.text("#notices")
     await web.shot("portal-account")
 
     # On a phone: no sideways scrolling, the tables stacked.

@@ -4,6 +4,7 @@ transparent refresh, sign-out revoking the session, CSRF, hostile input, formatt
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from devstack.up import Stack, banner, login_lines
 from devstack.users import Login
 from schema.models import Meter, RefreshToken, Subscription, Tenant
 from tests import factories
-from tests.route_policy import PUBLIC
+from tests.route_policy import OWNED_PARAMS, PUBLIC
 from tests.test_api_support import api_client
 from tests.test_route_matrix import Tenant as World
 from tests.test_route_matrix import _tenant
@@ -85,50 +86,47 @@ async def test_the_web_route_matrix(world):
     app, mine, theirs, emails = world
     problems: list[str] = []
     checked = 0
-    # Each user signed in at each area (the cookies of an area are scoped to its path).
-    signed_in_at: dict[str, dict[str, httpx.AsyncClient | None]] = {}
-    for place in AREAS:
-        signed_in_at[place] = {"anonymous": None}
-        for role, email in emails.items():
-            client = browser(app)
-            signed = await sign_in(client, place, email)
+    clients: dict[str, httpx.AsyncClient | None] = {"anonymous": None}
+    for role, email in emails.items():
+        client = browser(app)
+        for area in AREAS:  # one session per area (each area's cookies are scoped to its path)
+            signed = await sign_in(client, area, email)
             assert signed.status_code == 303, signed.text
-            signed_in_at[place][role.value] = client
+        clients[role.value] = client
     for operation, allowed in WEB_POLICY.items():
         if allowed == PUBLIC:
             continue
         assert isinstance(allowed, frozenset)
         method, template = operation.split(" ", 1)
-        area = area_of(template)
-        assert area is not None
-        clients = signed_in_at[area]
-        owned = [n for n in ("invoice_id", "credit_note_id") if "{" + n + "}" in template]
+        page_area = area_of(template)
+        assert page_area is not None
+        owned = [n for n in OWNED_PARAMS if "{" + n + "}" in template]
         for caller, signed_in in clients.items():
             cases = [("own", mine)] + ([("other", theirs)] if owned and caller.startswith("tenant") else [])
             for case, target in cases:
                 client = signed_in or browser(app)
-                data = {"csrf_token": csrf_for(client)} if method == "POST" and signed_in is not None else {}
+                posting = method == "POST" and signed_in is not None
+                data = {"csrf_token": csrf_for(client, page_area)} if posting else {}
                 response = await client.request(method, _path(template, target), data=data or None)
                 checked += 1
                 status, location = response.status_code, response.headers.get("location", "")
                 if caller == "anonymous":
-                    ok, expected = status == 303 and location.startswith(f"/{area}/login?next="), "303 to login"
+                    ok, expected = status == 303 and location.startswith(f"/{page_area}/login?next="), "303 to login"
                 elif caller not in allowed:  # refused for the role (not, say, for the CSRF token)
                     ok, expected = status == 403 and 'data-field="Authorization"' in response.text, "403 (role)"
                 elif case == "other":
                     fields = re.findall(r'data-field="([^"]*)"', response.text)
                     ok, expected = status == 404 and bool(set(fields) & set(owned)), f"404 naming {owned}"
                 else:
-                    ok = status not in (401, 403) and not location.startswith(f"/{area}/login") and status != 500
+                    ok = status not in (401, 403) and not location.startswith(f"/{page_area}/login") and status != 500
                     expected = "allowed"
                 if not ok:
                     problems.append(f"{operation} as {caller} ({case}): {status} {location}, expected {expected}")
                 if signed_in is None:
                     await client.aclose()
-    for clients in signed_in_at.values():
-        for open_client in clients.values():
-            if open_client is not None:
-                await open_client.aclose()
+    for open_client in clients.values():
+        if open_client is not None:
+            await open_client.aclose()
     assert problems == [], "\n".join(problems)
     assert checked > 40
 
@@ -158,10 +156,14 @@ async def test_an_expired_access_token_is_refreshed_and_sign_out_revokes(world, 
     async with browser(app) as client:
         await sign_in(client, "portal", emails[Role.tenant_admin])
         old_refresh = client.cookies.get("roomly_refresh")
-        client.cookies.set("roomly_access", "expired.or.garbage", domain="localhost.local", path="/portal")
-        client.cookies.delete("roomly_access")
-        page = await client.get("/portal/account")
-        assert page.status_code == 200, page.text
+        old_access = client.cookies.get("roomly_access")
+        # The access token expires (AUTH_ACCESS_TTL, 600 s): two pages opened at once after that
+        # both get through on one refresh, the session stays live (no "reuse" of the refresh token).
+        started = app.state.clock()
+        app.state.clock = lambda: started + timedelta(seconds=601)
+        first, second = await asyncio.gather(client.get("/portal/account"), client.get("/portal/invoices"))
+        assert first.status_code == second.status_code == 200, (first.text, second.text)
+        assert client.cookies.get("roomly_access") != old_access
         assert client.cookies.get("roomly_refresh") not in (None, old_refresh)  # rotated
         account = await client.get("/portal/account")
         out = await client.post("/portal/logout", data={"csrf_token": csrf_of(account.text)})
@@ -218,6 +220,18 @@ async def test_hostile_input_is_a_4xx_page_naming_the_field(world):
             assert 'name="next" value="/portal"' in form.text
             bad = await anonymous.post("/portal/login", data={"username": "", "password": "", "csrf_token": "x"})
             assert bad.status_code == 422 and 'data-field="username"' in bad.text
+            token = csrf_of((await anonymous.get("/portal/login")).text)
+            for field, value in (
+                ("username", "a\x00b@example.com"),
+                ("username", "x" * 400),
+                ("password", "p\x00"),
+                ("password", ""),
+                ("next", "/portal/" + "x" * 3000),
+                ("next", "/portal/\x00"),
+            ):
+                fields = {"username": "ada@example.com", "password": "pw", "next": "/portal", field: value}
+                hostile = await anonymous.post("/portal/login", data={**fields, "csrf_token": token})
+                assert hostile.status_code == 422 and f'data-field="{field}"' in hostile.text, (field, hostile.text)
             wrong = await sign_in(anonymous, "portal", emails[Role.tenant_member], password="not it")
             assert wrong.status_code == 401 and "Sign in" in wrong.text
 
@@ -278,3 +292,47 @@ async def test_a_tenants_locale_is_set_through_the_api_and_checked(sessions, set
             "/v1/tenants", json={"name": "Ada", "email": "ada@example.com", "currency": "USD", "timezone": "UTC"}
         )
         assert default.json()["locale"] == "en_US"
+
+
+async def test_an_admin_changes_the_details_and_bad_input_names_the_field(world, sessions):
+    app, mine, _, emails = world
+    async with browser(app) as client:
+        await sign_in(client, "portal", emails[Role.tenant_admin])
+        form = {
+            "csrf_token": csrf_for(client), "name": "Grace Hopper", "email": "grace@example.com", "locale": "de-DE",
+            "line1": "Hafenstraße 1", "postal_code": "20457", "city": "Hamburg", "country": "DE",
+        }  # fmt: skip
+        saved = await client.post("/portal/account", data=form)
+        assert saved.status_code == 303 and saved.headers["location"] == "/portal/account?saved=details"
+        page = await client.get(saved.headers["location"])
+        assert "Your details are saved." in page.text and "Hafenstraße 1" in page.text
+        for field, value, named in (
+            ("country", "germany", "address.country"),
+            ("email", "not-an-email", "email"),
+            ("locale", "xx_bogus", "locale"),
+            ("name", "a\x00b", "name"),
+        ):
+            refused = await client.post("/portal/account", data={**form, field: value})
+            assert refused.status_code == 422 and f'data-field="{named}"' in refused.text, (field, refused.text)
+        card = await client.post("/portal/account/payment-method", data={"csrf_token": csrf_for(client)})
+        assert card.status_code == 422 and 'data-field="payment_method"' in card.text
+        upload = await client.post(
+            "/portal/account/payment-method", data={"csrf_token": csrf_for(client)}, files={"payment_method": b"x"}
+        )
+        assert upload.status_code == 422 and 'data-field="payment_method"' in upload.text
+    async with sessions() as s:
+        tenant = await s.get(Tenant, uuid.UUID(mine.tenant_id))
+        assert tenant is not None
+        assert (tenant.name, tenant.locale, tenant.address_city) == ("Grace Hopper", "de_DE", "Hamburg")
+
+
+async def test_pages_are_not_cached_and_allow_only_this_sites_resources(world):
+    app, _, _, emails = world
+    async with browser(app) as client:
+        login = await client.get("/portal/login")
+        await sign_in(client, "portal", emails[Role.tenant_member])
+        for page in (login, await client.get("/portal/invoices"), await client.get("/portal/nope")):
+            assert page.headers["cache-control"] == "no-store"
+            policy = page.headers["content-security-policy"]
+            assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert "<script>" not in page.text and " on" + "click=" not in page.text

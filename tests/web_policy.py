@@ -29,7 +29,9 @@ WEB_POLICY: dict[str, object] = {
     "GET /portal/credit-notes/{credit_note_id}/pdf": TENANT_READERS,
     "GET /portal/usage": TENANT_READERS,
     "GET /portal/account": TENANT_READERS,
-    # The operator console (web/console.py); its matrix is tests/test_console.py.
+    "POST /portal/account": TENANT_ADMINS,
+    "POST /portal/account/payment-method": TENANT_ADMINS,
+    # The operator console (web/console.py).
     "GET /console": OPERATORS,
     "GET /console/usage": OPERATORS,
     "POST /console/usage/reading": OPERATORS,

@@ -31,11 +31,14 @@ async def user(
     return address
 
 
-def csrf_for(client: httpx.AsyncClient) -> str:
-    """The CSRF field of the client's signed-in session, computed from its cookies as the pages do
-    (for a caller who may open no page of the area: an operator on the portal)."""
-    claims = jwt.decode(client.cookies["roomly_access"], options={"verify_signature": False})
-    return csrf_token(client.cookies["roomly_csrf"], uuid.UUID(claims["sid"]))
+def csrf_for(client: httpx.AsyncClient, area: str = "portal") -> str:
+    """The CSRF field of the client's signed-in session in ``area``, computed from its cookies as
+    the pages do (for a caller who may open no page of the area: an operator on the portal)."""
+    access = client.cookies.get("roomly_access", path=f"/{area}")
+    key = client.cookies.get("roomly_csrf", path=f"/{area}")
+    assert access and key, f"not signed in to /{area}"
+    claims = jwt.decode(access, options={"verify_signature": False})
+    return csrf_token(key, uuid.UUID(claims["sid"]))
 
 
 def csrf_of(html: str) -> str:

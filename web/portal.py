@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Annotated, Any
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel, ValidationError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.datastructures import FormData
 
 from api.auth import Caller, allow
-from api.deps import DocumentStoreDep, SessionDep, SettingsDep, TemporalClientDep
+from api.deps import DocumentStoreDep, PspDep, SessionDep, SettingsDep, TemporalClientDep
 from api.documents import pdf_response
 from api.errors import conflict, get_or_404, not_found
 from api.routers import invoices as invoice_routes
+from api.schemas import Address, PaymentMethodSave, TenantUpdate
 from billing.states import amount_due
 from core.principal import Role
 from schema.models import CreditNote, Invoice, InvoiceLine, InvoiceStatus, Notice, PaymentAttempt, Tenant, utcnow
-from services import payments, subscriptions, tenants
+from services import payment_methods, payments, subscriptions, tenants
 from services.errors import ServiceError
 from services.usage_history import current_subscription, usage_history
 from web.charts import Bar, bar_chart
@@ -40,6 +45,15 @@ Reader = Annotated[Caller, allow(TENANT_READERS)]
 Admin = Annotated[Caller, allow(TENANT_ADMINS)]
 
 NAV = (("invoices", "Invoices"), ("usage", "Usage"), ("account", "Account"))
+M = TypeVar("M", bound=BaseModel)
+
+
+class Saved(StrEnum):
+    details = "details"
+    card = "card"
+
+
+SAVED_MESSAGES = {Saved.details: "Your details are saved.", Saved.card: "The card is saved as your payment method."}
 
 
 async def _tenant(session: AsyncSession, caller: Caller) -> Tenant:
@@ -201,8 +215,11 @@ async def usage(request: Request, session: SessionDep, caller: Reader) -> Respon
 
 
 @router.get("/account")
-async def account(request: Request, session: SessionDep, caller: Reader) -> Response:
-    """Contact details, billing address, the saved payment method and the notices sent."""
+async def account(
+    request: Request, session: SessionDep, caller: Reader, saved: Annotated[Saved | None, Query()] = None
+) -> Response:
+    """Contact details, billing address, the saved payment method and the notices sent; an admin
+    changes the first two and saves a card here."""
     tenant = await _tenant(session, caller)
     notices = (
         await session.exec(
@@ -211,5 +228,56 @@ async def account(request: Request, session: SessionDep, caller: Reader) -> Resp
     ).all()
     return _page(
         request, "portal/account.html", caller, tenant, "account", title="Account",
-        address=tenants.address_of(tenant), notices=notices,
+        address=tenants.address_of(tenant), notices=notices, message=SAVED_MESSAGES.get(saved) if saved else None,
     )  # fmt: skip
+
+
+def _form_fields(form: FormData, names: tuple[str, ...]) -> dict[str, str | None]:
+    """The text fields of ``names`` sent (an empty field is None: "no value"); a file is refused."""
+    values: dict[str, str | None] = {}
+    for name in names:
+        value = form.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RequestValidationError([{"loc": ("body", name), "msg": "must be text", "type": "string_type"}])
+        values[name] = value.strip() or None
+    return values
+
+
+def _validated(model: type[M], data: dict[str, Any]) -> M:
+    """``data`` through the API's own body model: its rules and its messages, errors naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as invalid:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in invalid.errors(include_input=False)]
+        ) from None
+
+
+@router.post("/account")
+async def update_account(request: Request, session: SessionDep, caller: Admin) -> Response:
+    """Contact details, billing address and locale, through the API's ``TenantUpdate`` and
+    ``services.tenants.update`` (as ``PATCH /v1/tenants/{id}``); the address is replaced whole."""
+    assert caller.tenant_id is not None
+    form = await request.form()
+    contact = _form_fields(form, ("name", "email", "locale"))
+    address = _form_fields(form, tenants.ADDRESS_FIELDS)
+    body: dict[str, Any] = {name: value for name, value in contact.items() if value is not None}
+    body["address"] = address if any(v is not None for v in address.values()) else None
+    update = _validated(TenantUpdate, body)
+    sent = {name: getattr(update, name) for name in update.model_fields_set}
+    if isinstance(sent.get("address"), Address):
+        sent["address"] = sent["address"].model_dump()
+    await tenants.update(session, caller.tenant_id, sent, utcnow())
+    return RedirectResponse("/portal/account?saved=details", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/account/payment-method")
+async def save_card(request: Request, session: SessionDep, psp: PspDep, caller: Admin) -> Response:
+    """Save a card as the default (``services.payment_methods``, as ``POST /v1/tenants/{id}/payment-method``):
+    a PSP payment method id or, with the emulator or Stripe's test mode, a test token."""
+    assert caller.tenant_id is not None
+    body = _validated(PaymentMethodSave, _form_fields(await request.form(), ("payment_method",)))
+    await payment_methods.save_payment_method(session, psp, caller.tenant_id, body.payment_method)
+    return RedirectResponse("/portal/account?saved=card", status_code=status.HTTP_303_SEE_OTHER)

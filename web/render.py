@@ -34,7 +34,17 @@ environment = Environment(
     lstrip_blocks=True,
 )
 
-NO_STORE = {"Cache-Control": "no-store"}  # pages show a tenant's money: never kept by shared caches
+# Every page: never kept by caches (a tenant's money), and a policy that lets the browser load and
+# send nothing but this site's own files and forms (no inline script, no framing).
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def static(name: str) -> str:
@@ -71,4 +81,4 @@ def render(
         static=static,
         **context,
     )
-    return HTMLResponse(page, status_code=status_code, headers={**NO_STORE, **(headers or {})})
+    return HTMLResponse(page, status_code=status_code, headers={**PAGE_HEADERS, **(headers or {})})

@@ -13,6 +13,7 @@ from api.middleware import client_address
 from schema.scope import operator_scope
 from services import auth, throttle
 from services.errors import InvalidToken, Unauthenticated
+from services.inputs import PgText
 from services.tokens import verify_access_token
 from web.render import render
 from web.session import (
@@ -27,8 +28,10 @@ from web.session import (
 )
 from web.session import _cookie_header as cookie_header
 
-Email = Annotated[str, Form(min_length=3, max_length=320)]
-Password = Annotated[str, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)]
+# As the token route's fields: no NUL (they reach SQL parameters), bounded.
+Email = Annotated[str, PgText, Form(min_length=3, max_length=320)]
+Password = Annotated[str, PgText, Form(min_length=1, max_length=auth.PASSWORD_MAX_LENGTH)]
+Next = Annotated[str | None, PgText, Form(max_length=2000)]
 
 
 def _login_page(request: Request, area: str, next_url: str, error: str | None, status_code: int) -> Response:
@@ -65,7 +68,7 @@ def router_for(area: str) -> APIRouter:
         clock: ClockDep,
         username: Email,
         password: Password,
-        next: Annotated[str | None, Form(max_length=2000)] = None,
+        next: Next = None,
     ) -> Response:
         """The token route's password grant, answered with cookies and a redirect."""
         await check_csrf(request, None)
