@@ -1,7 +1,7 @@
 """The console's dunning page against a real ``Dunning`` workflow (time-skipping Temporal, the PSP
 emulator's declining card, aiosmtpd for the notices): who is in which stage; a validator's refusal
-shown as a message on the page; pause, then mark paid (the collection's ``record_payment`` Update)
-ending the dunning. The set-up is tests/test_dunning.py's ``declined``."""
+shown as a message on the page; pause; write off (``mark_uncollectible``); then mark paid (the
+collection's ``record_payment`` Update) ending the dunning. The set-up is tests/test_dunning.py's ``declined``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from api.main import create_app
 from core.principal import Role
+from schema.models import Invoice, InvoiceStatus
 from tests.test_dunning import declined, emulator, env  # noqa: F401  (fixtures)
 from tests.test_notices import smtp  # noqa: F401  (a fixture: a real aiosmtpd server)
 from tests.web_support import csrf_of, sign_in, user
@@ -59,6 +60,15 @@ async def test_the_dunning_page_shows_the_stage_a_refusal_and_the_actions_end_it
                 state = await case.dunning.query(DUNNING_STATE_QUERY, result_type=DunningState)
                 assert state.paused and state.actions[-1].endswith("tenant called")
 
+                # Written off (the collection's mark_uncollectible Update): still owed, still chased.
+                write_off = f"/console/invoices/{case.invoice.id}/write-off"
+                written = await client.post(write_off, data={"csrf_token": token})
+                assert written.status_code == 303, written.text
+                assert "written off" in (await client.get(written.headers["location"])).text
+                async with sessions() as s:
+                    invoice = await s.get(Invoice, case.invoice.id)
+                assert invoice is not None and invoice.status == InvoiceStatus.uncollectible
+
                 # The tenant paid by bank transfer: mark paid records what is due; dunning ends.
                 await client.post(f"/console/dunning/{tenant}/resume", data={"csrf_token": token})
                 marked = await client.post(
@@ -68,3 +78,7 @@ async def test_the_dunning_page_shows_the_stage_a_refusal_and_the_actions_end_it
                 assert (await case.dunning.result()).stage == "resolved"
                 after = await client.get("/console/dunning")
                 assert f'data-tenant="{tenant}"' not in after.text
+                paid_twice = await client.post(
+                    f"/console/invoices/{case.invoice.id}/mark-paid", data={"csrf_token": token, "reference": "TX-9"}
+                )
+                assert paid_twice.status_code == 409 and 'id="refused"' in paid_twice.text  # paid: nothing due
