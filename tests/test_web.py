@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from api.main import create_app
 from core.principal import Role
-from core.settings import Settings
+from core.settings import Environment, Settings
 from core.temporal import connect
 from devstack.services import free_port
 from devstack.up import Stack, banner, login_lines
@@ -32,7 +32,7 @@ from tests.test_route_matrix import _tenant
 from tests.web_policy import WEB_POLICY
 from tests.web_support import csrf_for, csrf_of, sign_in, user
 from web.format import Formatter
-from web.session import AREAS, area_of
+from web.session import ACCESS, AREAS, area_of, cookie_header
 
 pytestmark = pytest.mark.db
 
@@ -336,3 +336,15 @@ async def test_pages_are_not_cached_and_allow_only_this_sites_resources(world):
             policy = page.headers["content-security-policy"]
             assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
             assert "<script>" not in page.text and " on" + "click=" not in page.text
+
+
+def test_cookies_are_httponly_strict_path_scoped_and_secure_outside_local_and_test():
+    for environment, secure in ((Environment.local, False), (Environment.test, False),
+                                (Environment.staging, True), (Environment.production, True)):  # fmt: skip
+        name, value = cookie_header(Settings.model_construct(environment=environment), "portal", ACCESS, "t", 600)
+        attributes = {part.strip().split("=")[0].lower(): part for part in value.decode().split(";")}
+        assert name == b"set-cookie"
+        assert ("__secure-roomly_access" in attributes) is secure and ("roomly_access" in attributes) is not secure
+        assert {"httponly", "path", "samesite", "max-age"} <= attributes.keys()
+        assert attributes["path"].strip() == "Path=/portal" and attributes["samesite"].strip() == "SameSite=Strict"
+        assert ("secure" in attributes) is secure

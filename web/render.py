@@ -51,9 +51,10 @@ def static(name: str) -> str:
     return f"{STATIC_PREFIX}/{name}"
 
 
-def csrf_field(request: Request, principal: Principal | None) -> Markup:
-    """The hidden input of a POST form for this browser's session (empty without a CSRF cookie)."""
-    key = csrf_key_of(request)
+def csrf_field(request: Request, principal: Principal | None, key: str | None = None) -> Markup:
+    """The hidden input of a POST form for this browser's session (``key``: the CSRF cookie being
+    set with this answer; default the one the browser sent; empty without one)."""
+    key = key or csrf_key_of(request)
     value = csrf_token(key, principal.session_id if principal else None) if key else ""
     return Markup(f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(value)}">')  # noqa: S704 (escaped)
 
@@ -67,6 +68,7 @@ def render(
     fmt: Formatter | None = None,
     status_code: int = 200,
     headers: dict[str, str] | None = None,
+    csrf_key: str | None = None,
     **context: Any,
 ) -> HTMLResponse:
     who = caller.principal if caller is not None else principal
@@ -76,7 +78,7 @@ def render(
         request=request,
         area=area_of(request.url.path) or "portal",
         principal=who,
-        csrf_field=csrf_field(request, who),
+        csrf_field=csrf_field(request, who, csrf_key),
         fmt=fmt or Formatter(),
         static=static,
         **context,

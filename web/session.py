@@ -73,7 +73,7 @@ def cookie_name(settings: Settings, name: str) -> str:
     return f"__Secure-{name}" if secure_cookies(settings) else name
 
 
-def _cookie_header(settings: Settings, area: str, name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
+def cookie_header(settings: Settings, area: str, name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
     cookie: SimpleCookie = SimpleCookie()
     full = cookie_name(settings, name)
     cookie[full] = value
@@ -89,16 +89,16 @@ def _cookie_header(settings: Settings, area: str, name: str, value: str, max_age
 
 def session_cookies(settings: Settings, area: str, tokens: Tokens, csrf_key: str | None) -> list[tuple[bytes, bytes]]:
     """Set-Cookie headers for a signed-in session (``csrf_key`` None: keep the current one)."""
-    headers = [_cookie_header(settings, area, ACCESS, tokens.access.token, tokens.access.expires_in)]
+    headers = [cookie_header(settings, area, ACCESS, tokens.access.token, tokens.access.expires_in)]
     if tokens.refresh_token is not None:
-        headers.append(_cookie_header(settings, area, REFRESH, tokens.refresh_token, settings.auth_refresh_ttl))
+        headers.append(cookie_header(settings, area, REFRESH, tokens.refresh_token, settings.auth_refresh_ttl))
     if csrf_key is not None:
-        headers.append(_cookie_header(settings, area, CSRF, csrf_key, settings.auth_refresh_ttl))
+        headers.append(cookie_header(settings, area, CSRF, csrf_key, settings.auth_refresh_ttl))
     return headers
 
 
 def cleared_cookies(settings: Settings, area: str) -> list[tuple[bytes, bytes]]:
-    return [_cookie_header(settings, area, name, "", 0) for name in (ACCESS, REFRESH)]
+    return [cookie_header(settings, area, name, "", 0) for name in (ACCESS, REFRESH)]
 
 
 def new_csrf_key() -> str:

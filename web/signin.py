@@ -17,16 +17,17 @@ from services.inputs import PgText
 from services.tokens import verify_access_token
 from web.render import render
 from web.session import (
+    CSRF,
     REFRESH,
     check_csrf,
     cleared_cookies,
+    cookie_header,
     cookie_name,
     csrf_key_of,
     new_csrf_key,
     safe_next,
     session_cookies,
 )
-from web.session import _cookie_header as cookie_header
 
 # As the token route's fields: no NUL (they reach SQL parameters), bounded.
 Email = Annotated[str, PgText, Form(min_length=3, max_length=320)]
@@ -41,14 +42,12 @@ def _login_page(request: Request, area: str, next_url: str, error: str | None, s
     fresh = key is None
     if key is None:
         key = new_csrf_key()
-        request.cookies[cookie_name(settings, "roomly_csrf")] = key  # the form below uses it
     response = render(
         request, "login.html", title="Sign in", next_url=next_url, error=error, status_code=status_code,
-        action=f"/{area}/login",
+        action=f"/{area}/login", csrf_key=key,
     )  # fmt: skip
     if fresh:
-        name, value = cookie_header(settings, area, "roomly_csrf", key, settings.auth_refresh_ttl)
-        response.raw_headers.append((name, value))
+        response.raw_headers.append(cookie_header(settings, area, CSRF, key, settings.auth_refresh_ttl))
     return response
 
 
