@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         default=None, description="host:port of Temporal; unset means the dev server started by `make up`"
     )
     temporal_namespace: str = "default"
+    temporal_ui_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        description="Base URL of the Temporal Web UI, where the operator console links workflows (make up: its own)",
+    )
     task_queue: str = "billing"
 
     billing_schedule_id: str = "billing-run-daily"

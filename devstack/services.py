@@ -208,6 +208,7 @@ def child_environment(settings: Settings, *, database_url: str, temporal_address
         DATA_DIR=str(settings.data_dir),
         **({"STRIPE_API_BASE": settings.stripe_api_base} if settings.stripe_api_base else {}),
         **({"SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port)} if settings.smtp_host else {}),
+        **({"TEMPORAL_UI_URL": settings.temporal_ui_url} if settings.temporal_ui_url else {}),
         DUNNING_RETRY_DELAYS=settings.dunning_retry_delays,
         WORKER_METRICS_HOST=settings.worker_metrics_host,
         WORKER_METRICS_PORT=str(settings.worker_metrics_port),

@@ -53,7 +53,7 @@ from devstack.services import (
     wait_for_temporal,
     worker_metrics_url,
 )
-from devstack.users import Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
+from devstack.users import DEMO_OPERATOR_EMAIL, Login, TokenLogin, ensure_demo_accounts, ensure_demo_tenant_admin
 
 DEMO_DUNNING_DELAYS = "60,120,180"  # make up's default campaign: retries 1, 2 and 3 minutes after a failure
 log = structlog.get_logger("devstack")
@@ -233,6 +233,8 @@ async def start_stack(settings: Settings, sup: Supervisor, *, project_root: Path
         update["dunning_retry_delays"] = DEMO_DUNNING_DELAYS
     if "worker_metrics_host" not in settings.model_fields_set:  # this machine's Prometheus, if any, is local
         update["worker_metrics_host"] = "127.0.0.1"
+    if temporal_ui is not None and settings.temporal_ui_url is None:  # the console links workflows there
+        update["temporal_ui_url"] = temporal_ui
     effective = settings.model_copy(update={**update, "stripe_api_base": psp_url or settings.stripe_api_base})
     client = await sup.guard(wait_for_temporal(effective, child=temporal))
     log.info("temporal ready", address=temporal_address, namespace=effective.temporal_namespace)
@@ -360,10 +362,22 @@ def login_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
     return lines
 
 
+def console_lines(stack: Stack, logins: Sequence[Login]) -> list[str]:
+    """The operator console's address and the demo operator's sign-in (the first login)."""
+    operator = next((login for login in logins if login.name == DEMO_OPERATOR_EMAIL), None)
+    if operator is None:
+        return []
+    return [
+        f'Operator console (README "Operator console"): {stack.api_url}/console/login',
+        f"  sign in as {operator.what}: {operator.name}   password {operator.secret}",
+    ]
+
+
 def banner(stack: Stack, notes: Sequence[str] = ()) -> str:
     rows = [
         ("API", f"{stack.api_url}   (docs: {stack.api_url}/docs)"),
         ("Tenant portal", f"{stack.api_url}/portal   (a tenant's users sign in; logins below)"),
+        ("Console", f"{stack.api_url}/console   (operators sign in; login below)"),
         ("Temporal", f"{stack.temporal_address}   namespace {stack.settings.temporal_namespace}"),
         ("API metrics", f"{stack.api_url}/metrics"),
     ]
@@ -410,6 +424,7 @@ async def run(settings: Settings, *, seed_data: bool = True, project_root: Path 
                 log.exception("demo data / billing run failed; the stack keeps running")
                 notes.append("Demo data or billing run FAILED: see the log above.")
         notes += login_lines(stack, logins)
+        notes += console_lines(stack, logins)
         emit(banner(stack, notes))
         stopped = await sup.watch()
         code = stopped.code

@@ -264,3 +264,31 @@ _STAGES_NOW = text(
 async def tenants_by_stage(session: AsyncSession) -> dict[str, int]:
     """How many tenants are at each dunning stage now (their latest stage event; ended dunnings left out)."""
     return {row.stage: row.tenants for row in await execute_sql(session, _STAGES_NOW)}
+
+
+@dataclass(frozen=True)
+class InDunning:
+    """A tenant whose dunning has not ended: its latest stage and since when."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+    stage: str
+    since: datetime
+
+
+_IN_DUNNING = text(
+    """
+    SELECT latest.tenant_id, t.name AS tenant_name, latest.stage, latest.at AS since FROM (
+        SELECT DISTINCT ON (tenant_id) tenant_id, stage, at FROM dunning_events
+        WHERE kind = 'stage' ORDER BY tenant_id, at DESC
+    ) latest
+    JOIN tenants t ON t.id = latest.tenant_id
+    WHERE latest.stage NOT IN ('resolved', 'not_chased')
+    ORDER BY latest.at DESC, t.name
+    """
+)
+
+
+async def tenants_in_dunning(session: AsyncSession) -> list[InDunning]:
+    """Who is in which stage now (the latest stage event of each tenant; ended dunnings left out), latest first."""
+    return [InDunning(r.tenant_id, r.tenant_name, r.stage, r.since) for r in await execute_sql(session, _IN_DUNNING)]

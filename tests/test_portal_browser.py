@@ -44,6 +44,7 @@ from devstack.services import serving
 from schema.models import Invoice, InvoiceLine, NoticeKind, Subscription, Tenant
 from services import invoicing, notices
 from tests import factories
+from tests.browser_support import Watched
 from tests.conftest import VENV_BIN
 from tests.credit_note_support import TERMS
 from tests.psp_support import RunningEmulator, running_emulator
@@ -126,55 +127,6 @@ async def _with_pdf(sessions: Any, renderer: Any, settings: Settings, invoice_id
     async with sessions() as s:
         stored = await invoicing.store_pdf(s, invoice_id, renderer, LocalDocumentStore(settings.documents_root))
         await invoicing.attach_pdf(s, invoice_id, stored.location)
-
-
-class Watched:
-    """A page whose console errors, page errors, failed requests and error answers are collected."""
-
-    def __init__(self, page: Page, shots: Path) -> None:
-        self.page = page
-        self.shots = shots
-        self.problems: list[str] = []
-        self.expected: set[tuple[int, str]] = set()  # (status, path) answers a step asked for
-        self.expected_console: list[str] = []  # Chromium logs each error answer once: one per expected
-        page.on("console", self._console)
-        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
-        page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url} {r.failure()}"))
-        page.on("response", self._answered)
-
-    def _console(self, message: Any) -> None:
-        if message.type != "error":
-            return
-        for i, allowed in enumerate(self.expected_console):
-            if allowed in message.text:
-                del self.expected_console[i]
-                return
-        self.problems.append(f"console: {message.text}")
-
-    def _answered(self, response: Any) -> None:
-        path = "/" + response.url.split("/", 3)[3] if response.url.count("/") >= 3 else response.url
-        if response.status >= 400 and (response.status, path.split("?")[0]) not in self.expected:
-            self.problems.append(f"{response.status} {response.url}")
-
-    async def shot(self, name: str) -> None:
-        await self.page.screenshot({"path": str(self.shots / f"{name}.png"), "fullPage": True})
-
-    async def text(self, selector: str) -> str:
-        value: str = await self.page.querySelectorEval(selector, "e => e.textContent.trim()")
-        return value
-
-    async def fetch(self, path: str) -> dict[str, Any]:
-        """GET ``path`` from inside the page (its cookies, its origin): status, type, body base64."""
-        answer: dict[str, Any] = await self.page.evaluate(
-            """async (path) => {
-                const r = await fetch(path, {credentials: 'same-origin'});
-                const bytes = new Uint8Array(await r.arrayBuffer());
-                let s = ''; for (const b of bytes) s += String.fromCharCode(b);
-                return {status: r.status, type: r.headers.get('content-type'), body: btoa(s)};
-            }""",
-            path,
-        )
-        return answer
 
 
 async def until_shown(page: Page, selector: str, within: float = 30) -> None:
@@ -320,7 +272,6 @@ async def journey(
 
     # Another tenant's invoice: the same 404 an unknown id gets.
     web.expected.add((404, f"/portal/invoices/{theirs}"))
-    web.expected_console.append("status of 404")
     answer = await page.goto(f"{url}/portal/invoices/{theirs}")
     assert answer is not None and answer.status == 404
     assert "invoice_id" in await web.text(".errors")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from web import errors, portal, signin
+from web import console, errors, portal, signin
 from web.render import STATIC, STATIC_PREFIX
 from web.session import AREAS, WebSessionMiddleware
 
@@ -23,4 +23,5 @@ def install(app: FastAPI) -> None:
     for area in AREAS:
         app.include_router(signin.router_for(area))
     app.include_router(portal.router)
+    app.include_router(console.router)
     app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC), name="web-static")

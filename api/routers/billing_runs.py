@@ -3,11 +3,13 @@ tenant's or one subscription), and watch it."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 
 import structlog
 from fastapi import APIRouter, status
-from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowQueryRejectedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -16,6 +18,7 @@ from api.deps import CurrentPrincipal, SessionDep, SettingsDep, TemporalClientDe
 from api.errors import not_found
 from api.routing import DecimalJSONRoute
 from api.schemas import BillingRunCreate, BillingRunStarted, BillingRunStatus
+from core.settings import Settings
 from schema.models import utcnow
 from services import billing_runs
 from workflows.contracts import (
@@ -51,26 +54,43 @@ async def start_billing_run(
     and together they must name the same subscription.
     """
     body = body or BillingRunCreate()
-    as_of = await billing_runs.checked_request(
+    return await start_run(
+        client, session, settings, body.as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id,
+        actor=principal.subject,
+    )  # fmt: skip
+
+
+async def start_run(
+    client: Client,
+    session: AsyncSession,
+    settings: Settings,
+    as_of: datetime | None,
+    *,
+    tenant_id: uuid.UUID | None,
+    subscription_id: uuid.UUID | None,
+    actor: str,
+) -> BillingRunStarted:
+    """Check the request and start (or join) its run: the route's and the operator console's one path."""
+    checked = await billing_runs.checked_request(
         session,
-        as_of=body.as_of,
+        as_of=as_of,
         now=utcnow(),
         clock_skew=timedelta(seconds=settings.billing_run_clock_skew),
-        tenant_id=body.tenant_id,
-        subscription_id=body.subscription_id,
+        tenant_id=tenant_id,
+        subscription_id=subscription_id,
     )
-    workflow_id = billing_run_workflow_id(as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id)
+    workflow_id = billing_run_workflow_id(checked, tenant_id=tenant_id, subscription_id=subscription_id)
     handle = await client.start_workflow(
         BILLING_RUN_WORKFLOW,
-        billing_run_input(settings, as_of, tenant_id=body.tenant_id, subscription_id=body.subscription_id),
+        billing_run_input(settings, checked, tenant_id=tenant_id, subscription_id=subscription_id),
         id=workflow_id,
         task_queue=settings.task_queue,
         execution_timeout=timedelta(seconds=settings.billing_run_timeout),
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
-    log.info("billing run requested", workflow_id=workflow_id, run_id=handle.result_run_id, by=principal.subject)
-    return BillingRunStarted(workflow_id=workflow_id, run_id=handle.result_run_id, as_of=as_of)
+    log.info("billing run requested", workflow_id=workflow_id, run_id=handle.result_run_id, by=actor)
+    return BillingRunStarted(workflow_id=workflow_id, run_id=handle.result_run_id, as_of=checked)
 
 
 @router.get(
@@ -80,6 +100,12 @@ async def start_billing_run(
 )
 async def get_billing_run(workflow_id: str, client: TemporalClientDep) -> BillingRunStatus:
     """Temporal's status of the run and, when a worker answers, its progress."""
+    return await run_status(client, workflow_id)
+
+
+async def run_status(client: Client, workflow_id: str) -> BillingRunStatus:
+    """The run's Temporal status and its progress query's answer (None while no worker answers);
+    404 when there is no billing run by that id."""
     handle = client.get_workflow_handle(workflow_id)
     try:
         description = await handle.describe()

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, status
 from pydantic import BaseModel, Field
-from temporalio.client import WorkflowQueryFailedError, WorkflowUpdateFailedError
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -128,15 +129,34 @@ async def act_on_dunning(
 ) -> DunningPublic:
     """Pause or resume the tenant's dunning, retry now, skip the next retry (escalate without
     charging), or extend (``until``: the remaining retries move later); recorded with who and why."""
+    reason = body.reason if body else None
+    until = body.until if body else None
+    return await act(client, session, tenant_id, action, actor=principal.subject, reason=reason, until=until)
+
+
+async def act(
+    client: Client,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    action: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    until: datetime | None = None,
+) -> DunningPublic:
+    """Send the action's Update to the tenant's ``Dunning`` workflow: the route's and the operator
+    console's one path. 404 for an unknown tenant or no dunning; 409 naming ``status`` with the
+    validator's reason when the action does not fit the state."""
+    if action not in ACTIONS:
+        raise body_error(("action",), f"must be one of {', '.join(sorted(ACTIONS))}")
     tenant = await get_or_404(session, Tenant, tenant_id, "tenant")
     bind_tenant(tenant.id)
     handle = client.get_workflow_handle(dunning_workflow_id(tenant_id))
-    reason = body.reason if body else None
-    request: DunningAction | DunningExtension = DunningAction(actor=principal.subject, reason=reason)
+    request: DunningAction | DunningExtension = DunningAction(actor=actor, reason=reason)
     if action == "extend":
-        if body is None or body.until is None:
+        if until is None:
             raise body_error(("until",), "extend needs the time the next retry may come at the earliest")
-        request = DunningExtension(body.until, actor=principal.subject, reason=reason)
+        request = DunningExtension(until, actor=actor, reason=reason)
     try:
         state: DunningState = await handle.execute_update(ACTIONS[action], request, result_type=DunningState)
     except RPCError as exc:

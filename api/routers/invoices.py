@@ -252,13 +252,20 @@ async def record_payment(
 ) -> PaymentAttemptPublic:
     """Record money received outside the PSP (a bank transfer): at most what is due (else 422 naming
     ``amount``); the invoice is paid when nothing is left. Posted as bank / receivable."""
-    handle = await _collection(client, settings, session, invoice_id)
     request = RecordPaymentRequest(body.amount, body.method, body.reference, principal.subject, body.reason)
+    return await record_payment_on(client, settings, session, invoice_id, request)
+
+
+async def record_payment_on(
+    client: Client, settings: Settings, session: AsyncSession, invoice_id: uuid.UUID, request: RecordPaymentRequest
+) -> PaymentAttemptPublic:
+    """The ``record_payment`` Update of the invoice's collection: the route's and the operator console's one path."""
+    handle = await _collection(client, settings, session, invoice_id)
     attempt = await _update(handle, COLLECTION_RECORD_PAYMENT_UPDATE, request, AttemptView)
     return await _attempt_row(session, attempt)
 
 
-async def _invoice_action(
+async def invoice_action(
     client: Client,
     settings: Settings,
     session: AsyncSession,
@@ -266,7 +273,8 @@ async def _invoice_action(
     update: str,
     request: InvoiceActionRequest,
 ) -> InvoicePublic:
-    """An operator's action on the invoice (an Update of its collection), then the invoice as it is now."""
+    """An operator's action on the invoice (an Update of its collection), then the invoice as it is now;
+    the routes' and the operator console's one path."""
     await _update(await _collection(client, settings, session, invoice_id), update, request, CollectionSnapshot)
     return _public(await get_or_404(session, Invoice, invoice_id, "invoice", refresh=True))
 
@@ -283,7 +291,7 @@ async def void_invoice(
     """Void an open or uncollectible invoice nothing was paid or credited on; its finalization
     posting is reversed. 409 naming ``status`` or ``amount_paid`` otherwise."""
     request = InvoiceActionRequest(principal.subject, body.reason if body else None)
-    return await _invoice_action(client, settings, session, invoice_id, COLLECTION_VOID_UPDATE, request)
+    return await invoice_action(client, settings, session, invoice_id, COLLECTION_VOID_UPDATE, request)
 
 
 @router.post("/{invoice_id}/mark-uncollectible", dependencies=[allow(OPERATORS)], responses=_ACTION_RESPONSES)
@@ -297,7 +305,7 @@ async def mark_invoice_uncollectible(
 ) -> InvoicePublic:
     """Give up on an open invoice: what is due is written off to bad debt; it can still be paid or voided."""
     request = InvoiceActionRequest(principal.subject, body.reason if body else None)
-    return await _invoice_action(client, settings, session, invoice_id, COLLECTION_MARK_UNCOLLECTIBLE_UPDATE, request)
+    return await invoice_action(client, settings, session, invoice_id, COLLECTION_MARK_UNCOLLECTIBLE_UPDATE, request)
 
 
 @router.get(

@@ -190,7 +190,7 @@ async def cancel_subscription(
     done = await subscriptions.cancel(session, subscription_id, at=body.at, cancel_at=body.cancel_at, now=utcnow())
     subscription, workflow_id = done.subscription, None
     if done.final_index_due is not None:
-        workflow_id = await _start_final_invoice(client, settings.task_queue, subscription, done.final_index_due)
+        workflow_id = await start_final_invoice(client, settings.task_queue, subscription, done.final_index_due)
     log.info("subscription canceled", subscription_id=str(subscription.id), ends_at=done.ends_at.isoformat(),
              final_invoice_workflow_id=workflow_id)  # fmt: skip
     return SubscriptionCanceled(
@@ -213,10 +213,11 @@ async def withdraw_cancel(subscription_id: uuid.UUID, session: SessionDep) -> Su
     return SubscriptionPublic.model_validate(await subscriptions.withdraw_cancel(session, subscription_id, utcnow()))
 
 
-async def _start_final_invoice(
+async def start_final_invoice(
     client: TemporalClientDep, task_queue: str, subscription: Subscription, final: int
 ) -> str | None:
-    """Start the final invoice workflow (the id a billing run would use, so neither starts it twice)."""
+    """Start the final invoice workflow (the id a billing run would use, so neither starts it twice);
+    also called by the operator console's cancel."""
     assert subscription.ends_at is not None
     workflow_id = invoice_workflow_id(subscription.id, subscription.ends_at)
     try:

@@ -136,7 +136,15 @@ async def ingest_csv(
     caller: Ingester,
 ) -> UsageBatchResult:
     """Store a CSV upload; ``index`` of a result is its data row number (1-based, header excluded)."""
-    data = await file.read(MAX_CSV_BYTES + 1)
+    rows = csv_upload_rows(await file.read(MAX_CSV_BYTES + 1))
+    result = await ingest(session, rows, UsageSource.csv, first_index=1, only_tenant=caller.tenant_id)
+    return log_batch(UsageSource.csv, result)
+
+
+def csv_upload_rows(data: bytes) -> list[dict[str, str]]:
+    """The rows of an uploaded CSV file (read up to ``MAX_CSV_BYTES + 1``), for :func:`services.ingestion.ingest`;
+    a file too large, not UTF-8 or not strict CSV is a 422 naming ``file`` (the route's and the operator
+    console's one check)."""
     if len(data) > MAX_CSV_BYTES:
         raise body_error(("file",), f"must be at most {MAX_CSV_BYTES} bytes", "too_large")
     try:
@@ -145,8 +153,7 @@ async def ingest_csv(
         raise body_error(("file",), "must be UTF-8 text", "unicode_decode") from None
     rows = _csv_rows(text)
     _check_batch_size(len(rows), "file")
-    result = await ingest(session, rows, UsageSource.csv, first_index=1, only_tenant=caller.tenant_id)
-    return log_batch(UsageSource.csv, result)
+    return rows
 
 
 @router.post(
