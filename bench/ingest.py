@@ -99,6 +99,7 @@ class Row:
     occurred_at: datetime
     key: str
     properties: dict[str, Any]
+    tenant_id: uuid.UUID | None = None  # its own tenant (rows of many tenants); None: the run's one tenant
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class Measurement:
         return self.events / self.seconds
 
 
-def _tree_cpu(root: psutil.Process) -> float:
+def tree_cpu(root: psutil.Process) -> float:
     """CPU seconds of ``root``, of its children alive now and of those it has reaped."""
     if root.pid == os.getpid():  # the clients: this process alone (the API is a child of it)
         own = root.cpu_times()
@@ -118,7 +118,7 @@ class CpuMeter:
             self.roots["postgres"] = server
 
     def _now(self) -> dict[str, float]:
-        return {group: _tree_cpu(root) for group, root in self.roots.items()}
+        return {group: tree_cpu(root) for group, root in self.roots.items()}
 
     async def around(self, phase: Any) -> tuple[float, dict[str, float]]:
         before = self._now()
@@ -131,12 +131,30 @@ def _batches(count: int, batch: int) -> list[range]:
     return [range(first, min(first + batch, count)) for first in range(0, count, batch)]
 
 
+def row_tenant(row: Row, tenant_id: uuid.UUID | None) -> uuid.UUID:
+    """The row's own tenant, else the run's one tenant."""
+    tenant = row.tenant_id or tenant_id
+    if tenant is None:
+        raise ValueError(f"row {row.key} names no tenant and the run has none")
+    return tenant
+
+
 async def staged_copy(
-    url: str, tenant_id: uuid.UUID, meter_ids: dict[str, uuid.UUID], rows: Sequence[Row], batch: int, clients: int
+    url: str,
+    tenant_id: uuid.UUID | None,
+    meter_ids: dict[str, uuid.UUID],
+    rows: Sequence[Row],
+    batch: int,
+    clients: int,
 ) -> float:
-    """The limit: COPY a batch into a staging table, INSERT ... SELECT it, one transaction a batch."""
+    """The limit: COPY a batch into a staging table, INSERT ... SELECT it, one transaction a batch.
+
+    With ``tenant_id`` the connections work in that tenant's row-level security scope; without,
+    each row names its tenant (``Row.tenant_id``) and they work in the operator's scope, as the
+    API does for a meter gateway bound to no tenant."""
     records = [
-        (tenant_id, meter_ids[r.meter], r.quantity, r.occurred_at, r.key, json.dumps(r.properties)) for r in rows
+        (row_tenant(r, tenant_id), meter_ids[r.meter], r.quantity, r.occurred_at, r.key, json.dumps(r.properties))
+        for r in rows
     ]
     queue: asyncio.Queue[range] = asyncio.Queue()
     for part in _batches(len(records), batch):
@@ -144,7 +162,10 @@ async def staged_copy(
     conns = [await asyncpg.connect(libpq_url(url)) for _ in range(clients)]
     try:
         for conn in conns:
-            await conn.execute(f"SET app.tenant_id = '{tenant_id}'")
+            if tenant_id is not None:
+                await conn.execute(f"SET app.tenant_id = '{tenant_id}'")
+            else:
+                await conn.execute("SET app.operator = 'on'")
             await conn.execute(_STAGE)
 
         async def work(conn: asyncpg.Connection) -> None:
@@ -234,14 +255,15 @@ async def over_http(
             await client.__aexit__(None, None, None)
 
 
-def encode_bodies(tenant_id: uuid.UUID, rows: Sequence[Row], batch: int) -> list[bytes]:
-    """The batches as a client sends them: quantities as JSON numbers (exact decimal text)."""
+def encode_bodies(tenant_id: uuid.UUID | None, rows: Sequence[Row], batch: int) -> list[bytes]:
+    """The batches as a client sends them: quantities as JSON numbers (exact decimal text); each
+    row's tenant is its own (``Row.tenant_id``), else ``tenant_id``."""
     bodies = []
     for part in _batches(len(rows), batch):
         events = ",".join(
             json.dumps(
                 {
-                    "tenant_id": str(tenant_id),
+                    "tenant_id": str(row_tenant(rows[i], tenant_id)),
                     "meter": rows[i].meter,
                     "quantity": "QTY",
                     "occurred_at": rows[i].occurred_at.isoformat(),
