@@ -75,7 +75,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from adapters.signing_keys import KeyStore
 from adapters.storage import document_store
 from bench.bare import Shape, run_bare
-from bench.ingest import Row
+from bench.ingest import TRUNCATE_USAGE, Row, partitions_for
 from bench.ingest_http import encode_bodies, over_http, postmaster, staged_copy, tree_cpu
 from core.observability import configure_logging
 from core.principal import Role
@@ -483,8 +483,9 @@ async def measure_usage(stack: Stack, monitor: Monitor, rows: Sequence[Row], arg
                 if stored != expected:
                     raise RuntimeError(f"{label}: {stored} usage rows stored, expected {expected}")
                 if truncate:
-                    await conn.execute(text("TRUNCATE usage_events RESTART IDENTITY"))
+                    await conn.execute(text(TRUNCATE_USAGE))  # the events and their keys
 
+        await partitions_for(make_sessionmaker(admin), rows)  # the months the rows fall into, as the product has
         gateway = token(stack.settings, Role.meter_gateway, "bench-e2e-gateway")
         bodies = encode_bodies(None, rows, args.batch)
         port = stack.settings.api_port
