@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import pytest
 from sqlmodel import col, select
 
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore, LocalDocumentStore
-from schema.models import Interval as PlanInterval
-from schema.models import Invoice, InvoiceStatus, Plan, PlanCharge, PriceModel, Subscription
+from schema.models import Invoice, InvoiceStatus
 from services import billing_runs, invoicing
 from services.billing_runs import Boundary, invoice_batch
 from tests import factories
+from tests.test_billing_workflows import broken_plan_subscriber
 
 pytestmark = pytest.mark.db
 
@@ -61,24 +60,10 @@ async def all_invoices(sessions) -> list[Invoice]:
         return list((await s.exec(select(Invoice).order_by(col(Invoice.number)))).all())
 
 
-async def broken_subscriber(sessions, cat: factories.Catalog) -> Subscription:
-    async with sessions() as s:
-        plan = Plan(code="broken", name="Broken", currency="USD", interval=PlanInterval.month, base_fee=100)
-        s.add(plan)
-        await s.flush()
-        s.add(
-            PlanCharge(
-                plan_id=plan.id, meter_id=cat.kwh.id, unit_amount=Decimal(0), price_model=PriceModel.graduated, tiers=[]
-            )
-        )
-        await s.commit()
-    return await factories.subscriber(sessions, factories.Catalog(plan, cat.kwh, cat.water), START, name="Broken")
-
-
 async def test_each_subscription_in_boundary_order_a_refusal_left_behind_alone(sessions, renderer, settings):
     cat = await factories.catalog(sessions)
     subs = [await factories.subscriber(sessions, cat, START, name=f"T{i}") for i in range(3)]
-    broken = await broken_subscriber(sessions, cat)
+    broken = await broken_plan_subscriber(sessions, cat, "Broken")
     ports = Ports(renderer, LocalDocumentStore(settings.documents_root))
 
     outcome = await batch(sessions, await due(sessions), ports)
