@@ -223,9 +223,7 @@ class BillingRunWorkflow:
             self._progress.failed += len(result.failures)
             self._progress.failures.extend(result.failures)
             if result.failures:
-                workflow.metric_meter().create_counter(
-                    "billing_run_invoice_failures", "Invoice workflows of billing runs that failed"
-                ).add(len(result.failures))
+                _count_failures(len(result.failures))
         finally:
             self._batches_running -= 1
             self._in_flight -= subscriptions
@@ -261,9 +259,7 @@ class BillingRunWorkflow:
                     break
                 except ChildWorkflowError as err:
                     self._progress.failed += 1
-                    workflow.metric_meter().create_counter(
-                        "billing_run_invoice_failures", "Invoice workflows of billing runs that failed"
-                    ).add(1)
+                    _count_failures(1)
                     error_type, message = _reason(err)
                     self._record(due, error_type, message, left)
                     child_id = invoice_workflow_id(due.subscription_id, due.period_start)
@@ -324,6 +320,13 @@ def _reason(err: ChildWorkflowError | ActivityError) -> tuple[str, str]:
     if isinstance(cause, TimeoutError):
         return f"Timeout:{cause.type.name if cause.type else 'UNKNOWN'}", cause.message or str(err)
     return type(cause).__name__, str(cause)
+
+
+def _count_failures(subscriptions: int) -> None:
+    """``billing_run_invoice_failures_total``: subscriptions a run left behind (through the SDK's meter)."""
+    workflow.metric_meter().create_counter(
+        "billing_run_invoice_failures", "Invoice workflows of billing runs that failed"
+    ).add(subscriptions)
 
 
 def _in_batches(groups: list[list[DuePeriod]], size: int) -> list[list[DuePeriod]]:
