@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from typing import Annotated
 
+import msgspec
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -30,7 +32,17 @@ from core import metrics
 from schema.db import driver_connection, execute_sql
 from schema.models import UsageSource
 from services import audit, usage_fence, usage_partitions
-from services.inputs import ExactDecimal, IdempotencyKey, MeterCode, Properties, UtcDatetime, check_pg_text
+from services.inputs import (
+    DECIMAL_TEXT,
+    RFC3339,
+    ExactDecimal,
+    IdempotencyKey,
+    MeterCode,
+    Properties,
+    UtcDatetime,
+    check_pg_text,
+    json_object,
+)
 
 
 class UsageEventIn(BaseModel):
@@ -42,6 +54,23 @@ class UsageEventIn(BaseModel):
     occurred_at: UtcDatetime
     idempotency_key: IdempotencyKey = Field(description="Unique per tenant; a repeat is a duplicate")
     properties: Properties = Field(default_factory=dict)
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """A valid event as the store takes it (values checked: by :class:`UsageEventIn` or the plain-JSON lane)."""
+
+    tenant_id: uuid.UUID
+    meter: str
+    quantity: Decimal
+    occurred_at: datetime
+    idempotency_key: str
+    properties: dict[str, object]
+
+    @classmethod
+    def of(cls, event: UsageEventIn) -> Event:
+        return cls(
+            event.tenant_id, event.meter, event.quantity, event.occurred_at, event.idempotency_key, event.properties
+        )
 
 
 class RowStatus(StrEnum):
@@ -149,7 +178,7 @@ class FieldProblem:
 class RowOutcome:
     index: int
     idempotency_key: str | None
-    event: UsageEventIn | None
+    event: Event | None
     problems: list[FieldProblem] = field(default_factory=list)
     status: RowStatus = RowStatus.rejected
 
@@ -181,7 +210,7 @@ def parse_row(index: int, raw: object) -> RowOutcome:
         for error in exc.errors(include_url=False):
             outcome.reject(tuple(error["loc"]), error["msg"], error["type"])
         return outcome
-    return RowOutcome(index, event.idempotency_key, event, status=RowStatus.accepted)
+    return RowOutcome(index, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
 
 
 def parse_rows(raws: Sequence[object], first_index: int = 0) -> list[RowOutcome]:
@@ -206,14 +235,86 @@ def parse_rows(raws: Sequence[object], first_index: int = 0) -> list[RowOutcome]
         outcomes = []
         for i, raw in enumerate(rows):
             if (event := valid.get(i)) is not None:
-                outcomes.append(RowOutcome(first_index + i, event.idempotency_key, event, status=RowStatus.accepted))
+                outcomes.append(
+                    RowOutcome(first_index + i, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
+                )
             else:
                 outcomes.append(RowOutcome(first_index + i, _raw_key(raw), None, problems[i]))
         return outcomes
     return [
-        RowOutcome(first_index + i, event.idempotency_key, event, status=RowStatus.accepted)
+        RowOutcome(first_index + i, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
         for i, event in enumerate(events)
     ]
+
+
+# The plain-JSON lane: a batch whose every row is in the plain shape is decoded and checked on the
+# raw body in one msgspec call plus a short loop; any row outside it (an error, or a shape only the
+# pydantic rules decide: whitespace to strip, a negative zero, a zone at the end of the range ...)
+# sends the whole batch to parse_rows, which names every fault. The lane accepts nothing parse_rows
+# refuses and yields the same values (tests/test_ingestion_lane.py checks this for generated input).
+_METER_PATTERN = r"^[a-z0-9_-]{1,64}\Z"
+_INSTANT_PATTERN = "^" + RFC3339.pattern + r"\Z"
+_MAX_WHOLE_DIGITS, _MAX_PLACES = 15, 9  # numeric(24, 9), as ExactDecimal
+
+
+class _PlainEvent(msgspec.Struct, gc=False):
+    tenant_id: uuid.UUID
+    meter: Annotated[str, msgspec.Meta(pattern=_METER_PATTERN)]
+    quantity: object  # an integer, a number (as Decimal: float_hook) or decimal text; checked below
+    occurred_at: Annotated[str, msgspec.Meta(pattern=_INSTANT_PATTERN)]
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    properties: dict[str, object] = {}
+
+
+class _PlainBatch(msgspec.Struct):
+    events: list[_PlainEvent]
+
+
+_PLAIN_BATCH = msgspec.json.Decoder(_PlainBatch, float_hook=Decimal)
+
+
+def parse_plain_batch(body: bytes, max_rows: int) -> list[RowOutcome] | None:
+    """The rows of a JSON body ``{"events": [...]}``, every one valid and tentatively accepted; None
+    when the body is not that (not JSON, no list, 0 or more than ``max_rows`` rows) or any row is
+    not plainly valid: :func:`parse_rows` then decides, naming each fault."""
+    try:
+        rows = _PLAIN_BATCH.decode(body).events
+    except msgspec.DecodeError:  # ValidationError is one
+        return None
+    if not 1 <= len(rows) <= max_rows:
+        return None
+    outcomes = []
+    for index, row in enumerate(rows):
+        quantity = _plain_quantity(row.quantity)
+        key = row.idempotency_key
+        if quantity is None or key.strip() != key or "\x00" in key:
+            return None
+        try:
+            occurred_at = datetime.fromisoformat(row.occurred_at).astimezone(UTC)
+            properties = json_object(row.properties) if row.properties else {}
+            key.encode("utf-8")
+        except (ValueError, OverflowError):
+            return None
+        event = Event(row.tenant_id, row.meter, quantity, occurred_at, key, properties)
+        outcomes.append(RowOutcome(index, key, event, status=RowStatus.accepted))
+    return outcomes
+
+
+def _plain_quantity(value: object) -> Decimal | None:
+    """``value`` as ExactDecimal would take it, when plainly within its bounds (>= 0 without a sign,
+    at most 15 digits before the point and 9 after); else None."""
+    if type(value) is int:
+        value = Decimal(value)
+    elif type(value) is str and DECIMAL_TEXT.fullmatch(value):
+        value = Decimal(value)
+    elif type(value) is not Decimal:
+        return None
+    sign, digits, exponent = value.as_tuple()
+    if sign or not isinstance(exponent, int):
+        return None
+    places = max(-exponent, 0)
+    whole = len(digits) + exponent if exponent >= 0 else len(digits) - places
+    return value if places <= _MAX_PLACES and whole <= _MAX_WHOLE_DIGITS else None
 
 
 def _raw_key(raw: object) -> str | None:
@@ -227,7 +328,7 @@ def _raw_key(raw: object) -> str | None:
         return None
 
 
-def _differences(posted: UsageEventIn, meter_id: uuid.UUID, stored: Mapping[str, object]) -> list[FieldProblem]:
+def _differences(posted: Event, meter_id: uuid.UUID, stored: Mapping[str, object]) -> list[FieldProblem]:
     """How ``posted`` differs from the event already stored (or posted first) under its key."""
     pairs = [
         ("meter", meter_id, stored["meter_id"], stored["meter"]),
@@ -266,20 +367,67 @@ async def ingest(
     """Validate and store ``raws``; ``index`` of each result is ``first_index`` + its position.
     With ``only_tenant`` (a caller bound to one tenant) another tenant's rows are rejected. Without
     ``every_result`` the results leave the accepted rows out (the counts still count them)."""
-    outcomes = parse_rows(raws, first_index)
+    ingested = await ingest_parsed(session, parse_rows(raws, first_index), source, only_tenant=only_tenant)
+    return ingested.result(every_result=every_result)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """A stored batch's outcomes, answered as :class:`UsageBatchResult` (a model, or its JSON)."""
+
+    outcomes: Sequence[RowOutcome]
+
+    def count(self, status: RowStatus) -> int:
+        return sum(o.status is status for o in self.outcomes)
+
+    def shown(self, every_result: bool) -> list[RowOutcome]:
+        return list(self.outcomes) if every_result else [o for o in self.outcomes if o.status is not RowStatus.accepted]
+
+    def result(self, *, every_result: bool = True) -> UsageBatchResult:
+        return UsageBatchResult.model_construct(
+            accepted=self.count(RowStatus.accepted),
+            duplicates=self.count(RowStatus.duplicate),
+            conflicts=self.count(RowStatus.conflict),
+            rejected=self.count(RowStatus.rejected),
+            results=[o.result() for o in self.shown(every_result)],
+        )
+
+    def json(self, *, every_result: bool = True) -> bytes:
+        """The JSON of :meth:`result`, written by msgspec from plain values (a batch of 10 000
+        duplicates is 10 000 results; tests/test_ingestion_lane.py reads it back as the model)."""
+        answer = {
+            "accepted": self.count(RowStatus.accepted),
+            "duplicates": self.count(RowStatus.duplicate),
+            "conflicts": self.count(RowStatus.conflict),
+            "rejected": self.count(RowStatus.rejected),
+            "results": [
+                {
+                    "index": o.index,
+                    "status": o.status.value,
+                    "idempotency_key": o.idempotency_key,
+                    "errors": [{"field": p.field, "message": p.message} for p in o.problems],
+                }
+                for o in self.shown(every_result)
+            ],
+        }
+        return _ANSWER.encode(answer)
+
+
+_ANSWER = msgspec.json.Encoder()
+
+
+async def ingest_parsed(
+    session: AsyncSession,
+    outcomes: Sequence[RowOutcome],
+    source: UsageSource,
+    *,
+    only_tenant: uuid.UUID | None = None,
+) -> Ingested:
+    """Store the valid rows of ``outcomes`` (from :func:`parse_rows` or :func:`parse_plain_batch`),
+    as :func:`ingest`; counted in ``usage_events_total`` once settled."""
     await store(session, outcomes, source, only_tenant=only_tenant)
     _count(source, outcomes)
-    counts = {status: 0 for status in RowStatus}
-    for outcome in outcomes:
-        counts[outcome.status] += 1
-    shown = outcomes if every_result else [o for o in outcomes if o.status is not RowStatus.accepted]
-    return UsageBatchResult.model_construct(
-        accepted=counts[RowStatus.accepted],
-        duplicates=counts[RowStatus.duplicate],
-        conflicts=counts[RowStatus.conflict],
-        rejected=counts[RowStatus.rejected],
-        results=[o.result() for o in shown],
-    )
+    return Ingested(outcomes)
 
 
 async def store(
@@ -311,8 +459,8 @@ async def store(
         await usage_fence.hold_for_ingestion(session, storing)
     horizons = await usage_partitions.kept_from(session, storing) if storing else {}
 
-    first_in_batch: dict[tuple[uuid.UUID, str], UsageEventIn] = {}
-    batch: list[tuple[RowOutcome, UsageEventIn]] = []
+    first_in_batch: dict[tuple[uuid.UUID, str], Event] = {}
+    batch: list[tuple[RowOutcome, Event]] = []
     for outcome, event in valid:
         if only_tenant is not None and event.tenant_id != only_tenant:
             message = f"this caller reports usage for tenant {only_tenant} only"

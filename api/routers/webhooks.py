@@ -19,10 +19,10 @@ from adapters.webhooks import SignatureError
 from api.deps import SessionDep, SettingsDep, TemporalClientDep, as_operator
 from api.errors import ApiError, error_responses
 from api.middleware import client_of
-from api.routers.usage import BATCH_SCHEMA, batch_events, log_batch
+from api.routers.usage import BATCH_SCHEMA, batch_outcomes, log_batch
 from schema.models import PspEventStatus, UsageSource, utcnow
 from services import audit, meter_gateways, psp_events
-from services.ingestion import UsageBatchResult, ingest
+from services.ingestion import UsageBatchResult, ingest_parsed
 from workflows.contracts import PSP_EVENT_WORKFLOW, PspEventInput, psp_event_workflow_id
 
 # No media-type check here: a signature, which no web page can make, is these routes' credential.
@@ -133,8 +133,8 @@ async def meter_webhook(
     except SignatureError as refused:
         where = "Roomly-Gateway" if refused.kind == "gateway_unknown" else "Roomly-Signature"
         raise ApiError(status.HTTP_401_UNAUTHORIZED, refused.kind, str(refused), where, "header") from None
-    events = batch_events(body)
+    outcomes = batch_outcomes(body)
     audit.set_actor(audit.Actor(f"gateway:{gateway.id}", "gateway", ("meter_gateway",), *client_of(request)))
-    result = await ingest(session, events, UsageSource.webhook, only_tenant=gateway.tenant_id)
+    ingested = await ingest_parsed(session, outcomes, UsageSource.webhook, only_tenant=gateway.tenant_id)
     await meter_gateways.delivered(session)  # the nonce, when no row was new (ingest committed otherwise)
-    return log_batch(UsageSource.webhook, result)
+    return log_batch(UsageSource.webhook, ingested.result())
