@@ -303,6 +303,9 @@ class UsageEventKey(SQLModel, table=True):
     idempotency_key: str = Field(max_length=200, primary_key=True)
     event_id: int = Field(sa_type=BigInteger)
     occurred_at: datetime = _ts()  # with event_id, the event's primary key (one partition looked at)
+    # A digest of the event's values (services.ingestion.fingerprint; migration 0023): an equal one
+    # makes a posted event a duplicate without reading the event. None for keys claimed before it.
+    fingerprint: bytes | None = Field(default=None, sa_type=LargeBinary)
 
 
 class UsageRetention(SQLModel, table=True):

@@ -14,8 +14,10 @@ retention keeps (``services.usage_partitions.kept_from``) is refused naming ``oc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +36,6 @@ from schema.models import UsageSource
 from services import audit, usage_fence, usage_partitions
 from services.inputs import (
     DECIMAL_TEXT,
-    RFC3339,
     ExactDecimal,
     IdempotencyKey,
     MeterCode,
@@ -113,17 +114,20 @@ _KNOWN_METERS = text("SELECT code, id FROM meters WHERE code = ANY(CAST(:codes A
 _STAGE = """
     CREATE TEMP TABLE IF NOT EXISTS usage_stage (
         pos integer NOT NULL, tenant_id uuid NOT NULL, meter_id uuid NOT NULL, quantity numeric NOT NULL,
-        occurred_at timestamptz NOT NULL, idempotency_key text NOT NULL, properties jsonb NOT NULL
+        occurred_at timestamptz NOT NULL, idempotency_key text NOT NULL, properties jsonb NOT NULL,
+        fingerprint bytea NOT NULL
     ) ON COMMIT DELETE ROWS
 """
-_STAGE_COLUMNS = ("pos", "tenant_id", "meter_id", "quantity", "occurred_at", "idempotency_key", "properties")
+_STAGE_COLUMNS = (
+    "pos", "tenant_id", "meter_id", "quantity", "occurred_at", "idempotency_key", "properties", "fingerprint"
+)  # fmt: skip
 # One statement: the keys the batch can claim (a key taken before, in any month, is skipped), each
 # with its event's number drawn from the events' identity, then the events of the claimed keys. It
 # answers the positions of the rows it skipped.
 _INSERT = """
     WITH claimed AS (
-        INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_id, occurred_at)
-        SELECT s.tenant_id, s.idempotency_key, nextval('usage_events_id_seq'), s.occurred_at
+        INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_id, occurred_at, fingerprint)
+        SELECT s.tenant_id, s.idempotency_key, nextval('usage_events_id_seq'), s.occurred_at, s.fingerprint
         FROM usage_stage s
         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
         RETURNING tenant_id, idempotency_key, event_id
@@ -140,6 +144,14 @@ _INSERT = """
     WHERE NOT EXISTS (
         SELECT 1 FROM claimed c WHERE c.tenant_id = s.tenant_id AND c.idempotency_key = s.idempotency_key
     )
+"""
+# Before anything is staged: the rows whose key is taken with the same fingerprint, i.e. the same
+# event (duplicates; one probe of the keys' primary key each). Their positions, one array.
+_DUPLICATES = """
+    SELECT coalesce(array_agg(s.pos), '{}') AS positions
+    FROM unnest($1::uuid[], $2::text[], $3::bytea[]) WITH ORDINALITY AS s(tenant_id, idempotency_key, fingerprint, pos)
+    JOIN usage_event_keys k ON k.tenant_id = s.tenant_id AND k.idempotency_key = s.idempotency_key
+    WHERE k.fingerprint = s.fingerprint
 """
 # The staged rows the insert skipped: their keys were taken. ``same`` when the stored event equals
 # the staged one (a duplicate); the stored values, to name the differences, only when not. The key
@@ -253,7 +265,11 @@ def parse_rows(raws: Sequence[object], first_index: int = 0) -> list[RowOutcome]
 # sends the whole batch to parse_rows, which names every fault. The lane accepts nothing parse_rows
 # refuses and yields the same values (tests/test_ingestion_lane.py checks this for generated input).
 _METER_PATTERN = r"^[a-z0-9_-]{1,64}\Z"
-_INSTANT_PATTERN = "^" + RFC3339.pattern + r"\Z"
+# RFC3339 with the zone's offset bounded (datetime.fromisoformat would take "+05:60"; the rules do not).
+_INSTANT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])\Z"
+)
 _MAX_WHOLE_DIGITS, _MAX_PLACES = 15, 9  # numeric(24, 9), as ExactDecimal
 
 
@@ -347,6 +363,19 @@ def _differences(posted: Event, meter_id: uuid.UUID, stored: Mapping[str, object
     ]
 
 
+_FINGERPRINT = msgspec.json.Encoder(order="sorted")
+_PROPERTIES = msgspec.json.Encoder()  # checked JSON values (json_object): finite numbers, text, ...
+
+
+def fingerprint(meter_id: uuid.UUID, event: Event) -> bytes:
+    """A digest of what makes two events with one key the same: meter, quantity (numerically: 1.0 is
+    1), instant and properties (keys in any order). Equal digests mean equal values; values that
+    compare equal may still differ in digest (1.5 written otherwise), and are then compared by value."""
+    # msgspec writes the UUID, the normalized Decimal ("1.5", "1E+2") and the UTC instant as text.
+    values = (meter_id, event.quantity.normalize(), event.occurred_at, event.properties)
+    return hashlib.blake2b(_FINGERPRINT.encode(values), digest_size=16).digest()
+
+
 def _shown(value: object) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -376,9 +405,13 @@ class Ingested:
     """A stored batch's outcomes, answered as :class:`UsageBatchResult` (a model, or its JSON)."""
 
     outcomes: Sequence[RowOutcome]
+    counts: Mapping[RowStatus, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", Counter(o.status for o in self.outcomes))
 
     def count(self, status: RowStatus) -> int:
-        return sum(o.status is status for o in self.outcomes)
+        return self.counts.get(status, 0)
 
     def shown(self, every_result: bool) -> list[RowOutcome]:
         return list(self.outcomes) if every_result else [o for o in self.outcomes if o.status is not RowStatus.accepted]
@@ -426,8 +459,9 @@ async def ingest_parsed(
     """Store the valid rows of ``outcomes`` (from :func:`parse_rows` or :func:`parse_plain_batch`),
     as :func:`ingest`; counted in ``usage_events_total`` once settled."""
     await store(session, outcomes, source, only_tenant=only_tenant)
-    _count(source, outcomes)
-    return Ingested(outcomes)
+    ingested = Ingested(outcomes)
+    _count(source, ingested.counts)
+    return ingested
 
 
 async def store(
@@ -487,14 +521,26 @@ async def store(
         return
 
     conn = await driver_connection(session)
-    await conn.execute(_STAGE)
-    records = [
-        (pos, e.tenant_id, meter_ids[e.meter], e.quantity, e.occurred_at, e.idempotency_key,
-         json.dumps(e.properties, allow_nan=False, ensure_ascii=False))
-        for pos, (_, e) in enumerate(batch)
-    ]  # fmt: skip
-    await conn.copy_records_to_table("usage_stage", records=records, columns=_STAGE_COLUMNS)
-    skipped = [row["pos"] for row in await conn.fetch(_INSERT, source.value)]
+    prints = [fingerprint(meter_ids[e.meter], e) for _, e in batch]
+    [found] = await conn.fetch(
+        _DUPLICATES, [e.tenant_id for _, e in batch], [e.idempotency_key for _, e in batch], prints
+    )
+    repeated = found["positions"]
+    for pos in repeated:
+        batch[pos - 1][0].settle_repeat([])
+    if repeated:
+        rest = set(range(len(batch))).difference(pos - 1 for pos in repeated)
+        batch, prints = [batch[i] for i in sorted(rest)], [prints[i] for i in sorted(rest)]
+    skipped: list[int] = []
+    if batch:
+        await conn.execute(_STAGE)
+        records = [
+            (pos, e.tenant_id, meter_ids[e.meter], e.quantity, e.occurred_at, e.idempotency_key,
+             _PROPERTIES.encode(e.properties).decode(), prints[pos])
+            for pos, (_, e) in enumerate(batch)
+        ]  # fmt: skip
+        await conn.copy_records_to_table("usage_stage", records=records, columns=_STAGE_COLUMNS)
+        skipped = [row["pos"] for row in await conn.fetch(_INSERT, source.value)]
     if skipped:
         # A key the insert found taken: a duplicate when the stored event is the same (compared in
         # SQL); else the stored values come back and the differences are named as for any repeat.
@@ -516,7 +562,7 @@ async def store(
         "ingest",
         "usage_events",
         tenant_id=only_tenant,
-        after={"source": source.value, "rows": len(batch), "stored": len(batch) - len(skipped)},
+        after={"source": source.value, "rows": len(batch) + len(repeated), "stored": len(batch) - len(skipped)},
     )
     await session.commit()
 
@@ -528,14 +574,14 @@ async def ingest_event(
     ids, or another tenant's than ``only_tenant``)."""
     outcome = parse_row(0, event)
     await store(session, [outcome], source, only_tenant=only_tenant)
-    _count(source, [outcome])
+    _count(source, {outcome.status: 1})
     return outcome
 
 
-def _count(source: UsageSource, outcomes: Sequence[RowOutcome]) -> None:
+def _count(source: UsageSource, counts: Mapping[RowStatus, int]) -> None:
     """``usage_events_total`` by outcome, once :func:`store` has settled (and committed) every row."""
-    for status in RowStatus:
-        if n := sum(o.status is status for o in outcomes):
+    for status, n in counts.items():
+        if n:
             metrics.USAGE_EVENTS.labels(source.value, status.value).inc(n)
 
 
