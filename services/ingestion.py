@@ -147,11 +147,16 @@ _INSERT = """
 """
 # Before anything is staged: the rows whose key is taken with the same fingerprint, i.e. the same
 # event (duplicates; one probe of the keys' primary key each). Their positions, one array.
+# (LATERAL ... LIMIT 1: one index probe per row, whatever the planner estimates; as a plain join it
+# may hash the whole key table, since row-level security's filter hides its size.)
 _DUPLICATES = """
     SELECT coalesce(array_agg(s.pos), '{}') AS positions
     FROM unnest($1::uuid[], $2::text[], $3::bytea[]) WITH ORDINALITY AS s(tenant_id, idempotency_key, fingerprint, pos)
-    JOIN usage_event_keys k ON k.tenant_id = s.tenant_id AND k.idempotency_key = s.idempotency_key
-    WHERE k.fingerprint = s.fingerprint
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM usage_event_keys k
+        WHERE k.tenant_id = s.tenant_id AND k.idempotency_key = s.idempotency_key AND k.fingerprint = s.fingerprint
+        LIMIT 1
+    ) taken
 """
 # The staged rows the insert skipped: their keys were taken. ``same`` when the stored event equals
 # the staged one (a duplicate); the stored values, to name the differences, only when not. The key
@@ -364,7 +369,7 @@ def _differences(posted: Event, meter_id: uuid.UUID, stored: Mapping[str, object
 
 
 _FINGERPRINT = msgspec.json.Encoder(order="sorted")
-_PROPERTIES = msgspec.json.Encoder()  # checked JSON values (json_object): finite numbers, text, ...
+_JSON = msgspec.json.Encoder()  # properties, checked (json_object): finite numbers, PostgreSQL's text
 
 
 def fingerprint(meter_id: uuid.UUID, event: Event) -> bytes:
@@ -477,55 +482,65 @@ async def store(
     (unknown tenant or meter, another tenant's than ``only_tenant``, or usage older than retention
     keeps). Commits when anything is inserted.
     """
-    valid = [(o, o.event) for o in outcomes if o.event is not None]
-    if not valid:
+    # The rows by tenant (hashing a UUID is a Python call: once per row, here), tenants and meters
+    # looked up once per batch.
+    by_tenant: dict[uuid.UUID, list[tuple[RowOutcome, Event]]] = {}
+    codes: set[str] = set()
+    for outcome in outcomes:
+        if (event := outcome.event) is not None:
+            by_tenant.setdefault(event.tenant_id, []).append((outcome, event))
+            codes.add(event.meter)
+    if not by_tenant:
         return
-    tenant_ids = list({event.tenant_id for _, event in valid})
-    known_tenants = {row.id for row in await execute_sql(session, _KNOWN_TENANTS, {"ids": tenant_ids})}
-    codes = list({event.meter for _, event in valid})
-    known_meters = await execute_sql(session, _KNOWN_METERS, {"codes": codes})
+    found_tenants = await execute_sql(session, _KNOWN_TENANTS, {"ids": list(by_tenant)})
+    known_tenants = {row.id for row in found_tenants}
+    known_meters = await execute_sql(session, _KNOWN_METERS, {"codes": list(codes)})
     meter_ids: dict[str, uuid.UUID] = {row.code: row.id for row in known_meters}
 
     # The fence and the partition-maintenance lock before the horizon is read: retention cannot move
     # it (nor drop a month) between this check and the insert.
-    storing = {e.tenant_id for _, e in valid if e.tenant_id in known_tenants and only_tenant in (None, e.tenant_id)}
+    storing = {t for t in by_tenant if t in known_tenants and only_tenant in (None, t)}
     if storing:
         await usage_fence.hold_for_ingestion(session, storing)
     horizons = await usage_partitions.kept_from(session, storing) if storing else {}
 
-    first_in_batch: dict[tuple[uuid.UUID, str], Event] = {}
     batch: list[tuple[RowOutcome, Event]] = []
-    for outcome, event in valid:
-        if only_tenant is not None and event.tenant_id != only_tenant:
-            message = f"this caller reports usage for tenant {only_tenant} only"
-            outcome.reject(("tenant_id",), message, "tenant_forbidden")
-            continue
-        if event.tenant_id not in known_tenants:
-            outcome.reject(("tenant_id",), f"tenant {event.tenant_id} does not exist", "not_found")
-        if event.meter not in meter_ids:
-            outcome.reject(("meter",), f"meter {event.meter!r} does not exist", "not_found")
-        if (horizon := horizons.get(event.tenant_id)) is not None and event.occurred_at < horizon:
-            message = f"must not be before {_shown(horizon)}: older usage was removed by retention"
-            outcome.reject(("occurred_at",), message, "retention")
-        if outcome.status is RowStatus.rejected:
-            continue
-        key = (event.tenant_id, event.idempotency_key)
-        if (first := first_in_batch.get(key)) is not None:
-            shown = {"meter_id": meter_ids[first.meter], "meter": first.meter, "quantity": first.quantity,
-                     "occurred_at": first.occurred_at, "properties": first.properties}  # fmt: skip
-            outcome.settle_repeat(_differences(event, meter_ids[event.meter], shown))
-            continue
-        first_in_batch[key] = event
-        batch.append((outcome, event))
+    for tenant_id, rows in by_tenant.items():
+        tenant_problem: tuple[str, str] | None = None
+        if only_tenant is not None and tenant_id != only_tenant:
+            tenant_problem = (f"this caller reports usage for tenant {only_tenant} only", "tenant_forbidden")
+        elif tenant_id not in known_tenants:
+            tenant_problem = (f"tenant {tenant_id} does not exist", "not_found")
+        horizon = horizons.get(tenant_id)
+        first_in_batch: dict[str, Event] = {}
+        for outcome, event in rows:
+            if tenant_problem is not None:
+                outcome.reject(("tenant_id",), *tenant_problem)
+                if tenant_problem[1] == "tenant_forbidden":
+                    continue
+            if event.meter not in meter_ids:
+                outcome.reject(("meter",), f"meter {event.meter!r} does not exist", "not_found")
+            if horizon is not None and event.occurred_at < horizon:
+                message = f"must not be before {_shown(horizon)}: older usage was removed by retention"
+                outcome.reject(("occurred_at",), message, "retention")
+            if outcome.status is RowStatus.rejected:
+                continue
+            if (first := first_in_batch.get(event.idempotency_key)) is not None:
+                shown = {"meter_id": meter_ids[first.meter], "meter": first.meter, "quantity": first.quantity,
+                         "occurred_at": first.occurred_at, "properties": first.properties}  # fmt: skip
+                outcome.settle_repeat(_differences(event, meter_ids[event.meter], shown))
+                continue
+            first_in_batch[event.idempotency_key] = event
+            batch.append((outcome, event))
     if not batch:
         return
+    if len(by_tenant) > 1:
+        batch.sort(key=lambda row: row[0].index)  # stored in the batch's order (ids ascend along it)
 
     conn = await driver_connection(session)
     prints = [fingerprint(meter_ids[e.meter], e) for _, e in batch]
-    [found] = await conn.fetch(
-        _DUPLICATES, [e.tenant_id for _, e in batch], [e.idempotency_key for _, e in batch], prints
-    )
-    repeated = found["positions"]
+    columns = ([e.tenant_id for _, e in batch], [e.idempotency_key for _, e in batch], prints)
+    repeated = await conn.fetchval(_DUPLICATES, *columns)
     for pos in repeated:
         batch[pos - 1][0].settle_repeat([])
     if repeated:
@@ -536,7 +551,7 @@ async def store(
         await conn.execute(_STAGE)
         records = [
             (pos, e.tenant_id, meter_ids[e.meter], e.quantity, e.occurred_at, e.idempotency_key,
-             _PROPERTIES.encode(e.properties).decode(), prints[pos])
+             _JSON.encode(e.properties).decode(), prints[pos])
             for pos, (_, e) in enumerate(batch)
         ]  # fmt: skip
         await conn.copy_records_to_table("usage_stage", records=records, columns=_STAGE_COLUMNS)

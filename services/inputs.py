@@ -97,28 +97,33 @@ def _json_value(value: Any, depth: int = 0) -> Any:
 _FLAT = frozenset({str, int, bool, type(None)})
 
 
-def _flat_copy(value: dict[str, Any]) -> dict[str, Any] | None:
+_FLAT_JSON = msgspec.json.Encoder()
+
+
+def _flat_json(value: dict[str, Any]) -> bytes | None:
     """The common case without the recursion: text keys and text, integer, boolean or null values
-    (nothing to convert); None for anything else."""
+    (nothing to convert), as msgspec writes them; None for anything else, and for text that may not
+    be PostgreSQL's (a NUL, written \\u0000, or a lone surrogate): the general path names it."""
     for key, item in value.items():
         if type(key) is not str or type(item) not in _FLAT:
             return None
-        check_pg_text(key)
-        if type(item) is str:
-            check_pg_text(item)
-    return dict(value)
+    try:
+        written = _FLAT_JSON.encode(value)
+    except UnicodeEncodeError:
+        return None
+    return None if b"\\u0000" in written else written
 
 
 def json_object(value: dict[str, Any]) -> dict[str, Any]:
     """A checked copy of a JSON object of event properties, at most ``MAX_PROPERTIES_BYTES`` as
     ``json.dumps(copy, ensure_ascii=False)`` writes it (UTF-8)."""
-    flat = _flat_copy(value)
-    if flat is not None:
+    written = _flat_json(value)
+    if written is not None:
         # The same size without json.dumps: msgspec writes text, integers, booleans and null byte
-        # for byte as json.dumps does (tests/test_inputs.py compares every code point), without the
-        # space json.dumps puts after each ":" and ",".
-        size = len(msgspec.json.encode(flat)) + max(2 * len(flat) - 1, 0)
-        copy = flat
+        # for byte as json.dumps does (tests/test_ingestion_lane.py compares every code point),
+        # without the space json.dumps puts after each ":" and ",".
+        size = len(written) + max(2 * len(value) - 1, 0)
+        copy = dict(value)
     else:
         copy = _json_value(value)
         size = len(json.dumps(copy, ensure_ascii=False).encode("utf-8"))
