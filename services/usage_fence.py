@@ -33,7 +33,11 @@ USAGE_LOCK_CLASS = 0x55534745  # "USGE"
 PARTITIONS_LOCK_CLASS = 0x5553504D  # "USPM"
 
 _HOLD_PARTITIONS = text("SELECT pg_advisory_xact_lock_shared(CAST(:cls AS integer), 0)")
-_HOLD = text("SELECT pg_advisory_xact_lock_shared(CAST(:cls AS integer), hashtext(CAST(:tenant AS text)))")
+# Every tenant's lock in one statement, in one order (their ids as text, byte order).
+_HOLD = text(
+    "SELECT count(pg_advisory_xact_lock_shared(CAST(:cls AS integer), hashtext(t))) FROM "
+    '(SELECT t FROM unnest(CAST(:tenants AS text[])) AS t ORDER BY t COLLATE "C") AS ordered'
+)
 _SETTLE = text("SELECT pg_advisory_xact_lock(CAST(:cls AS integer), hashtext(CAST(:tenant AS text)))")
 _WATERMARK = text("SELECT coalesce(max(id), 0) FROM usage_events")
 
@@ -42,8 +46,8 @@ async def hold_for_ingestion(session: AsyncSession, tenant_ids: Iterable[uuid.UU
     """Before inserting events of these tenants: no settlement of theirs, and no partition maintenance,
     runs until this transaction ends."""
     await execute_sql(session, _HOLD_PARTITIONS, {"cls": PARTITIONS_LOCK_CLASS})
-    for tenant_id in sorted(set(tenant_ids)):
-        await execute_sql(session, _HOLD, {"cls": USAGE_LOCK_CLASS, "tenant": str(tenant_id)})
+    tenants = sorted({str(tenant_id) for tenant_id in tenant_ids})
+    await execute_sql(session, _HOLD, {"cls": USAGE_LOCK_CLASS, "tenants": tenants})
 
 
 async def settle(session: AsyncSession, tenant_id: uuid.UUID) -> int:

@@ -19,7 +19,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlmodel import col, select
 
 from billing.periods import Interval, period
@@ -389,3 +389,25 @@ async def test_every_period_is_settled_exactly_whatever_moves_and_late_events(se
         p = period(JAN_1, "UTC", Interval.month, month)
         billed = sum(amount for start, amount in rows if start == p.start)
         assert billed == reference(shop_, p.start, p.end, moves, first, events), (month, moves, events)
+
+
+async def test_ingestion_holds_every_tenants_fence(sessions):
+    """One statement takes the shared fence of each tenant of a batch (and the partitions' lock)."""
+    tenants = [uuid.uuid4() for _ in range(3)]
+    async with sessions() as ingesting:
+        await usage_fence.hold_for_ingestion(ingesting, [*tenants, tenants[0]])
+        conn = await ingesting.connection()
+        held = await conn.execute(
+            text(
+                "SELECT classid::bigint AS cls, objid::bigint AS key FROM pg_locks WHERE locktype = 'advisory'"
+                " AND mode = 'ShareLock' AND pid = pg_backend_pid() AND granted"
+            )
+        )
+        expected = await conn.execute(
+            text("SELECT hashtext(t)::bigint & 4294967295 AS key FROM unnest(CAST(:ts AS text[])) AS t"),
+            {"ts": [str(t) for t in tenants]},
+        )
+        locks = {(row.cls, row.key) for row in held}
+        assert locks == {(usage_fence.USAGE_LOCK_CLASS, row.key) for row in expected} | {
+            (usage_fence.PARTITIONS_LOCK_CLASS, 0)
+        }
