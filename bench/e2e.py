@@ -496,10 +496,10 @@ async def measure_usage(stack: Stack, monitor: Monitor, rows: Sequence[Row], arg
                 stack.app_url, None, meter_ids, rows, args.batch, args.clients
             )),
             ("usage: POST /v1/usage", lambda: over_http(
-                "127.0.0.1", port, gateway, bodies, args.clients, "accepted", ""
+                "127.0.0.1", [port], gateway, bodies, args.clients, "accepted", ""
             )),
             ("usage: POST /v1/usage, duplicates", lambda: over_http(
-                "127.0.0.1", port, gateway, bodies, args.clients, "duplicate", ""
+                "127.0.0.1", [port], gateway, bodies, args.clients, "duplicate", ""
             )),
         ):  # fmt: skip
             with monitor.phase(name):

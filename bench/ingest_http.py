@@ -10,9 +10,11 @@ non-superuser role so row-level security applies as under ``make up``:
     (``INSERT ... ON CONFLICT DO NOTHING`` into ``usage_event_keys``) and inserting the events of
     the claimed ones into ``usage_events`` (partitioned by month), ``--batch`` rows a transaction, over
     ``--clients`` asyncpg connections at once, values already typed;
-(b) the product, fresh: the API as its own process (``uvicorn api.main:app`` on a free loopback
-    port, ``--workers`` processes, default the ``API_WORKERS`` setting), ``--clients`` HTTP
-    clients posting ``--batch`` events a request with a real bearer token (a meter gateway's);
+(b) the product, fresh: the API in processes of its own (``--workers`` of them, default the
+    ``API_WORKERS`` setting; each ``uvicorn api.main:app`` on a free loopback port, as the chart runs
+    one process per pod), ``--clients`` HTTP clients spread over them in turn, each posting
+    ``--batch`` events a request on its kept-alive connection with a real bearer token (a meter
+    gateway's);
 (c) limit again, every row a duplicate; (d) the product again, every event a duplicate.
 
 ``usage_events`` and its keys are truncated before (a) and before (b), the months of the events
@@ -112,14 +114,14 @@ class CpuMeter:
     """CPU time of the API (its processes), PostgreSQL (the server and its backends, ended ones
     included) and this process (the clients), around a phase."""
 
-    def __init__(self, api_pid: int, pgdata: str | None) -> None:
-        self.roots = {"api": psutil.Process(api_pid), "client": psutil.Process()}
+    def __init__(self, api_pids: Sequence[int], pgdata: str | None) -> None:
+        self.roots = {"api": [psutil.Process(pid) for pid in api_pids], "client": [psutil.Process()]}
         server = postmaster(pgdata) if pgdata else None
         if server is not None:
-            self.roots["postgres"] = server
+            self.roots["postgres"] = [server]
 
     def _now(self) -> dict[str, float]:
-        return {group: tree_cpu(root) for group, root in self.roots.items()}
+        return {group: sum(tree_cpu(root) for root in roots) for group, roots in self.roots.items()}
 
     async def around(self, phase: Any) -> tuple[float, dict[str, float]]:
         before = self._now()
@@ -234,9 +236,11 @@ _COUNTS = msgspec.json.Decoder(Counts)
 
 
 async def over_http(
-    host: str, port: int, token: str, bodies: Sequence[bytes], clients: int, expect: str, query: str
+    host: str, ports: Sequence[int], token: str, bodies: Sequence[bytes], clients: int, expect: str, query: str
 ) -> float:
-    """The product: ``clients`` HTTP clients posting the pre-encoded batches; every event must be ``expect``."""
+    """The product: ``clients`` HTTP clients posting the pre-encoded batches; every event must be
+    ``expect``. Client i keeps one connection to ``ports[i % len(ports)]`` (API processes on ports
+    of their own are spread over as a Service spreads connections over pods)."""
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
@@ -252,7 +256,7 @@ async def over_http(
             if counts[counted] != body.count(b'"idempotency_key"'):
                 raise RuntimeError(f"not every event {expect}: {counts}")
 
-    pool = [RawClient(host, port, token) for _ in range(clients)]
+    pool = [RawClient(host, ports[i % len(ports)], token) for i in range(clients)]
     for client in pool:
         await client.__aenter__()
     try:
@@ -331,9 +335,9 @@ async def measure(
     rows = make_rows(args.events)
     await partitions_for(sessions, rows)
     bodies = encode_bodies(tenant_id, rows, args.batch)
-    port = free_port()
-    settings = Settings(database_url=app_url, data_dir=data_dir, api_port=port)
-    keys = KeyStore.open(settings, _now())  # made here, before the workers start, so all of them share it
+    ports = [free_port() for _ in range(args.workers)]
+    settings = Settings(database_url=app_url, data_dir=data_dir, api_port=ports[0])
+    keys = KeyStore.open(settings, _now())  # made here, before the API processes start, so all of them share it
     token = issue_access_token(
         keys.keyset(), settings, subject="bench-gateway", kind="client", role=Role.meter_gateway,
         tenant_id=tenant_id, session_id=None, now=_now(),
@@ -342,16 +346,20 @@ async def measure(
         **os.environ,
         "DATABASE_URL": app_url,
         "DATA_DIR": str(data_dir),
-        "API_PORT": str(port),
         "LOG_LEVEL": "WARNING",
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",  # connected lazily; never used here
     }
-    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--no-access-log", "--log-level", "warning", "--workers", str(args.workers)]
-    api = Child("api", argv, env=env, cwd=PROJECT_ROOT).start()
+    # One uvicorn process per port, as the chart runs one per pod: with processes sharing one
+    # listening socket (uvicorn --workers) the kernel hands each kept-alive connection to one of
+    # them, and in 2 of 12 runs all four went to the same one (that run measured one process).
+    apis = []
+    for port in ports:
+        argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--no-access-log", "--log-level", "warning"]
+        apis.append(Child(f"api-{port}", argv, env={**env, "API_PORT": str(port)}, cwd=PROJECT_ROOT).start())
     try:
-        base = f"http://127.0.0.1:{port}"
-        await wait_healthy(base, api)
+        for port, api in zip(ports, apis, strict=True):
+            await wait_healthy(f"http://127.0.0.1:{port}", api)
 
         async def count_and_truncate(expected: int, label: str) -> None:
             async with engine.begin() as conn:
@@ -361,23 +369,23 @@ async def measure(
                 await conn.execute(text(TRUNCATE_USAGE))
 
         n = args.events
-        assert api.pid is not None
-        cpu = CpuMeter(api.pid, pgdata)
+        cpu = CpuMeter([api.pid for api in apis if api.pid is not None], pgdata)
         a = await cpu.around(staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients))
         c = await cpu.around(staged_copy(app_url, tenant_id, meter_ids, rows, args.batch, args.clients))
         await count_and_truncate(n, "staged COPY")
-        b = await cpu.around(over_http("127.0.0.1", port, token, bodies, args.clients, "accepted", args.query))
-        d = await cpu.around(over_http("127.0.0.1", port, token, bodies, args.clients, "duplicate", args.query))
+        b = await cpu.around(over_http("127.0.0.1", ports, token, bodies, args.clients, "accepted", args.query))
+        d = await cpu.around(over_http("127.0.0.1", ports, token, bodies, args.clients, "duplicate", args.query))
         await count_and_truncate(n, "POST /v1/usage")
         return [
             Measurement(f"(a) limit: staged COPY + INSERT..SELECT, {args.clients} conns", n, *a),
-            Measurement(f"(b) POST /v1/usage, {args.clients} clients, {args.workers} worker(s)", n, *b),
+            Measurement(f"(b) POST /v1/usage, {args.clients} clients, {args.workers} API process(es)", n, *b),
             Measurement("(c) limit, all duplicates", n, *c),
             Measurement("(d) POST /v1/usage, all duplicates", n, *d),
         ]
     finally:
         await engine.dispose()
-        api.stop()
+        for api in apis:
+            api.stop()
 
 
 def _now() -> Any:
