@@ -351,7 +351,7 @@ async def measure(
     }
     # One uvicorn process per port, as the chart runs one per pod: with processes sharing one
     # listening socket (uvicorn --workers) the kernel hands each kept-alive connection to one of
-    # them, and in 2 of 12 runs all four went to the same one (that run measured one process).
+    # them; 2 of 12 runs measured the one-process figure, as if all four had gone to the same one.
     apis = []
     for port in ports:
         argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
