@@ -376,25 +376,12 @@ def _check(response: httpx.Response, expected: int) -> Any:
 
 async def seed_catalog(http: httpx.AsyncClient) -> dict[str, uuid.UUID]:
     """The demo's meters, plans and rooms through the API; room code -> id."""
-    body: dict[str, Any]
     for meter in demo.METERS:
-        body = {"code": meter.code, "name": meter.name, "unit": meter.unit, "aggregation": meter.aggregation}
-        _check(await http.post("/v1/meters", json=body), 201)
-    plans: dict[str, str] = {}
-    for plan in demo.PLANS:
-        body = {
-            "code": plan.code,
-            "name": plan.name,
-            "currency": plan.currency,
-            "interval": plan.interval,
-            "base_fee": plan.base_fee,
-            "charges": [{"meter_code": m, **price} for m, price in plan.charges],
-        }
-        plans[plan.code] = _check(await http.post("/v1/plans", json=body), 201)["id"]
+        _check(await http.post("/v1/meters", json=meter.body()), 201)
+    plans = {plan.code: _check(await http.post("/v1/plans", json=plan.body()), 201)["id"] for plan in demo.PLANS}
     rooms: dict[str, uuid.UUID] = {}
     for room in demo.ROOMS:
-        body = {"code": room.code, "name": room.name, "plan_id": plans[room.plan]}
-        rooms[room.code] = uuid.UUID(_check(await http.post("/v1/rooms", json=body), 201)["id"])
+        rooms[room.code] = uuid.UUID(_check(await http.post("/v1/rooms", json=room.body(plans[room.plan])), 201)["id"])
     return rooms
 
 

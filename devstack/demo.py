@@ -37,6 +37,10 @@ class DemoMeter:
     unit: str
     aggregation: str
 
+    def body(self) -> dict[str, Any]:
+        """The meter as ``POST /v1/meters`` takes it."""
+        return {"code": self.code, "name": self.name, "unit": self.unit, "aggregation": self.aggregation}
+
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -48,12 +52,27 @@ class DemoPlan:
     currency: str = "USD"
     interval: str = "month"
 
+    def body(self) -> dict[str, Any]:
+        """The plan as ``POST /v1/plans`` takes it."""
+        return {
+            "code": self.code,
+            "name": self.name,
+            "currency": self.currency,
+            "interval": self.interval,
+            "base_fee": self.base_fee,
+            "charges": [{"meter_code": m, **price} for m, price in self.charges],
+        }
+
 
 @dataclass(frozen=True)
 class DemoRoom:
     code: str
     name: str
     plan: str
+
+    def body(self, plan_id: object) -> dict[str, Any]:
+        """The room as ``POST /v1/rooms`` takes it, on the plan ``plan_id`` (its code's id)."""
+        return {"code": self.code, "name": self.name, "plan_id": str(plan_id)}
 
 
 @dataclass(frozen=True)
@@ -304,13 +323,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
     for meter in METERS:
         exists = meter.code in meters
         if not exists:
-            body: dict[str, Any] = {
-                "code": meter.code,
-                "name": meter.name,
-                "unit": meter.unit,
-                "aggregation": meter.aggregation,
-            }
-            meters[meter.code] = _check(await client.post("/v1/meters", json=body), 201)
+            meters[meter.code] = _check(await client.post("/v1/meters", json=meter.body()), 201)
         _bump(summary, "meters", not exists)
 
     plans: dict[str, dict[str, Any]] = {}
@@ -320,15 +333,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
     for plan in PLANS:
         exists = plan.code in plans
         if not exists:
-            body = {
-                "code": plan.code,
-                "name": plan.name,
-                "currency": plan.currency,
-                "interval": plan.interval,
-                "base_fee": plan.base_fee,
-                "charges": [{"meter_code": m, **price} for m, price in plan.charges],
-            }
-            plans[plan.code] = _check(await client.post("/v1/plans", json=body), 201)
+            plans[plan.code] = _check(await client.post("/v1/plans", json=plan.body()), 201)
         _bump(summary, "plans", not exists)
 
     promos = {p["code"] for p in await _list_all(client, "/v1/promo-codes")}
@@ -340,8 +345,7 @@ async def seed(client: httpx.AsyncClient, now: datetime) -> DemoSummary:
     for room in ROOMS:
         exists = room.code in rooms
         if not exists:
-            body = {"code": room.code, "name": room.name, "plan_id": plans[room.plan]["id"]}
-            rooms[room.code] = _check(await client.post("/v1/rooms", json=body), 201)
+            rooms[room.code] = _check(await client.post("/v1/rooms", json=room.body(plans[room.plan]["id"])), 201)
         _bump(summary, "rooms", not exists)
 
     tenants = {t["email"]: t for t in await _list_all(client, "/v1/tenants")}
