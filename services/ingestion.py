@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated
 
 import msgspec
@@ -227,6 +228,10 @@ def parse_row(index: int, raw: object) -> RowOutcome:
         for error in exc.errors(include_url=False):
             outcome.reject(tuple(error["loc"]), error["msg"], error["type"])
         return outcome
+    return _accepted(index, event)
+
+
+def _accepted(index: int, event: UsageEventIn) -> RowOutcome:
     return RowOutcome(index, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
 
 
@@ -252,16 +257,11 @@ def parse_rows(raws: Sequence[object], first_index: int = 0) -> list[RowOutcome]
         outcomes = []
         for i, raw in enumerate(rows):
             if (event := valid.get(i)) is not None:
-                outcomes.append(
-                    RowOutcome(first_index + i, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
-                )
+                outcomes.append(_accepted(first_index + i, event))
             else:
                 outcomes.append(RowOutcome(first_index + i, _raw_key(raw), None, problems[i]))
         return outcomes
-    return [
-        RowOutcome(first_index + i, event.idempotency_key, Event.of(event), status=RowStatus.accepted)
-        for i, event in enumerate(events)
-    ]
+    return [_accepted(first_index + i, event) for i, event in enumerate(events)]
 
 
 # The plain-JSON lane: a batch whose every row is in the plain shape is decoded and checked on the
@@ -308,12 +308,12 @@ def parse_plain_batch(body: bytes, max_rows: int) -> list[RowOutcome] | None:
     for index, row in enumerate(rows):
         quantity = _plain_quantity(row.quantity)
         key = row.idempotency_key
-        if quantity is None or key.strip() != key or "\x00" in key:
+        if quantity is None or key.strip() != key:
             return None
         try:
+            check_pg_text(key)
             occurred_at = datetime.fromisoformat(row.occurred_at).astimezone(UTC)
             properties = json_object(row.properties) if row.properties else {}
-            key.encode("utf-8")
         except (ValueError, OverflowError):
             return None
         event = Event(row.tenant_id, row.meter, quantity, occurred_at, key, properties)
@@ -369,7 +369,7 @@ def _differences(posted: Event, meter_id: uuid.UUID, stored: Mapping[str, object
 
 
 _FINGERPRINT = msgspec.json.Encoder(order="sorted")
-_JSON = msgspec.json.Encoder()  # properties, checked (json_object): finite numbers, PostgreSQL's text
+_JSON = msgspec.json.Encoder()  # staged properties (checked by json_object) and batch answers
 
 
 def fingerprint(meter_id: uuid.UUID, event: Event) -> bytes:
@@ -410,48 +410,41 @@ class Ingested:
     """A stored batch's outcomes, answered as :class:`UsageBatchResult` (a model, or its JSON)."""
 
     outcomes: Sequence[RowOutcome]
-    counts: Mapping[RowStatus, int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "counts", Counter(o.status for o in self.outcomes))
+    @cached_property
+    def counts(self) -> Counter[RowStatus]:
+        return Counter(o.status for o in self.outcomes)
 
-    def count(self, status: RowStatus) -> int:
-        return self.counts.get(status, 0)
+    def totals(self) -> dict[str, int]:
+        """The answer's counts, named as :class:`UsageBatchResult` names them."""
+        counts = self.counts
+        return {
+            "accepted": counts[RowStatus.accepted],
+            "duplicates": counts[RowStatus.duplicate],
+            "conflicts": counts[RowStatus.conflict],
+            "rejected": counts[RowStatus.rejected],
+        }
 
     def shown(self, every_result: bool) -> list[RowOutcome]:
         return list(self.outcomes) if every_result else [o for o in self.outcomes if o.status is not RowStatus.accepted]
 
     def result(self, *, every_result: bool = True) -> UsageBatchResult:
-        return UsageBatchResult.model_construct(
-            accepted=self.count(RowStatus.accepted),
-            duplicates=self.count(RowStatus.duplicate),
-            conflicts=self.count(RowStatus.conflict),
-            rejected=self.count(RowStatus.rejected),
-            results=[o.result() for o in self.shown(every_result)],
-        )
+        results = [o.result() for o in self.shown(every_result)]
+        return UsageBatchResult.model_construct(None, **self.totals(), results=results)
 
     def json(self, *, every_result: bool = True) -> bytes:
         """The JSON of :meth:`result`, written by msgspec from plain values (a batch of 10 000
         duplicates is 10 000 results; tests/test_ingestion_lane.py reads it back as the model)."""
-        answer = {
-            "accepted": self.count(RowStatus.accepted),
-            "duplicates": self.count(RowStatus.duplicate),
-            "conflicts": self.count(RowStatus.conflict),
-            "rejected": self.count(RowStatus.rejected),
-            "results": [
-                {
-                    "index": o.index,
-                    "status": o.status.value,
-                    "idempotency_key": o.idempotency_key,
-                    "errors": [{"field": p.field, "message": p.message} for p in o.problems],
-                }
-                for o in self.shown(every_result)
-            ],
-        }
-        return _ANSWER.encode(answer)
-
-
-_ANSWER = msgspec.json.Encoder()
+        results = [
+            {
+                "index": o.index,
+                "status": o.status.value,
+                "idempotency_key": o.idempotency_key,
+                "errors": [{"field": p.field, "message": p.message} for p in o.problems],
+            }
+            for o in self.shown(every_result)
+        ]
+        return _JSON.encode({**self.totals(), "results": results})
 
 
 async def ingest_parsed(
@@ -506,18 +499,17 @@ async def store(
 
     batch: list[tuple[RowOutcome, Event]] = []
     for tenant_id, rows in by_tenant.items():
-        tenant_problem: tuple[str, str] | None = None
-        if only_tenant is not None and tenant_id != only_tenant:
-            tenant_problem = (f"this caller reports usage for tenant {only_tenant} only", "tenant_forbidden")
-        elif tenant_id not in known_tenants:
-            tenant_problem = (f"tenant {tenant_id} does not exist", "not_found")
+        forbidden = only_tenant is not None and tenant_id != only_tenant
+        unknown = tenant_id not in known_tenants
         horizon = horizons.get(tenant_id)
         first_in_batch: dict[str, Event] = {}
         for outcome, event in rows:
-            if tenant_problem is not None:
-                outcome.reject(("tenant_id",), *tenant_problem)
-                if tenant_problem[1] == "tenant_forbidden":
-                    continue
+            if forbidden:
+                message = f"this caller reports usage for tenant {only_tenant} only"
+                outcome.reject(("tenant_id",), message, "tenant_forbidden")
+                continue
+            if unknown:
+                outcome.reject(("tenant_id",), f"tenant {tenant_id} does not exist", "not_found")
             if event.meter not in meter_ids:
                 outcome.reject(("meter",), f"meter {event.meter!r} does not exist", "not_found")
             if horizon is not None and event.occurred_at < horizon:
@@ -540,12 +532,12 @@ async def store(
     conn = await driver_connection(session)
     prints = [fingerprint(meter_ids[e.meter], e) for _, e in batch]
     columns = ([e.tenant_id for _, e in batch], [e.idempotency_key for _, e in batch], prints)
-    repeated = await conn.fetchval(_DUPLICATES, *columns)
+    repeated = {pos - 1 for pos in await conn.fetchval(_DUPLICATES, *columns)}  # WITH ORDINALITY counts from 1
     for pos in repeated:
-        batch[pos - 1][0].settle_repeat([])
+        batch[pos][0].settle_repeat([])
     if repeated:
-        rest = set(range(len(batch))).difference(pos - 1 for pos in repeated)
-        batch, prints = [batch[i] for i in sorted(rest)], [prints[i] for i in sorted(rest)]
+        rest = [i for i in range(len(batch)) if i not in repeated]
+        batch, prints = [batch[i] for i in rest], [prints[i] for i in rest]
     skipped: list[int] = []
     if batch:
         await conn.execute(_STAGE)

@@ -21,7 +21,6 @@ from api.routing import DecimalJSONRoute, loads_decimal
 from api.schemas import UsageEventResult
 from schema.models import UsageSource
 from services.ingestion import (
-    Ingested,
     RowOutcome,
     RowStatus,
     UsageBatchResult,
@@ -62,27 +61,13 @@ def _check_batch_size(count: int, loc: str) -> None:
 
 
 def log_batch(source: UsageSource, result: UsageBatchResult) -> UsageBatchResult:
-    log.info(
-        "usage ingested",
-        source=source.value,
-        accepted=result.accepted,
-        duplicates=result.duplicates,
-        conflicts=result.conflicts,
-        rejected=result.rejected,
-    )
+    log_totals(source, result.model_dump(exclude={"results"}))
     return result
 
 
-def log_counts(source: UsageSource, ingested: Ingested) -> None:
-    """:func:`log_batch` for a batch answered as JSON bytes."""
-    log.info(
-        "usage ingested",
-        source=source.value,
-        accepted=ingested.count(RowStatus.accepted),
-        duplicates=ingested.count(RowStatus.duplicate),
-        conflicts=ingested.count(RowStatus.conflict),
-        rejected=ingested.count(RowStatus.rejected),
-    )
+def log_totals(source: UsageSource, totals: dict[str, int]) -> None:
+    """A batch's counts in the log (``UsageBatchResult``'s, or ``Ingested.totals()`` when answered as bytes)."""
+    log.info("usage ingested", source=source.value, **totals)
 
 
 @router.post(
@@ -104,7 +89,7 @@ async def ingest_batch(
     bound to a tenant has other tenants' rows rejected (``tenant_id``)."""
     outcomes = batch_outcomes(await request.body())
     ingested = await ingest_parsed(session, outcomes, UsageSource.api, only_tenant=caller.tenant_id)
-    log_counts(UsageSource.api, ingested)
+    log_totals(UsageSource.api, ingested.totals())
     # Serialized here, once: the result is built from checked values, FastAPI need not validate it again.
     return Response(ingested.json(every_result=results == "all"), media_type="application/json")
 
