@@ -13,7 +13,6 @@ that died is retried elsewhere within seconds.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -26,11 +25,12 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
+from activities.views import snapshot_view
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.pricing import PricingError
 from core.settings import get_settings
-from services import billing_runs, invoicing
+from services import billing_runs, invoicing, payments
 from workflows.contracts import (
     ACT_ATTACH_INVOICE_PDF,
     ACT_CREATE_INVOICE,
@@ -118,12 +118,14 @@ class _CollectingPorts:
         self._client = client
         self._task_queue = task_queue
 
-    async def collect(self, invoice_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
+    async def collect(self, state: payments.Collection) -> None:
+        """The workflow begins from the batch's ``state`` (no ``prepare_collection`` activity: one
+        activity and one workflow task less per invoice)."""
         with suppress(WorkflowAlreadyStartedError):  # started before (a repeated batch), or done
             await self._client.start_workflow(
                 COLLECTION_WORKFLOW,
-                CollectionInput(invoice_id, tenant_id=tenant_id),
-                id=collection_workflow_id(invoice_id),
+                CollectionInput(state.invoice_id, tenant_id=state.tenant_id, snapshot=snapshot_view(state)),
+                id=collection_workflow_id(state.invoice_id),
                 task_queue=self._task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             )

@@ -85,6 +85,18 @@ def make_sessionmaker(engine: AsyncEngine, *, scope: Scope | None = None) -> asy
     )
 
 
+@asynccontextmanager
+async def one_connection(
+    sessions: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions like ``sessions``' that all run on one pooled connection, checked out (and pre-pinged)
+    once: for a series of steps that each commit their own transactions, one after the other. Each
+    session still begins its own transactions (scoped as any other) and rolls back what it leaves."""
+    engine = sessions.kw["bind"]
+    async with engine.connect() as connection:
+        yield async_sessionmaker(class_=sessions.class_, **{**sessions.kw, "bind": connection})
+
+
 async def execute_sql(
     session: AsyncSession, statement: TextClause, params: dict[str, Any] | None = None
 ) -> CursorResult[Any]:

@@ -20,8 +20,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore
 from billing.pricing import PricingError
+from schema.db import one_connection
 from schema.models import Subscription, Tenant
-from services import invoicing
+from services import invoicing, payments
 from services.errors import InvalidInput, ServiceError
 
 log = structlog.get_logger(__name__)
@@ -102,8 +103,9 @@ class InvoicePorts(Protocol):
     renderer: PdfRenderer
     store: DocumentStore
 
-    async def collect(self, invoice_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
-        """Start the invoice's collection (once: a second call for the same invoice does nothing)."""
+    async def collect(self, state: payments.Collection) -> None:
+        """Start the invoice's collection from ``state``, its collection state as the batch left it
+        (once: a second call for the same invoice does nothing)."""
         ...
 
 
@@ -156,12 +158,14 @@ async def _invoice_boundary(
     clock: Callable[[], datetime],
     ports: InvoicePorts,
 ) -> bool:
-    """One boundary, each step in its own transaction (as the invoice workflow's activities do);
-    True when ``run_id`` wrote the invoice. Its log lines carry the tenant and the subscription."""
+    """One boundary, each step in its own transaction (as the invoice workflow's activities do), all
+    on one pooled connection; True when ``run_id`` wrote the invoice. Its log lines carry the tenant
+    and the subscription."""
     with structlog.contextvars.bound_contextvars(
         tenant_id=str(due.tenant_id), subscription_id=str(due.subscription_id)
     ):
-        return await _publish_boundary(sessions, due, run_id, terms, clock, ports)
+        async with one_connection(sessions) as on_one:
+            return await _publish_boundary(on_one, due, run_id, terms, clock, ports)
 
 
 async def _publish_boundary(
@@ -180,11 +184,12 @@ async def _publish_boundary(
         await invoicing.finalize_invoice(session, written.invoice_id, terms, clock())
     async with sessions() as session:
         stored = await invoicing.store_pdf(session, written.invoice_id, ports.renderer, ports.store)
-        tenant_id = stored.invoice.tenant_id
-    if stored.size:
-        async with sessions() as session:
+    async with sessions() as session:
+        if stored.size:
             await invoicing.attach_pdf(session, written.invoice_id, stored.location)
-    await ports.collect(written.invoice_id, tenant_id)
+        # What collection's workflow would load first (an invoice with nothing due is paid here).
+        state = await payments.close_if_nothing_due(session, written.invoice_id, clock())
+    await ports.collect(state)
     mine = written.created or written.workflow_id == run_id
     log.info(
         "invoice written", invoice=stored.invoice.number, total=written.total, created=mine, boundary=due.period_index

@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from adapters.pdf import PdfRenderer
 from adapters.storage import DocumentStore, LocalDocumentStore
 from schema.models import Invoice, InvoiceStatus
-from services import billing_runs, invoicing
+from services import billing_runs, invoicing, payments
 from services.billing_runs import Boundary, invoice_batch
 from tests import factories
 from tests.test_billing_workflows import broken_plan_subscriber
@@ -35,13 +35,15 @@ class Ports:
         self.renderer: PdfRenderer = renderer
         self.store: DocumentStore = store
         self.collected: list[uuid.UUID] = []
+        self.states: list[payments.Collection] = []
         self._fail_at = fail_at  # the n-th hand-over (1-based) raises, as a lost connection would
 
-    async def collect(self, invoice_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
+    async def collect(self, state: payments.Collection) -> None:
         if self._fail_at is not None and len(self.collected) + 1 == self._fail_at:
             self._fail_at = None
             raise ConnectionError("Temporal unreachable")
-        self.collected.append(invoice_id)
+        self.collected.append(state.invoice_id)
+        self.states.append(state)
 
 
 async def due(sessions) -> list[invoicing.DuePeriod]:
@@ -81,6 +83,26 @@ async def test_each_subscription_in_boundary_order_a_refusal_left_behind_alone(s
         assert (jan.number or "") < (feb.number or "")
     assert sorted(ports.collected) == sorted(i.id for i in written)  # every invoice handed over once
     assert len(set(ports.collected)) == 6
+    by_id = {i.id: i for i in written}  # handed over with its collection state as the database has it
+    for state in ports.states:
+        invoice = by_id[state.invoice_id]
+        assert (state.tenant_id, state.status, state.currency) == (invoice.tenant_id, InvoiceStatus.open, "USD")
+        assert state.total == state.amount_due == invoice.total > 0 and state.amount_paid == 0
+        assert state.due_at == invoice.due_at == ISSUED + timedelta(days=14)
+        assert (state.attempts, state.in_flight, state.has_payment_method) == (0, None, False)
+
+
+async def test_an_invoice_with_nothing_due_is_handed_over_paid(sessions, renderer, settings):
+    cat = await factories.catalog(sessions, base_fee=0)  # no usage either: every invoice totals 0
+    await factories.subscriber(sessions, cat, START, name="Free")
+    ports = Ports(renderer, LocalDocumentStore(settings.documents_root))
+
+    outcome = await batch(sessions, await due(sessions), ports)
+
+    assert (outcome.created, outcome.left_behind) == (2, [])
+    written = await all_invoices(sessions)
+    assert [(i.total, i.status) for i in written] == [(0, InvoiceStatus.paid)] * 2
+    assert [(s.status, s.amount_due) for s in ports.states] == [(InvoiceStatus.paid, 0)] * 2
 
 
 async def test_a_boundary_another_writer_wrote_after_the_listing_is_taken_as_it_is(sessions, renderer, settings):

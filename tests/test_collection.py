@@ -53,6 +53,11 @@ from tests.test_billing_workflows import START, start_run
 from tests.test_invoice_immutability import invoice_with_lines
 from worker import build_worker
 from workflows.contracts import (
+    ACT_OPEN_ATTEMPT,
+    ACT_RENDER_RECEIPT,
+    ACT_REPORT_PAYMENT_OUTCOME,
+    ACT_SETTLE_ATTEMPT,
+    ACT_SUBMIT_ATTEMPT,
     COLLECTION_PAY_UPDATE,
     COLLECTION_RECORD_PAYMENT_UPDATE,
     COLLECTION_STATE_QUERY,
@@ -197,9 +202,22 @@ async def test_a_billing_run_collects_the_invoice_once_posts_it_and_issues_a_rec
         handle = collection_handle(temporal_env, invoice.id)
         state = await settled_state(handle)
         await closed(handle)  # a workflow left half-way would stop this server from skipping time
-        # Histories with the invoice-collection patch (InvoiceCycle) and of a collection that paid.
-        await record_history(temporal_env.client.get_workflow_handle(invoice.workflow_id), "invoice_cycle_collection")
-        await record_history(handle, "invoice_collection_paid")
+        # The batch handed its snapshot over: the run began with the attempt and never loaded the invoice.
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            async for e in handle.fetch_history_events()
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        # A collection started by a billing run's batch, that paid (the older recordings keep the
+        # histories of the invoice workflow's collection and of a run that loaded the invoice itself).
+        await record_history(handle, "invoice_collection_from_batch")
+    assert scheduled == [
+        ACT_OPEN_ATTEMPT,
+        ACT_SUBMIT_ATTEMPT,
+        ACT_SETTLE_ATTEMPT,
+        ACT_RENDER_RECEIPT,
+        ACT_REPORT_PAYMENT_OUTCOME,
+    ]
     # The test server does not answer a long poll on a workflow started as another's child: poll the query.
     assert state.snapshot is not None and state.snapshot.status == "paid" and state.snapshot.amount_paid == 65000
     assert emulator.charges(**{"metadata.invoice_id": str(invoice.id)}) == 1

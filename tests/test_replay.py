@@ -64,6 +64,7 @@ def test_histories_are_committed():
         "psp_events_sweep",
         "invoice_cycle_collection",
         "invoice_collection_paid",
+        "invoice_collection_from_batch",
         "invoice_collection_operator",
         "dunning_suspended_resumed",
         "invoice_collection_dunning",

@@ -48,6 +48,7 @@ from schema.db import (
     execute_sql,
     make_engine,
     make_sessionmaker,
+    one_connection,
     scratch_database,
     upgrade,
     with_login,
@@ -536,6 +537,26 @@ async def test_each_transaction_of_one_session_takes_the_scope_in_force_when_it_
             await s.rollback()
         third = (await execute_sql(s, text("SELECT id FROM tenants"))).scalars().all()
     assert (first, second, third) == ([seeded.a], [seeded.b], [])
+
+
+async def test_one_connections_sessions_share_it_and_each_transaction_is_scoped_and_ends_alone(app_engine, seeded):
+    worker_sessions = make_sessionmaker(app_engine, scope=OPERATOR)
+    probe = "SELECT pg_backend_pid(), current_setting('app.tenant_id', true), (SELECT count(*) FROM tenants)"
+    async with one_connection(worker_sessions) as on_one:
+        async with on_one() as s:  # the default scope (the operator's) applies, as on the pool
+            pid, _, count = tuple((await execute_sql(s, text(probe))).one())
+            await execute_sql(s, text("UPDATE tenants SET name = 'Kept' WHERE id = :id"), {"id": seeded.a})
+            await s.commit()
+            assert count == 2
+        with tenant_scope(seeded.b):
+            async with on_one() as s:  # the same connection; a block's scope, for its transaction only
+                assert tuple((await execute_sql(s, text(probe))).one()) == (pid, str(seeded.b), 1)
+                await execute_sql(s, text("UPDATE tenants SET name = 'Dropped' WHERE id = :id"), {"id": seeded.b})
+        async with on_one() as s:  # the uncommitted one rolled back when its session closed
+            assert tuple((await execute_sql(s, text(probe))).one())[::2] == (pid, 2)
+    async with worker_sessions() as s:
+        names = {row.id: row.name for row in await execute_sql(s, text("SELECT id, name FROM tenants"))}
+    assert names[seeded.a] == "Kept" and names[seeded.b] != "Dropped"
 
 
 async def test_scopes_nest_and_restore_and_a_scope_is_one_tenants_or_the_operators():

@@ -192,11 +192,8 @@ class InvoiceCollectionWorkflow:
     @workflow.run
     async def run(self, data: CollectionInput) -> CollectionResult:
         self._input = data
-        self._snapshot = await self._call(
-            ACT_PREPARE_COLLECTION,
-            PrepareCollectionInput(data.invoice_id, tenant_id=data.tenant_id),
-            CollectionSnapshot,
-        )
+        given = data.snapshot  # read by the starter just before (a billing run's batch), else loaded here
+        self._snapshot = given if given is not None else await self._load()
         if self._snapshot.in_flight is not None:  # left by an earlier run: follow it to its end
             self._in_flight = self._snapshot.in_flight
             self._busy = True
@@ -312,8 +309,11 @@ class InvoiceCollectionWorkflow:
         return result
 
     async def _refresh(self) -> None:
+        self._snapshot = await self._load()
+
+    async def _load(self) -> CollectionSnapshot:
         data = self._require_input()
-        self._snapshot = await self._call(
+        return await self._call(
             ACT_PREPARE_COLLECTION,
             PrepareCollectionInput(data.invoice_id, tenant_id=data.tenant_id),
             CollectionSnapshot,

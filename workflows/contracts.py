@@ -313,6 +313,9 @@ class CollectionInput:
     automatic: bool = True  # charge the saved method at once (False: started by a webhook or an operator)
     confirm_wait: timedelta | None = None  # how long to wait for the PSP's webhook before asking; None: 60 s
     overdue_reported: bool = False  # carried across continue-as-new: dunning was told the invoice is past due
+    # The invoice's collection state as its starter just read it (a billing run's batch): the run
+    # begins from it instead of loading it with ``prepare_collection``. None: the run loads it.
+    snapshot: CollectionSnapshot | None = None
 
 
 @dataclass
