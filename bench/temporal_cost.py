@@ -25,10 +25,10 @@ from pathlib import Path
 
 from temporalio import workflow
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from core.temporal import data_converter
 from tests.test_workflow_branches import JAN, StandIns, due
 from workflows.billing_run import BillingRunWorkflow
 from workflows.contracts import (
@@ -68,7 +68,7 @@ def recorded(name: str) -> tuple[int, int]:
 async def main(subscriptions: int) -> None:
     load_before = os.getloadavg()[0]
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=data_converter, ui=False
     )
     try:
         subs = [uuid.uuid4() for _ in range(subscriptions)]

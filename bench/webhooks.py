@@ -30,12 +30,12 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from core.observability import configure_logging
 from core.settings import PROJECT_ROOT, LogFormat, Settings, get_settings
+from core.temporal import data_converter
 from devstack.services import serving
 from schema.db import libpq_url, scratch_database
 
@@ -110,7 +110,7 @@ async def baseline(url: str, bodies: list[bytes], clients: int) -> Measurement:
 async def real(url: str, bodies: list[bytes], clients: int, data_dir: Path) -> Measurement:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(Path(sys.executable).parent / "temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
     )
     settings = Settings(
         database_url=url,

@@ -162,37 +162,34 @@ async def _core(session: AsyncSession, statement: Executable) -> CursorResult[An
 
 
 async def _account_ids(session: AsyncSession, accounts: Sequence[Account]) -> dict[Account, uuid.UUID]:
-    """Each account's id, inserting the ones not there yet (in code order, so writers never deadlock)."""
+    """Each account's id, inserting the ones not there yet (in code order, so writers never deadlock).
+    Accounts are made once and read ever after: they are looked up first, and only missing ones written."""
     if not accounts:
         return {}
     ordered = sorted(accounts, key=lambda a: (a.code, a.currency))
-    now = utcnow()
-    await _core(
-        session,
-        insert(LedgerAccount)
-        .values(
-            [
-                {
-                    "id": uuid.uuid4(),
-                    "code": a.code,
-                    "name": a.name,
-                    "kind": a.kind,
-                    "tenant_id": a.tenant_id,
-                    "currency": a.currency,
-                    "created_at": now,
-                }
-                for a in ordered
-            ]
+    stored = await _stored_accounts(session, ordered)
+    if missing := [a for a in ordered if (a.code, a.currency) not in stored]:
+        now = utcnow()
+        await _core(
+            session,
+            insert(LedgerAccount)
+            .values(
+                [
+                    {
+                        "id": uuid.uuid4(),
+                        "code": a.code,
+                        "name": a.name,
+                        "kind": a.kind,
+                        "tenant_id": a.tenant_id,
+                        "currency": a.currency,
+                        "created_at": now,
+                    }
+                    for a in missing
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["code", "currency"]),
         )
-        .on_conflict_do_nothing(index_elements=["code", "currency"]),
-    )
-    keys = [(a.code, a.currency) for a in ordered]
-    rows = (
-        await session.exec(
-            select(LedgerAccount).where(tuple_(col(LedgerAccount.code), col(LedgerAccount.currency)).in_(keys))
-        )
-    ).all()
-    stored = {(row.code, row.currency): row for row in rows}
+        stored |= await _stored_accounts(session, missing)
     ids: dict[Account, uuid.UUID] = {}
     for account in ordered:
         row = stored[(account.code, account.currency)]
@@ -200,6 +197,16 @@ async def _account_ids(session: AsyncSession, accounts: Sequence[Account]) -> di
             raise Conflict("account", f"account {account.code} exists as {row.kind.value} of tenant {row.tenant_id}")
         ids[account] = row.id
     return ids
+
+
+async def _stored_accounts(session: AsyncSession, accounts: Sequence[Account]) -> dict[tuple[str, str], LedgerAccount]:
+    keys = [(a.code, a.currency) for a in accounts]
+    rows = (
+        await session.exec(
+            select(LedgerAccount).where(tuple_(col(LedgerAccount.code), col(LedgerAccount.currency)).in_(keys))
+        )
+    ).all()
+    return {(row.code, row.currency): row for row in rows}
 
 
 async def _existing(session: AsyncSession, source_type: str, source_id: str, kind: str) -> Posted | None:

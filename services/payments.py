@@ -129,7 +129,11 @@ async def _attempt(session: AsyncSession, attempt_id: uuid.UUID, *, lock: bool =
 
 
 async def collection(session: AsyncSession, invoice_id: uuid.UUID) -> Collection:
-    invoice = await _invoice(session, invoice_id)
+    return await _collection_of(session, await _invoice(session, invoice_id))
+
+
+async def _collection_of(session: AsyncSession, invoice: Invoice) -> Collection:
+    invoice_id = invoice.id
     tenant = await session.get(Tenant, invoice.tenant_id)
     in_flight = (
         await session.exec(
@@ -175,14 +179,16 @@ def _move_invoice(invoice: Invoice, to: InvoiceStatus, at: datetime) -> None:
 
 
 async def close_if_nothing_due(session: AsyncSession, invoice_id: uuid.UUID, at: datetime) -> Collection:
-    """An open invoice with nothing to collect (a total of 0, or credited in full) is paid; commits."""
+    """An open invoice with nothing to collect (a total of 0, or credited in full) is paid; commits.
+    Returns its collection state as committed (read in the same transaction)."""
     invoice = await _invoice(session, invoice_id, lock=True)
     due = amount_due(invoice.total, invoice.amount_paid, invoice.amount_credited)
     if InvoiceStatus(invoice.status) in COLLECTABLE and due == 0:
         _move_invoice(invoice, InvoiceStatus.paid, at)
         session.add(invoice)
+    state = await _collection_of(session, invoice)
     await session.commit()
-    return await collection(session, invoice_id)
+    return state
 
 
 def _refuse_unless_collectable(invoice: Invoice) -> None:

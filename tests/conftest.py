@@ -20,13 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.billing import BillingActivities
 from adapters.pdf import ChromiumPdfRenderer
 from adapters.storage import LocalDocumentStore
 from core.settings import PROJECT_ROOT, Settings, get_settings
+from core.temporal import data_converter
 from schema.db import make_engine, make_sessionmaker, scratch_database
 
 VENV_BIN = Path(sys.executable).parent
@@ -110,7 +110,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(VENV_BIN / "temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
     )
     try:
         yield env

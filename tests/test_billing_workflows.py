@@ -14,7 +14,6 @@ from pypdf import PdfReader
 from sqlmodel import col, select
 from temporalio import workflow
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
@@ -22,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.billing import BillingActivities
 from adapters.storage import LocalDocumentStore
 from billing.money import format_money
+from core.temporal import data_converter
 from schema.models import Interval as PlanInterval
 from schema.models import Invoice, InvoiceLine, InvoiceStatus, Plan, PlanCharge, PriceModel, Subscription
 from tests import factories
@@ -299,7 +299,7 @@ async def test_an_invoice_waiting_for_a_missing_earlier_one_gives_up_with_a_type
     )
     # A server of its own: the shared one does not skip time while other tests' workflows wait for workers.
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         async with build_worker(env.client, settings, impatient):

@@ -20,7 +20,6 @@ import pytest_asyncio
 from pypdf import PdfReader
 from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
@@ -30,6 +29,7 @@ from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from billing.states import is_terminal
 from core.settings import Settings
+from core.temporal import data_converter
 from schema.models import (
     AttemptStatus,
     Invoice,
@@ -84,7 +84,7 @@ WAIT = timedelta(seconds=1)  # no webhook reaches these tests: ask the PSP after
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of this module's own: one shared with heavier modules may no longer skip."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield env

@@ -21,14 +21,13 @@ import httpx
 import pytest
 import pytest_asyncio
 from sqlmodel import col, select
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from api.schemas import BillingRunStatus
 from core.principal import Role
 from core.settings import Settings
-from core.temporal import connect
+from core.temporal import connect, data_converter
 from devstack.services import free_port
 from devstack.up import Stack, banner, console_lines, login_lines
 from devstack.users import DEMO_OPERATOR_EMAIL, Login
@@ -264,7 +263,7 @@ async def test_hostile_input_on_the_console_is_a_4xx_naming_the_field(sessions, 
 async def test_recent_runs_are_listed_from_the_dev_servers_visibility(settings):
     """The dev server lists workflows (the time-skipping server cannot: the page then offers the form alone)."""
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=data_converter, ui=False
     )
     try:
         as_of = datetime(2026, 3, 1, tzinfo=UTC)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from sqlmodel import col, select
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from core.principal import Role
 from core.settings import Settings
+from core.temporal import data_converter
 from devstack.services import serving
 from schema.models import Invoice, UsageEvent
 from services import dunning
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.db
 @pytest_asyncio.fixture(scope="module")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield env

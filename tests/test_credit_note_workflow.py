@@ -17,7 +17,6 @@ import pytest_asyncio
 from pypdf import PdfReader
 from sqlmodel import select
 from temporalio.client import WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
@@ -26,6 +25,7 @@ from activities.credit_notes import CreditNoteActivities
 from activities.psp_events import PspEventActivities
 from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
+from core.temporal import data_converter
 from schema.models import AttemptStatus, CreditNote, PaymentAttempt, Refund, RefundStatus
 from services import credit_notes
 from services.credit_notes import CreditNoteLineInput as Line
@@ -172,7 +172,7 @@ async def own_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of this test's own: the sweep starts the workflows of every unfinished
     note and event the session's database holds, which must not linger on the shared server."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield env

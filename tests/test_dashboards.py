@@ -30,12 +30,12 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 from prometheus_client import generate_latest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from core.metrics import SdkMetrics, WorkerMetrics, free_loopback_address, temporal_runtime
 from core.settings import PROJECT_ROOT
+from core.temporal import data_converter
 from tests.conftest import VENV_BIN
 from tests.promql import DASHBOARDS, dashboard_targets, exported_names, metric_names, promql_names, unknown_metrics
 from tests.test_workflow_branches import JAN, StandIns, due, run_billing, start_invoice
@@ -199,7 +199,7 @@ async def worker_exposition() -> str:
     address = free_loopback_address()
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(VENV_BIN / "temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter,
         runtime=temporal_runtime(address),
     )
     try:

@@ -16,7 +16,6 @@ import pytest
 import pytest_asyncio
 from sqlmodel import col, select
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
@@ -28,6 +27,7 @@ from adapters.psp import StripePsp
 from adapters.storage import LocalDocumentStore
 from adapters.webhooks import HttpWebhookSender
 from billing.dunning import Campaign, DunningStage, stage_after_failures
+from core.temporal import data_converter
 from schema.models import (
     DunningCampaign,
     DunningEvent,
@@ -202,7 +202,7 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
     campaign a test leaves waiting on a retry timer would otherwise stop a later test's server from
     skipping time (its timer fires with no worker left to run it)."""
     started = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield started

@@ -29,7 +29,6 @@ from pypdf import PdfReader
 from pyppeteer import launch
 from pyppeteer.errors import PyppeteerError
 from pyppeteer.page import Page
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.collection import CollectionActivities
@@ -40,6 +39,7 @@ from api.main import create_app
 from billing.periods import Interval, period
 from core.principal import Role
 from core.settings import PROJECT_ROOT, Settings
+from core.temporal import data_converter
 from devstack.services import serving
 from schema.models import Invoice, InvoiceLine, NoticeKind, Subscription, Tenant
 from services import invoicing, notices
@@ -59,7 +59,7 @@ SHOTS = PROJECT_ROOT / ".data" / "screenshots"
 @pytest_asyncio.fixture(scope="module")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield env

@@ -18,11 +18,11 @@ import httpx
 import pytest
 from sqlalchemy import text
 from temporalio.api.enums.v1 import EventType
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from core.settings import PROJECT_ROOT, Settings
+from core.temporal import data_converter
 from devstack.services import free_port, serving
 from schema.models import Invoice
 from tests import factories
@@ -86,7 +86,7 @@ async def test_events_stored_during_an_outage_are_processed_once_temporal_and_th
 
             env = await WorkflowEnvironment.start_local(
                 dev_server_existing_path=str(VENV_BIN / "temporal"),
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter,
                 ui=False,
                 port=port,
             )

@@ -19,7 +19,6 @@ import pytest
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
@@ -41,6 +40,9 @@ from workflows.invoice_cycle import NUMBER_AT_FINALIZATION, InvoiceCycleWorkflow
 from workflows.psp_events import ProcessPspEventWorkflow, SweepPspEventsWorkflow
 from workflows.usage_partitions import MaintainUsagePartitionsWorkflow
 
+with workflow.unsafe.imports_passed_through():  # the sandbox re-imports this module (it defines a workflow)
+    from core.temporal import data_converter  # reads the settings: not sandbox-safe
+
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
@@ -51,9 +53,7 @@ def load(path: Path) -> WorkflowHistory:
 
 
 def replayer(*workflows: type) -> Replayer:
-    return Replayer(
-        workflows=list(workflows), data_converter=pydantic_data_converter, interceptors=[TracingInterceptor()]
-    )
+    return Replayer(workflows=list(workflows), data_converter=data_converter, interceptors=[TracingInterceptor()])
 
 
 def test_histories_are_committed():

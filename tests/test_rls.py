@@ -31,7 +31,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.billing import BillingActivities
@@ -42,6 +41,7 @@ from api.main import create_app
 from billing.pricing.promos import Promo, PromoDuration
 from core.principal import Role
 from core.settings import PROJECT_ROOT
+from core.temporal import data_converter
 from schema.db import (
     alembic_config,
     ensure_app_login,
@@ -659,7 +659,7 @@ async def test_the_migrations_role_block_creates_a_safe_role_once_and_refuses_an
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping server of this module's own (a billing run and a collection run here)."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=str(VENV_BIN / "temporal-test-server"), data_converter=data_converter
     )
     try:
         yield env

@@ -16,10 +16,10 @@ from temporalio.client import (
     ScheduleSpec,
     WorkflowExecutionStatus,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
+from core.temporal import data_converter
 from tests.conftest import VENV_BIN
 from worker import (
     billing_schedule,
@@ -45,7 +45,7 @@ def when(spec: ScheduleSpec) -> tuple[int, int, tuple[int, int]]:
 @pytest_asyncio.fixture(scope="module")
 async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=data_converter, ui=False
     )
     try:
         yield env

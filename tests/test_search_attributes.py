@@ -18,11 +18,11 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import PROJECT_ROOT
+from core.temporal import data_converter
 from devstack.search_attributes import SearchAttributeConflict, ensure_search_attributes
 from tests.conftest import VENV_BIN
 from workflows.contracts import (
@@ -41,7 +41,7 @@ KEYWORD, INT = IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD, IndexedValueType.IND
 @pytest_asyncio.fixture(scope="module")
 async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=data_converter, ui=False
     )
     try:
         yield env

@@ -19,11 +19,11 @@ import pytest
 import pytest_asyncio
 from sqlmodel import col, select
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from adapters.pdf import owner_dir_name, reap_orphaned_profiles
 from core.settings import PROJECT_ROOT, Settings
+from core.temporal import data_converter
 from devstack.child import Child
 from devstack.services import free_port, start_temporal_dev_server, wait_for_temporal
 from schema.models import (
@@ -53,7 +53,7 @@ RECOVERY_LIMIT = 15.0  # seconds from a new worker polling to the run's completi
 @pytest_asyncio.fixture(scope="module")
 async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=pydantic_data_converter, ui=False
+        dev_server_existing_path=str(VENV_BIN / "temporal"), data_converter=data_converter, ui=False
     )
     try:
         yield env

@@ -2,7 +2,8 @@
 
 Side-effect free, so workflows import it through ``imports_passed_through``. New fields
 always get defaults, so histories of running workflows keep replaying. Payloads cross
-Temporal with ``pydantic_data_converter`` (Decimal and datetime round-trip exactly).
+Temporal with ``core.temporal.data_converter`` (pydantic JSON: Decimal and datetime round-trip
+exactly; one type adapter per class for the whole process, because these classes are passed through).
 """
 
 from __future__ import annotations
